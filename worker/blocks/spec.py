@@ -82,6 +82,7 @@ class ModelShape:
     tie_embeddings: bool = True
     max_positions: int = 2048
     bytes_per_param: int = 4
+    activation: str = "silu"
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
@@ -277,5 +278,5 @@ LLAMA2_7B = ModelShape(
 GPT2_SMALL = ModelShape(
     arch="gpt2", n_layers=12, hidden_size=768, n_heads=12, n_kv_heads=12, head_dim=64,
     intermediate_size=3072, vocab_size=50257, norm_eps=1e-5, qkv_bias=True, o_bias=True, mlp_bias=True,
-    tie_embeddings=True, max_positions=1024,
+    tie_embeddings=True, max_positions=1024, activation="gelu_new",
 )

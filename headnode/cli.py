@@ -1,0 +1,139 @@
+"""The ``edgeheads`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected a number in {bound}, got {text}")
+        return value
+    return parse
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate text from PROMPT with the built-in default model or --model.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", default=None,
+                   help="built-in alias (default smollm2-135m), a .gguf file, a transformers directory or a hub id")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="at most this many new tokens (64)")
+    p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, help="nucleus mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the model's chat template (default when it has one)")
+    chat.add_argument("--raw", dest="chat", action="store_false", help="never apply the chat template")
+    p.add_argument("--local", action="store_true", help="run every block in this process (the reference path)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) at the end")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch  # noqa: F401  (heavy imports only for commands that need them)
+
+    from edgeheads.headnode.loading import DEFAULT_MODEL, load_model
+    from edgeheads.headnode.local import LocalGenerator, set_threads
+    from edgeheads.headnode.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    set_threads()
+    model = load_model(args.model or DEFAULT_MODEL, progress=True)
+    generator = LocalGenerator(model)
+    results = []
+    stream = generator.stream(args.prompt, params, chat=args.chat, on_finish=results.append)
+    for event in stream:
+        if not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    result = results[0]
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(result.token_ids)} tokens, {result.finish_reason}, "
+              f"{result.decode_tokens_per_second:.1f} tokens/s decode]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeheads", description="LLM inference split into per-head blocks "
+                                     "across edge devices.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    try:
+        from edgeheads.controller import simulate_cli
+    except ImportError:  # placement library not present in this build
+        simulate_cli = None
+    if simulate_cli is not None:
+        simulate_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgeheads.headnode.errors import USER_ERRORS
+
+    try:
+        return int(args.func(args) or 0)
+    except CliError as err:
+        print(f"edgeheads: error: {err}", file=sys.stderr)
+        return err.code
+    except USER_ERRORS as err:
+        print(f"edgeheads: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgeheads: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Turn a model specifier into a loaded, sliced model.
+
+A specifier is one of:
+- a built-in alias (``smollm2-135m``, the default);
+- a path to a ``.gguf`` file, or a directory holding exactly one ``.gguf``;
+- a local transformers directory (config.json, safetensors, tokenizer);
+- a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs internet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeheads.headnode import model_cache
+from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, slice_checkpoint, unsupported_message
+from edgeheads.worker.blocks.spec import SUPPORTED_ARCHITECTURES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(RuntimeError):
+    """The model specifier names nothing loadable; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "dir" | "hub"
+    location: str  # file path, directory path or hub id
+    name: str  # what the user asked for
+
+    def transformers_args(self) -> tuple[str, dict[str, Any]]:
+        if self.kind == "gguf":
+            path = Path(self.location)
+            return str(path.parent), {"gguf_file": path.name}
+        return self.location, {}
+
+
+def resolve(spec: str, progress: bool = True) -> ModelSource:
+    """Map a specifier to a source, fetching the built-in model if that is what it names."""
+    if spec in model_cache.BUILTIN_MODELS:
+        return ModelSource("gguf", str(model_cache.fetch(model_cache.BUILTIN_MODELS[spec], progress)), spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{spec}: a model file must be .gguf (or pass a transformers directory)")
+        return ModelSource("gguf", str(path.resolve()), spec)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("dir", str(path.resolve()), spec)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0].resolve()), spec)
+        raise ModelLoadError(f"{spec}: directory has no config.json and {len(ggufs)} .gguf files; "
+                             "expected a transformers directory or exactly one .gguf")
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not os.path.isabs(spec):
+        return ModelSource("hub", spec, spec)
+    raise ModelLoadError(f"model {spec!r} not found: not a local path, not a hub id (org/name), and not a "
+                         f"built-in alias (built-in: {', '.join(model_cache.BUILTIN_MODELS)})")
+
+
+def load_transformers(source: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The transformers model (eval mode) and tokenizer for a source: the numerics oracle,
+    and the head node's reader of every checkpoint format."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    location, kwargs = source.transformers_args()
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = " (hub ids need internet access)" if source.kind == "hub" else ""
+        raise ModelLoadError(f"cannot read the model config of {source.name!r}{hint}: {err}") from err
+    if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(unsupported_message(getattr(config, "model_type", "?")))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs).eval()
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load {source.name!r}: {err}") from err
+    return model, tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A sliced model plus what generation needs around it."""
+
+    name: str
+    parts: ModelParts
+    tokenizer: Any
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+def from_transformers(name: str, model: Any, tokenizer: Any) -> LoadedModel:
+    parts = slice_checkpoint(model.config, dict(model.state_dict()))
+    return LoadedModel(name, parts, tokenizer, eos_ids(model, tokenizer))
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+    source = resolve(spec, progress)
+    log.info("loading model %s from %s (%s)", spec, source.location, source.kind)
+    model, tokenizer = load_transformers(source, dtype)
+    return from_transformers(spec, model, tokenizer)
