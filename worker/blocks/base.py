@@ -53,8 +53,9 @@ class Block:
     # ------------------------------------------------------------------ resource report
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights actually held (sum of tensor sizes)."""
-        return sum(t.numel() * t.element_size() for t in self.weights.values())
+        """Bytes of the parameters actually held (sum of tensor sizes). RoPE constants
+        (``rope.*``, d/2 + 1 numbers derived from the config) are not parameters."""
+        return sum(t.numel() * t.element_size() for name, t in self.weights.items() if not name.startswith("rope."))
 
     @property
     def kv_bytes_per_token(self) -> int:

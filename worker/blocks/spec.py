@@ -124,7 +124,9 @@ def attention_params(shape: ModelShape) -> int:
 
     (q + 2) * d * D     rows of W_q (q heads), W_k and W_v (one KV head)
     + (q + 2) * d       their biases, when the model has q/k/v bias
-    + D or 2D           the pre-attention norm (RMSNorm / LayerNorm)
+    + D or 2D           the pre-attention norm (RMSNorm / LayerNorm); every attention
+                        block of a layer holds its own copy, so a layer's blocks
+                        together hold (H_kv - 1) more norms than the checkpoint
     """
     rows = (shape.heads_per_group + 2) * shape.head_dim
     return rows * shape.hidden_size + (rows if shape.qkv_bias else 0) + shape.norm_params
