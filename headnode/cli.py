@@ -68,13 +68,29 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                       help="wrap the prompt in the model's chat template (default when it has one)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="never apply the chat template")
     p.add_argument("--local", action="store_true", help="run every block in this process (the reference path)")
+    p.add_argument("--cluster", default=None, metavar="HOST:PORT",
+                   help="a running head node; without it (and without --local) a local 3-worker cluster is started")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) at the end")
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch  # noqa: F401  (heavy imports only for commands that need them)
+    if args.local and args.cluster:
+        raise CliError("--local and --cluster exclude each other", 2)
+    if args.local:
+        result = _generate_local(args)
+    else:
+        result = _generate_remote(args)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(result.token_ids)} tokens, {result.finish_reason}, "
+              f"{result.to_json()['decode_tokens_per_second']} tokens/s decode]", file=sys.stderr)
+    return 0
 
+
+def _generate_local(args: argparse.Namespace):
     from edgeheads.headnode.loading import DEFAULT_MODEL, load_model
     from edgeheads.headnode.local import LocalGenerator, set_threads
     from edgeheads.headnode.sampling import SamplingParams
@@ -82,22 +98,51 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     set_threads()
-    model = load_model(args.model or DEFAULT_MODEL, progress=True)
-    generator = LocalGenerator(model)
+    generator = LocalGenerator(load_model(args.model or DEFAULT_MODEL, progress=True))
     results = []
-    stream = generator.stream(args.prompt, params, chat=args.chat, on_finish=results.append)
-    for event in stream:
+    for event in generator.stream(args.prompt, params, chat=args.chat, on_finish=results.append):
         if not args.json:
             sys.stdout.write(event.text)
             sys.stdout.flush()
-    result = results[0]
-    if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
-        print(f"[{len(result.token_ids)} tokens, {result.finish_reason}, "
-              f"{result.decode_tokens_per_second:.1f} tokens/s decode]", file=sys.stderr)
-    return 0
+    return results[0]
+
+
+def _generate_remote(args: argparse.Namespace):
+    from edgeheads.headnode.client import Client, ClientError, Generation
+    from edgeheads.headnode.embedded import LaunchError, LocalCluster
+
+    cluster = None
+    address = args.cluster
+    if address is None:
+        print("starting a local cluster: controller, head node and 3 workers on 127.0.0.1", file=sys.stderr)
+        cluster = LocalCluster(args.model)
+        try:
+            address = cluster.start()
+        except LaunchError as err:
+            raise CliError(f"local cluster failed to start: {err}") from None
+    elif args.model:
+        raise CliError("--model names the model of a local run; a running cluster serves its own model", 2)
+    try:
+        with Client(address) as client:
+            result = Generation()
+            events = client._events(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                    args.seed, args.chat)
+            for event in events:
+                if event.done:
+                    result.finish_reason, result.prompt_tokens = event.finish_reason, event.prompt_tokens
+                    result.prefill_seconds, result.decode_seconds = event.prefill_seconds, event.decode_seconds
+                    continue
+                result.token_ids.append(event.token_id)
+                result.text += event.text
+                if not args.json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            return result
+    except ClientError as err:
+        raise CliError(f"head node {address}: {err}") from None
+    finally:
+        if cluster is not None:
+            cluster.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    from edgeheads.headnode.cli_daemons import add_daemon_commands
+
+    add_daemon_commands(sub)
     try:
         from edgeheads.controller import simulate_cli
     except ImportError:  # placement library not present in this build

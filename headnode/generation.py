@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,41 +77,85 @@ class IncrementalDecoder:
         return delta
 
 
+class TokenLoop:
+    """The sampling/stopping/decoding state of one generation, shared by the sync
+    (in-process) and async (cluster) drivers: feed logits, get the next event or None."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
+                 eos_token_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty after tokenization")
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler(params)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.events: list[TokenEvent] = []
+        self.finish = "length"
+        self.t0 = time.perf_counter()
+        self.prefill_seconds = 0.0
+
+    def prefilled(self) -> None:
+        self.prefill_seconds = time.perf_counter() - self.t0
+
+    def next(self, logits: torch.Tensor) -> TokenEvent | None:
+        """Choose the next token; None when generation is over (EOS)."""
+        token = self.sampler(logits)
+        if self.params.stop_on_eos and token in self.eos_token_ids:
+            self.finish = "eos"
+            return None
+        event = TokenEvent(token, self.decoder.push(token))
+        self.events.append(event)
+        return event
+
+    def wants_more(self) -> bool:
+        """True when another forward step is needed after the last event."""
+        return len(self.events) < self.params.max_new_tokens
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.decoder.tokenizer.decode(self.decoder.ids, skip_special_tokens=True),
+            token_ids=list(self.decoder.ids), prompt_token_ids=self.prompt_ids, finish_reason=self.finish,
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=time.perf_counter() - self.t0 - self.prefill_seconds, events=self.events)
+
+
 def generate_stream(step: StepFn, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
                     eos_token_ids: list[int], session: str | None = None,
                     on_finish: Callable[[GenerationResult], None] | None = None,
                     drop_session: Callable[[str], None] | None = None) -> Iterator[TokenEvent]:
     """Yield one TokenEvent per generated token; call ``on_finish`` with the result."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty after tokenization")
+    loop = TokenLoop(tokenizer, prompt_ids, params, eos_token_ids)
     session = session or uuid.uuid4().hex
-    sampler = Sampler(params)
-    decoder = IncrementalDecoder(tokenizer)
-    events: list[TokenEvent] = []
-    finish = "length"
-    t0 = time.perf_counter()
-    prefill_seconds = 0.0
     try:
-        logits = step(session, prompt_ids)
-        prefill_seconds = time.perf_counter() - t0
-        for i in range(params.max_new_tokens):
-            token = sampler(logits)
-            if params.stop_on_eos and token in eos_token_ids:
-                finish = "eos"
-                break
-            event = TokenEvent(token, decoder.push(token))
-            events.append(event)
+        logits = step(session, loop.prompt_ids)
+        loop.prefilled()
+        while (event := loop.next(logits)) is not None:
             yield event
-            if i + 1 < params.max_new_tokens:
-                logits = step(session, [token])
+            if not loop.wants_more():
+                break
+            logits = step(session, [event.token_id])
     finally:
         if drop_session is not None:
             drop_session(session)
     if on_finish is not None:
-        on_finish(GenerationResult(
-            text=decoder.tokenizer.decode(decoder.ids, skip_special_tokens=True), token_ids=list(decoder.ids),
-            prompt_token_ids=list(prompt_ids), finish_reason=finish, prefill_seconds=prefill_seconds,
-            decode_seconds=time.perf_counter() - t0 - prefill_seconds, events=events))
+        on_finish(loop.result())
+
+
+async def agenerate_stream(step: Callable[[str, list[int]], Awaitable[torch.Tensor]], tokenizer: Any,
+                           prompt_ids: list[int], params: SamplingParams, eos_token_ids: list[int], session: str,
+                           on_finish: Callable[[GenerationResult], None] | None = None) -> AsyncIterator[TokenEvent]:
+    """The async twin of generate_stream (the cluster's step is a coroutine)."""
+    loop = TokenLoop(tokenizer, prompt_ids, params, eos_token_ids)
+    logits = await step(session, loop.prompt_ids)
+    loop.prefilled()
+    while (event := loop.next(logits)) is not None:
+        yield event
+        if not loop.wants_more():
+            break
+        logits = await step(session, [event.token_id])
+    if on_finish is not None:
+        on_finish(loop.result())
 
 
 def generate(step: StepFn, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,

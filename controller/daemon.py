@@ -1,0 +1,26 @@
+"""The controller daemon: membership, heartbeats and placement epochs over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from edgeheads.controller.membership import ClusterState
+from edgeheads.controller.service import ControllerService
+from edgeheads.v1 import controller_pb2_grpc
+from edgeheads.worker.runtime.config import ControllerSettings, GrpcSettings
+from edgeheads.worker.runtime.server import Daemon
+
+log = logging.getLogger(__name__)
+
+
+async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettings,
+                         ready_file: str | None = None) -> None:
+    state = ClusterState(settings.policy, settings.heartbeat_timeout_seconds)
+    service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5))
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings.max_message_bytes)
+    daemon.add(controller_pb2_grpc.add_ControllerServicer_to_server, service)
+    await daemon.start(ready_file)
+    sweeper = asyncio.create_task(service.sweep())
+    await daemon.wait()
+    sweeper.cancel()

@@ -1,0 +1,97 @@
+"""The Controller gRPC servicer: a thin adapter over ClusterState."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import grpc
+
+from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc
+from edgeheads.worker.blocks.spec import ModelShape
+
+log = logging.getLogger(__name__)
+
+
+def placement_reply(p: PlacementEpoch) -> controller_pb2.PlacementReply:
+    return controller_pb2.PlacementReply(
+        epoch=p.epoch, policy=p.policy, error=p.error,
+        assignments=[controller_pb2.Assignment(block_id=str(b), worker=w, address=p.addresses[w])
+                     for b, w in sorted(p.placement.items())])
+
+
+class ControllerService(controller_pb2_grpc.ControllerServicer):
+    def __init__(self, state: ClusterState, heartbeat_seconds: float = 1.0) -> None:
+        self.state = state
+        self.heartbeat_seconds = heartbeat_seconds
+        self.changed = asyncio.Condition()
+
+    async def _publish(self, reason: str) -> None:
+        before = self.state.current.epoch
+        self.state.replan(reason)
+        if self.state.current.epoch != before:
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def sweep(self) -> None:
+        """Expire workers whose heartbeats stopped (runs for the daemon's lifetime)."""
+        while True:
+            await asyncio.sleep(self.state.heartbeat_timeout_seconds / 4)
+            if self.state.expire():
+                await self._publish("worker heartbeat timeout")
+
+    async def Register(self, request, context):
+        if not request.name or not request.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs a name and an address")
+        changed = self.state.register(WorkerRecord(request.name, request.address, request.memory_available_bytes,
+                                                   request.compute_flops, request.device or "cpu"))
+        if changed:
+            await self._publish(f"worker {request.name} joined")
+        return controller_pb2.RegisterReply(name=request.name, heartbeat_seconds=self.heartbeat_seconds)
+
+    async def Telemetry(self, request_iterator, context):
+        name = None
+        try:
+            async for report in request_iterator:
+                name = report.name
+                if not self.state.heartbeat(report.name, report.memory_available_bytes, report.memory_used_bytes,
+                                            report.compute_flops):
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {report.name!r} is not registered")
+        finally:
+            # the stream ending means the worker stopped or its link died
+            if name is not None and self.state.remove(name, "telemetry stream closed"):
+                await self._publish(f"worker {name} left")
+        return controller_pb2.TelemetryAck()
+
+    async def SetModel(self, request, context):
+        try:
+            shape = ModelShape(**json.loads(request.model_shape_json))
+        except (TypeError, ValueError) as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad model shape: {err}")
+        before = self.state.current.epoch
+        self.state.set_model(shape, request.model_name)
+        if self.state.current.epoch != before:
+            async with self.changed:
+                self.changed.notify_all()
+        return placement_reply(self.state.current)
+
+    async def GetPlacement(self, request, context):
+        return placement_reply(self.state.current)
+
+    async def WatchPlacement(self, request, context):
+        sent = request.after_epoch
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.state.current.epoch > sent)
+            sent = self.state.current.epoch
+            yield placement_reply(self.state.current)
+
+    async def ListWorkers(self, request, context):
+        now = time.monotonic()
+        return controller_pb2.ListWorkersReply(workers=[
+            controller_pb2.WorkerInfo(name=w.name, address=w.address, memory_available_bytes=w.memory_available_bytes,
+                                      compute_flops=w.compute_flops, seconds_since_heartbeat=now - w.last_seen)
+            for w in sorted(self.state.workers.values(), key=lambda w: w.name)])

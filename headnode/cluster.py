@@ -1,0 +1,182 @@
+"""The head node's side of the distributed runtime: ship blocks to workers, then run
+each forward step as the phases of a StagePlan over per-session worker streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from tqdm import tqdm
+
+from edgeheads.headnode.head import HeadStage
+from edgeheads.headnode.slicing import ModelParts
+from edgeheads.headnode.stage_plan import StagePlan, compile_plan
+from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.worker.blocks.spec import BlockId
+from edgeheads.worker.runtime.server import channel_options
+from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_from_proto, tensor_to_proto, weights_to_blob
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """A worker failed or is unreachable; the message names it."""
+
+
+@dataclass
+class Epoch:
+    number: int
+    placement: dict[BlockId, str]  # block -> worker name
+    addresses: dict[str, str]  # worker name -> host:port
+    plan: StagePlan
+
+
+@dataclass
+class SessionStreams:
+    epoch: int
+    calls: dict[str, grpc.aio.StreamStreamCall] = field(default_factory=dict)
+    position: int = 0
+
+
+class ClusterExecutor:
+    def __init__(self, parts: ModelParts, max_message_bytes: int = 64 << 20) -> None:
+        self.parts = parts
+        self.shape = parts.shape
+        self.head = HeadStage(parts.shape, parts.head)
+        self.max_message_bytes = max_message_bytes
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self.epoch: Epoch | None = None
+        self.sessions: dict[str, SessionStreams] = {}
+        self.blobs: dict[BlockId, tuple[str, bytes]] = {}
+        self.phase_seconds_total = 0.0
+        self.phases_run = 0
+
+    # ------------------------------------------------------------------ connections
+    def stub(self, worker: str, address: str) -> worker_pb2_grpc.WorkerStub:
+        if worker not in self.stubs:
+            self.channels[worker] = grpc.aio.insecure_channel(address, options=channel_options(self.max_message_bytes))
+            self.stubs[worker] = worker_pb2_grpc.WorkerStub(self.channels[worker])
+        return self.stubs[worker]
+
+    async def close(self) -> None:
+        for session in list(self.sessions):
+            await self.end_session(session)
+        for channel in self.channels.values():
+            await channel.close()
+
+    def blob(self, block: BlockId) -> tuple[str, bytes]:
+        """(content hash, safetensors blob) of a block's weights, computed once."""
+        if block not in self.blobs:
+            data = weights_to_blob(self.parts.blocks[block])
+            self.blobs[block] = (sha256_hex(data), data)
+        return self.blobs[block]
+
+    # ------------------------------------------------------------------ weights
+    async def apply_placement(self, number: int, placement: dict[BlockId, str], addresses: dict[str, str],
+                              progress: bool = True) -> None:
+        """Ship every block its worker lacks (content-addressed), then switch to the epoch."""
+        shape_json = json.dumps(self.shape.to_dict())
+        by_worker: dict[str, list[BlockId]] = {}
+        for block, worker in sorted(placement.items()):
+            by_worker.setdefault(worker, []).append(block)
+        todo: list[tuple[str, BlockId, bool]] = []
+        for worker, blocks in by_worker.items():
+            stub = self.stub(worker, addresses[worker])
+            hashes = [self.blob(b)[0] for b in blocks]
+            present = set((await stub.HasWeights(worker_pb2.HasWeightsRequest(content_hashes=hashes))).present)
+            todo += [(worker, b, self.blob(b)[0] in present) for b in blocks]
+        total = sum(len(self.blob(b)[1]) for _, b, have in todo if not have)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="distributing weights", disable=not progress,
+                   file=sys.stderr)
+
+        async def load(worker: str, block: BlockId, have: bool) -> None:
+            content_hash, data = self.blob(block)
+
+            async def messages():
+                head = dict(block_id=str(block), model_shape_json=shape_json, content_hash=content_hash)
+                if have:
+                    yield worker_pb2.LoadBlockChunk(**head)
+                    return
+                for i, chunk in enumerate(chunks(data)):
+                    yield worker_pb2.LoadBlockChunk(**head, chunk=chunk) if i == 0 else \
+                        worker_pb2.LoadBlockChunk(chunk=chunk)
+                    bar.update(len(chunk.data))
+            try:
+                await self.stubs[worker].LoadBlock(messages())
+            except grpc.aio.AioRpcError as err:
+                raise ClusterError(f"loading {block} on {worker}: {err.code().name}: {err.details()}") from None
+
+        try:
+            # workers in parallel, each worker's blocks one after another
+            await asyncio.gather(*[self._load_all(load, [t for t in todo if t[0] == w]) for w in by_worker])
+        finally:
+            bar.close()
+        self.epoch = Epoch(number, dict(placement), dict(addresses), compile_plan(self.shape, placement))
+        log.info("epoch %d: %d blocks on %d workers, %d phases per token (%d messages)", number, len(placement),
+                 len(by_worker), len(self.epoch.plan.phases), self.epoch.plan.messages())
+
+    @staticmethod
+    async def _load_all(load, items) -> None:
+        for worker, block, have in items:
+            await load(worker, block, have)
+
+    # ------------------------------------------------------------------ sessions and steps
+    async def _open(self, session: str) -> SessionStreams:
+        assert self.epoch is not None, "apply_placement first"
+        streams = SessionStreams(self.epoch.number)
+        for worker in self.epoch.plan.workers:
+            streams.calls[worker] = self.stubs[worker].RunStage()
+        self.sessions[session] = streams
+        return streams
+
+    async def end_session(self, session: str) -> None:
+        streams = self.sessions.pop(session, None)
+        if streams is None or self.epoch is None:
+            return
+        for worker, call in streams.calls.items():
+            try:
+                await call.done_writing()
+                await self.stubs[worker].DropSession(worker_pb2.DropSessionRequest(session=session), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                log.warning("session %s: could not drop caches on %s: %s", session, worker, err.code().name)
+
+    async def step(self, session: str, token_ids: list[int]) -> torch.Tensor:
+        """Feed new tokens for ``session`` through every phase; logits of the last token (V,)."""
+        streams = self.sessions.get(session) or await self._open(session)
+        epoch = self.epoch
+        assert epoch is not None and streams.epoch == epoch.number
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        values: dict[str, torch.Tensor] = {"x0": self.head.embed(ids, streams.position)}
+        loop = asyncio.get_running_loop()
+        for phase in epoch.plan.phases:
+            t0 = loop.time()
+            for call in phase.calls:
+                request = worker_pb2.StageRequest(
+                    session=session, epoch=epoch.number, position=streams.position,
+                    inputs=[tensor_pb2.NamedTensor(name=n, tensor=tensor_to_proto(values[n])) for n in call.inputs],
+                    ops=[worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs), output=op.output)
+                         for op in call.ops],
+                    return_values=call.returns)
+                await streams.calls[call.worker].write(request)
+            for call in phase.calls:
+                stream = streams.calls[call.worker]
+                try:
+                    reply = await stream.read()
+                except grpc.aio.AioRpcError:
+                    reply = grpc.aio.EOF
+                if reply is grpc.aio.EOF:
+                    self.sessions.pop(session, None)
+                    raise ClusterError(f"worker {call.worker} ended session {session}: "
+                                       f"{(await stream.code()).name}: {await stream.details()}")
+                for out in reply.outputs:
+                    values[out.name] = tensor_from_proto(out.tensor, out.name)
+            self.phase_seconds_total += loop.time() - t0
+            self.phases_run += 1
+        streams.position += len(token_ids)
+        return self.head.logits(values[epoch.plan.final])

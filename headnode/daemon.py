@@ -1,0 +1,62 @@
+"""The head node daemon: load the model, wait for workers, get a placement from the
+controller, ship the blocks, and serve Generate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+
+from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.loading import load_model
+from edgeheads.headnode.service import HeadnodeService
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
+from edgeheads.worker.blocks.spec import BlockId
+from edgeheads.worker.runtime.config import GrpcSettings, HeadnodeSettings
+from edgeheads.worker.runtime.server import Daemon, channel_options
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+async def wait_for_workers(stub: controller_pb2_grpc.ControllerStub, count: int, timeout_seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
+    while True:
+        try:
+            workers = (await stub.ListWorkers(controller_pb2.ListWorkersRequest(), timeout=5)).workers
+            if len(workers) >= count:
+                return
+            have = len(workers)
+        except grpc.aio.AioRpcError as err:
+            have = f"controller unreachable ({err.code().name})"
+        if loop.time() > deadline:
+            raise StartupError(f"waited {timeout_seconds:.0f} s for {count} workers; have {have}")
+        await asyncio.sleep(0.2)
+
+
+async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
+                       progress: bool = True) -> None:
+    model = await asyncio.to_thread(load_model, settings.model, progress=progress)
+    cluster = ClusterExecutor(model.parts, grpc_settings.max_message_bytes)
+    async with grpc.aio.insecure_channel(settings.controller,
+                                         options=channel_options(grpc_settings.max_message_bytes)) as channel:
+        controller = controller_pb2_grpc.ControllerStub(channel)
+        await wait_for_workers(controller, settings.min_workers, settings.worker_wait_seconds)
+        reply = await controller.SetModel(controller_pb2.SetModelRequest(
+            model_shape_json=json.dumps(model.parts.shape.to_dict()), model_name=model.name))
+        if reply.error:
+            raise StartupError(f"controller found no placement: {reply.error}")
+        placement = {BlockId.parse(a.block_id): a.worker for a in reply.assignments}
+        addresses = {a.worker: a.address for a in reply.assignments}
+        await cluster.apply_placement(reply.epoch, placement, addresses, progress=progress)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings.max_message_bytes)
+    daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster))
+    daemon.on_stop.append(cluster.close)
+    await daemon.start(ready_file)
+    await daemon.wait()

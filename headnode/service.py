@@ -1,0 +1,66 @@
+"""The Headnode gRPC servicer: Generate (tokens streamed back) and Status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import grpc
+
+from edgeheads.headnode.cluster import ClusterError, ClusterExecutor
+from edgeheads.headnode.generation import agenerate_stream, encode_prompt
+from edgeheads.headnode.loading import LoadedModel
+from edgeheads.headnode.sampling import SamplingParams
+from edgeheads.v1 import headnode_pb2, headnode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
+    def __init__(self, model: LoadedModel, cluster: ClusterExecutor) -> None:
+        self.model = model
+        self.cluster = cluster
+
+    def _prompt_ids(self, request) -> list[int]:
+        if request.prompt_token_ids:
+            ids = list(request.prompt_token_ids)
+            vocab = self.model.parts.shape.vocab_size
+            if any(not 0 <= i < vocab for i in ids):
+                raise ValueError(f"prompt_token_ids must lie in [0, {vocab})")
+            return ids
+        if not request.prompt:
+            raise ValueError("empty prompt")
+        return encode_prompt(self.model.tokenizer, request.prompt, request.chat if request.HasField("chat") else None)
+
+    async def Generate(self, request, context):
+        try:
+            params = SamplingParams(
+                max_new_tokens=request.max_new_tokens or 64, temperature=request.temperature, top_k=request.top_k,
+                top_p=request.top_p or 1.0, seed=request.seed if request.HasField("seed") else None)
+            prompt_ids = self._prompt_ids(request)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        session = uuid.uuid4().hex
+        results = []
+        log.info("session %s: %d prompt tokens, up to %d new", session, len(prompt_ids), params.max_new_tokens)
+        try:
+            async for event in agenerate_stream(self.cluster.step, self.model.tokenizer, prompt_ids, params,
+                                                self.model.eos_token_ids, session, on_finish=results.append):
+                yield headnode_pb2.GenerateEvent(token_id=event.token_id, text=event.text)
+        except ClusterError as err:
+            log.error("session %s failed: %s", session, err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        finally:
+            await self.cluster.end_session(session)
+        r = results[0]
+        yield headnode_pb2.GenerateEvent(done=True, finish_reason=r.finish_reason, prompt_tokens=len(prompt_ids),
+                                         prefill_seconds=r.prefill_seconds, decode_seconds=r.decode_seconds)
+
+    async def Status(self, request, context):
+        epoch = self.cluster.epoch
+        placement = {str(b): w for b, w in sorted(epoch.placement.items())} if epoch else {}
+        return headnode_pb2.StatusReply(
+            model=self.model.name, epoch=epoch.number if epoch else 0,
+            workers=sorted(epoch.addresses) if epoch else [], active_sessions=len(self.cluster.sessions),
+            placement_json=json.dumps(placement))

@@ -1,0 +1,123 @@
+"""Compile a placement into the phases of one forward step (a pure function).
+
+A step is a dataflow over named values: ``x{l}`` is the residual stream entering
+layer l (``x0`` comes from the head node's embedding), ``a{l}.{g}`` the outputs of
+KV group g's heads, ``h{l}`` the residual after the projection. Ops run in model
+order; the compiler packs them into *phases* (sequential network round trips) of
+*calls* (one message to one worker, running several ops back to back):
+
+- an op joins the current phase's call on its worker when its inputs are already
+  local to that call or were returned to the head node by an earlier phase;
+- otherwise it opens a call in the current phase (inputs from the head node), or
+  a new phase when an input is produced in the current one.
+
+With the attention groups of a layer spread over workers and proj(l)/ffn(l) on one
+worker this gives exactly two phases per layer (attention, then projection + FFN);
+when one worker holds a whole stretch of layers it runs as a single call. The plan is
+data, so the head node can later step out of the data path without touching blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
+
+HEAD = "<head>"
+
+
+@dataclass(frozen=True)
+class Op:
+    block: BlockId
+    inputs: tuple[str, ...]  # attn: (x,); proj: (x, a.0, a.1, ...); ffn: (h,)
+    output: str
+
+
+@dataclass
+class Call:
+    worker: str
+    ops: list[Op] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # values the head node sends
+    returns: list[str] = field(default_factory=list)  # values the worker sends back
+
+
+@dataclass
+class Phase:
+    calls: list[Call] = field(default_factory=list)
+
+    def call_for(self, worker: str) -> Call | None:
+        return next((c for c in self.calls if c.worker == worker), None)
+
+
+@dataclass
+class StagePlan:
+    phases: list[Phase]
+    final: str  # the value the LM head reads
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted({c.worker for p in self.phases for c in p.calls})
+
+    def phases_per_layer(self, n_layers: int) -> float:
+        return len(self.phases) / n_layers
+
+    def messages(self) -> int:
+        return sum(len(p.calls) for p in self.phases)
+
+
+def model_ops(shape: ModelShape) -> list[Op]:
+    """Every block invocation of one forward pass, in execution order."""
+    ops: list[Op] = []
+    for layer in range(shape.n_layers):
+        x = f"x{layer}"
+        heads = tuple(f"a{layer}.{g}" for g in range(shape.n_kv_heads))
+        ops += [Op(BlockId(layer, BlockKind.ATTENTION, g), (x,), heads[g]) for g in range(shape.n_kv_heads)]
+        ops.append(Op(BlockId(layer, BlockKind.PROJECTION), (x, *heads), f"h{layer}"))
+        ops.append(Op(BlockId(layer, BlockKind.FFN), (f"h{layer}",), f"x{layer + 1}"))
+    return ops
+
+
+def compile_plan(shape: ModelShape, placement: Mapping[BlockId, str]) -> StagePlan:
+    """placement maps every BlockId of ``shape`` to a worker name."""
+    missing = [str(b) for b in shape.block_ids() if b not in placement]
+    if missing:
+        raise ValueError(f"placement leaves {len(missing)} blocks unplaced, e.g. {missing[:3]}")
+    phases: list[Phase] = []
+    produced_in: dict[str, tuple[int, str]] = {"x0": (-1, HEAD)}  # value -> (phase index, worker)
+    for op in model_ops(shape):
+        worker = placement[op.block]
+        last = len(phases) - 1
+        sources = [produced_in[v] for v in op.inputs]
+        local_or_earlier = all(p < last or (p == last and w == worker) for p, w in sources)
+        earlier_only = all(p < last for p, _ in sources)
+        if phases and (call := phases[last].call_for(worker)) is not None and local_or_earlier:
+            call.ops.append(op)
+        elif phases and phases[last].call_for(worker) is None and earlier_only:
+            phases[last].calls.append(Call(worker, [op]))
+        else:
+            phases.append(Phase([Call(worker, [op])]))
+        produced_in[op.output] = (len(phases) - 1, worker)
+    final = f"x{shape.n_layers}"
+    _wire_values(phases, final)
+    return StagePlan(phases, final)
+
+
+def _wire_values(phases: list[Phase], final: str) -> None:
+    """Fill each call's inputs (sent by the head node) and returns (sent back)."""
+    produced_by: dict[str, int] = {}
+    calls = [c for p in phases for c in p.calls]
+    for i, call in enumerate(calls):
+        for op in call.ops:
+            produced_by[op.output] = i
+    needed_elsewhere = {final}
+    for i, call in enumerate(calls):
+        local: set[str] = set()
+        for op in call.ops:
+            for v in op.inputs:
+                if v not in local and v not in call.inputs:
+                    call.inputs.append(v)
+                    needed_elsewhere.add(v)
+            local.add(op.output)
+    for i, call in enumerate(calls):
+        call.returns = [op.output for op in call.ops if op.output in needed_elsewhere]

@@ -1,0 +1,105 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    memory_available_bytes: int
+    compute_flops: float
+    device: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("name", "heartbeat_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    heartbeat_seconds: float
+    def __init__(self, name: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+
+class TelemetryReport(_message.Message):
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    memory_available_bytes: int
+    memory_used_bytes: int
+    compute_flops: float
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ...) -> None: ...
+
+class TelemetryAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetModelRequest(_message.Message):
+    __slots__ = ("model_shape_json", "model_name")
+    MODEL_SHAPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_shape_json: str
+    model_name: str
+    def __init__(self, model_shape_json: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...
+
+class GetPlacementRequest(_message.Message):
+    __slots__ = ("after_epoch",)
+    AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    after_epoch: int
+    def __init__(self, after_epoch: _Optional[int] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("block_id", "worker", "address")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    worker: str
+    address: str
+    def __init__(self, block_id: _Optional[str] = ..., worker: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class PlacementReply(_message.Message):
+    __slots__ = ("epoch", "assignments", "policy", "error")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    policy: str
+    error: str
+    def __init__(self, epoch: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., policy: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    memory_available_bytes: int
+    compute_flops: float
+    seconds_since_heartbeat: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
+
+class ListWorkersReply(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...

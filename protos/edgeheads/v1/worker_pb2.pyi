@@ -1,0 +1,150 @@
+from edgeheads.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HasWeightsRequest(_message.Message):
+    __slots__ = ("content_hashes",)
+    CONTENT_HASHES_FIELD_NUMBER: _ClassVar[int]
+    content_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, content_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HasWeightsReply(_message.Message):
+    __slots__ = ("present",)
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    present: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, present: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoadBlockChunk(_message.Message):
+    __slots__ = ("block_id", "model_shape_json", "content_hash", "chunk")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHAPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    model_shape_json: str
+    content_hash: str
+    chunk: _tensor_pb2.Chunk
+    def __init__(self, block_id: _Optional[str] = ..., model_shape_json: _Optional[str] = ..., content_hash: _Optional[str] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class LoadBlockReply(_message.Message):
+    __slots__ = ("block_id", "content_hash", "weight_bytes", "reused")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REUSED_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    content_hash: str
+    weight_bytes: int
+    reused: bool
+    def __init__(self, block_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., reused: _Optional[bool] = ...) -> None: ...
+
+class UnloadBlocksRequest(_message.Message):
+    __slots__ = ("block_ids",)
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, block_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnloadBlocksReply(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, unloaded: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StageOp(_message.Message):
+    __slots__ = ("block_id", "inputs", "output")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    output: str
+    def __init__(self, block_id: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("session", "epoch", "position", "inputs", "ops", "return_values")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VALUES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    epoch: int
+    position: int
+    inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    ops: _containers.RepeatedCompositeFieldContainer[StageOp]
+    return_values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., ops: _Optional[_Iterable[_Union[StageOp, _Mapping]]] = ..., return_values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StageReply(_message.Message):
+    __slots__ = ("outputs", "compute_seconds")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    compute_seconds: float
+    def __init__(self, outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class DropSessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class DropSessionReply(_message.Message):
+    __slots__ = ("caches_dropped",)
+    CACHES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    caches_dropped: int
+    def __init__(self, caches_dropped: _Optional[int] = ...) -> None: ...
+
+class ExportBlockStateRequest(_message.Message):
+    __slots__ = ("block_id", "include_weights", "from_position")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    include_weights: bool
+    from_position: int
+    def __init__(self, block_id: _Optional[str] = ..., include_weights: _Optional[bool] = ..., from_position: _Optional[int] = ...) -> None: ...
+
+class ImportBlockStateChunk(_message.Message):
+    __slots__ = ("block_id", "chunk")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    chunk: _tensor_pb2.Chunk
+    def __init__(self, block_id: _Optional[str] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class ImportBlockStateReply(_message.Message):
+    __slots__ = ("block_id", "bytes", "sha256")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    bytes: int
+    sha256: str
+    def __init__(self, block_id: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class TelemetryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerTelemetry(_message.Message):
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "blocks", "sessions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    memory_available_bytes: int
+    memory_used_bytes: int
+    compute_flops: float
+    blocks: _containers.RepeatedScalarFieldContainer[str]
+    sessions: int
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., blocks: _Optional[_Iterable[str]] = ..., sessions: _Optional[int] = ...) -> None: ...

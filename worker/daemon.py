@@ -1,0 +1,73 @@
+"""The worker daemon: serve the Worker service, register with the controller, and
+stream telemetry (which is also the heartbeat)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import grpc
+import torch
+
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2_grpc
+from edgeheads.worker import telemetry
+from edgeheads.worker.host import BlockHost
+from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings
+from edgeheads.worker.runtime.server import Daemon, channel_options, write_ready_file
+from edgeheads.worker.service import WorkerService
+
+log = logging.getLogger(__name__)
+
+
+async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_settings: GrpcSettings,
+                               address: str, flops: float, registered: asyncio.Event) -> None:
+    """Register, then stream telemetry every period; reconnect with backoff on failure."""
+    backoff = 0.2
+    while True:
+        try:
+            async with grpc.aio.insecure_channel(settings.controller,
+                                                 options=channel_options(grpc_settings.max_message_bytes)) as ch:
+                stub = controller_pb2_grpc.ControllerStub(ch)
+                available = telemetry.available_memory_bytes(host.memory_limit_bytes)
+                reply = await stub.Register(controller_pb2.RegisterRequest(
+                    name=host.name, address=address, memory_available_bytes=available, compute_flops=flops,
+                    device=settings.device), timeout=10)
+                log.info("worker %s registered with controller %s", host.name, settings.controller)
+                registered.set()
+                backoff = 0.2
+                period = settings.telemetry_period_seconds or reply.heartbeat_seconds
+
+                async def reports():
+                    while True:
+                        used = host.memory_used_bytes()
+                        yield controller_pb2.TelemetryReport(
+                            name=host.name, memory_used_bytes=used, compute_flops=flops,
+                            memory_available_bytes=telemetry.available_memory_bytes(host.memory_limit_bytes, used))
+                        await asyncio.sleep(period)
+                await stub.Telemetry(reports())
+        except grpc.aio.AioRpcError as err:
+            log.warning("worker %s: controller %s: %s; retrying in %.1f s", host.name, settings.controller,
+                        err.code().name, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
+
+
+async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, ready_file: str | None = None) -> None:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings.max_message_bytes)
+    host = BlockHost(settings.name or "", settings.memory_limit_bytes, settings.device)
+    daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerService(host))
+    bound = await daemon.start()
+    name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
+    flops = telemetry.measure_matmul_flops()
+    log.info("worker %s: %.1f GFLOP/s measured, memory limit %s", name, flops / 1e9, settings.memory_limit_bytes)
+    registered = asyncio.Event()
+    task = asyncio.create_task(_register_and_report(host, settings, grpc_settings,
+                                                    settings.advertise_address(int(bound.rsplit(':', 1)[1])), flops, registered))
+    if ready_file:
+        await registered.wait()
+        write_ready_file(ready_file, bound)
+    await daemon.wait()
+    task.cancel()

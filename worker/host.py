@@ -1,0 +1,202 @@
+"""The state of one worker: block weights (content-addressed), blocks, per-session
+caches, and the stage interpreter. No gRPC here; worker/service.py adapts it.
+
+Errors carry the gRPC status they map to, so bad requests get a precise status
+and leave everything else on the worker untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edgeheads.worker.blocks.attention import AttentionBlock
+from edgeheads.worker.blocks.base import Block, BlockShapeError
+from edgeheads.worker.blocks.factory import make_block
+from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
+from edgeheads.worker.runtime.wire import WireError, blob_to_weights, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+class HostError(Exception):
+    """``code`` is a grpc.StatusCode name: NOT_FOUND, INVALID_ARGUMENT, ..."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_block_id(text: str) -> BlockId:
+    try:
+        return BlockId.parse(text)
+    except ValueError as err:
+        raise HostError("INVALID_ARGUMENT", str(err)) from None
+
+
+def parse_shape(text: str) -> ModelShape:
+    try:
+        return ModelShape(**json.loads(text))
+    except (TypeError, ValueError) as err:
+        raise HostError("INVALID_ARGUMENT", f"bad model shape: {err}") from None
+
+
+@dataclass
+class StageOpSpec:
+    block_id: str
+    inputs: list[str]
+    output: str
+
+
+class BlockHost:
+    def __init__(self, name: str, memory_limit_bytes: int | None = None, device: str = "cpu") -> None:
+        self.name = name
+        self.memory_limit_bytes = memory_limit_bytes
+        self.device = torch.device(device)
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}  # content hash -> tensors
+        self.blocks: dict[BlockId, Block] = {}
+        self.block_hash: dict[BlockId, str] = {}
+        self.compute_seconds = 0.0
+        self.flops_done = 0.0
+
+    # ------------------------------------------------------------------ weights and blocks
+    def has_weights(self, hashes: list[str]) -> list[str]:
+        return [h for h in hashes if h in self.weights]
+
+    def add_weights(self, blob: bytes, content_hash: str) -> None:
+        if sha256_hex(blob) != content_hash:
+            raise HostError("DATA_LOSS", "weights do not match their content hash")
+        try:
+            tensors = blob_to_weights(blob)
+        except WireError as err:
+            raise HostError("INVALID_ARGUMENT", str(err)) from None
+        self.weights[content_hash] = {k: v.to(self.device) for k, v in tensors.items()}
+
+    def bind_block(self, block_text: str, shape_json: str, content_hash: str) -> Block:
+        """Make block ``block_text`` from weights already held under ``content_hash``."""
+        block_id, shape = parse_block_id(block_text), parse_shape(shape_json)
+        if content_hash not in self.weights:
+            raise HostError("NOT_FOUND", f"{block_id}: no weights with hash {content_hash[:12]} on {self.name}")
+        try:
+            block = make_block(block_id, shape, self.weights[content_hash])
+        except (BlockShapeError, ValueError) as err:
+            raise HostError("INVALID_ARGUMENT", str(err)) from None
+        old = self.blocks.get(block_id)
+        extra = block.weight_bytes - (old.weight_bytes if old else 0)
+        if self.memory_limit_bytes is not None and self.memory_used_bytes() + extra > self.memory_limit_bytes:
+            raise HostError("RESOURCE_EXHAUSTED", f"{block_id}: {block.weight_bytes} more bytes exceed "
+                            f"{self.name}'s memory limit of {self.memory_limit_bytes}")
+        self.blocks[block_id] = block
+        self.block_hash[block_id] = content_hash
+        log.info("worker %s: loaded %s (%d bytes)", self.name, block_id, block.weight_bytes)
+        return block
+
+    def unload(self, block_texts: list[str]) -> list[str]:
+        done = []
+        for text in block_texts:
+            block_id = parse_block_id(text)
+            if self.blocks.pop(block_id, None) is not None:
+                self.block_hash.pop(block_id)
+                done.append(text)
+        live = set(self.block_hash.values())
+        for h in [h for h in self.weights if h not in live]:
+            del self.weights[h]
+        return done
+
+    def memory_used_bytes(self) -> int:
+        """Weights of hosted blocks plus the valid rows of every cache."""
+        used = sum(b.weight_bytes for b in self.blocks.values())
+        for block in self.blocks.values():
+            if isinstance(block, AttentionBlock):
+                used += sum(c.nbytes for c in block.caches.values())
+        return used
+
+    def sessions(self) -> set[str]:
+        return {s for b in self.blocks.values() if isinstance(b, AttentionBlock) for s in b.caches}
+
+    def drop_session(self, session: str) -> int:
+        dropped = 0
+        for block in self.blocks.values():
+            if isinstance(block, AttentionBlock) and session in block.caches:
+                block.drop_session(session)
+                dropped += 1
+        return dropped
+
+    # ------------------------------------------------------------------ stages
+    def _block(self, text: str) -> Block:
+        block_id = parse_block_id(text)
+        block = self.blocks.get(block_id)
+        if block is None:
+            raise HostError("NOT_FOUND", f"block {block_id} is not on worker {self.name}")
+        return block
+
+    def _validate(self, session: str, position: int, inputs: dict[str, torch.Tensor],
+                  ops: list[StageOpSpec], returns: list[str]) -> list[Block]:
+        """Check the whole request before running anything, so a bad one changes nothing."""
+        if not session:
+            raise HostError("INVALID_ARGUMENT", "empty session id")
+        if not ops:
+            raise HostError("INVALID_ARGUMENT", "stage has no ops")
+        blocks = [self._block(op.block_id) for op in ops]
+        known = set(inputs)
+        for op, block in zip(ops, blocks):
+            for name in op.inputs:
+                if name not in known:
+                    raise HostError("INVALID_ARGUMENT", f"{block.block_id}: input {name!r} is neither a request "
+                                    "input nor an earlier op's output")
+            expected = {BlockKind.ATTENTION: 1, BlockKind.FFN: 1}.get(block.block_id.kind)
+            if expected is not None and len(op.inputs) != expected:
+                raise HostError("INVALID_ARGUMENT", f"{block.block_id} takes 1 input, got {len(op.inputs)}")
+            if block.block_id.kind is BlockKind.PROJECTION and len(op.inputs) < 2:
+                raise HostError("INVALID_ARGUMENT", f"{block.block_id} takes the residual and the head outputs")
+            if isinstance(block, AttentionBlock):
+                cache = block.caches.get(session)
+                if cache is None and position > 0:
+                    raise HostError("NOT_FOUND", f"{block.block_id}: unknown session {session!r} on {self.name}")
+                have = cache.length if cache else 0
+                if have != position:
+                    raise HostError("FAILED_PRECONDITION", f"{block.block_id}: session {session!r} has {have} "
+                                    f"cached tokens, request is at position {position}")
+            known.add(op.output)
+        lengths = {t.shape[1] if t.dim() == 3 else -1 for t in inputs.values()}
+        if len(lengths) > 1:
+            raise HostError("INVALID_ARGUMENT", "request inputs cover different numbers of tokens")
+        for name in returns:
+            if name not in known:
+                raise HostError("INVALID_ARGUMENT", f"cannot return {name!r}: nothing produces it")
+        return blocks
+
+    def run_stage(self, session: str, position: int, inputs: dict[str, torch.Tensor], ops: list[StageOpSpec],
+                  returns: list[str]) -> dict[str, torch.Tensor]:
+        """Run ops in order over a value table seeded with ``inputs``; return ``returns``.
+
+        Attention caches advance only if the whole stage succeeds."""
+        blocks = self._validate(session, position, inputs, ops, returns)
+        values = {k: v.to(self.device) for k, v in inputs.items()}
+        touched: list[AttentionBlock] = []
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for op, block in zip(ops, blocks):
+                    args = [values[n] for n in op.inputs]
+                    if isinstance(block, AttentionBlock):
+                        touched.append(block)
+                        values[op.output] = block.forward(session, args[0])
+                    elif block.block_id.kind is BlockKind.PROJECTION:
+                        values[op.output] = block.forward(torch.cat(args[1:], dim=-1), args[0])
+                    else:
+                        values[op.output] = block.forward(args[0])
+        except (BlockShapeError, ValueError, RuntimeError) as err:
+            for block in touched:  # roll the caches back to where the request found them
+                cache = block.caches.get(session)
+                if cache is not None:
+                    cache.length = position
+                    if position == 0:
+                        block.drop_session(session)
+            raise HostError("INVALID_ARGUMENT", str(err)) from None
+        self.compute_seconds += time.perf_counter() - start
+        return {name: values[name] for name in returns}

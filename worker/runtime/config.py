@@ -1,0 +1,396 @@
+"""One typed config for all three daemons (worker, controller, head node).
+
+Sources, lowest precedence first:
+
+1. the defaults below;
+2. a YAML file (``--config FILE``), see ``deploy/edgeheads.example.yaml``;
+3. ``EDGEHEADS_*`` environment variables, one per field, sections split by ``__``
+   (``EDGEHEADS_WORKER__MEMORY_LIMIT_BYTES=2GiB``);
+4. command-line flags, passed to :func:`load_config` as ``overrides``
+   (``{"worker": {"listen": "0.0.0.0:50061"}}``); ``None`` means "flag not given".
+
+Every field name carries its unit (``_bytes``, ``_seconds``). Byte fields take an integer or a
+human size (``"512MiB"``, ``"2GB"``, ``"1.5GiB"``). Anything wrong -- a missing or unreadable
+file, bad YAML, an unknown key, a wrong type -- raises :class:`ConfigError`, whose message names
+where the bad value came from (file, environment variable or flags) and the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+__all__ = [
+    "ConfigError", "GrpcSettings", "WorkerSettings", "ControllerSettings", "HeadnodeSettings",
+    "EdgeheadsConfig", "load_config", "parse_bytes", "split_host_port",
+]
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+ENV_PREFIX = "EDGEHEADS_"
+ENV_DELIMITER = "__"
+_GRPC_INT_MAX = (1 << 31) - 1  # gRPC channel arguments are C ints
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable. One line per problem: ``SOURCE: section.field: what is wrong``,
+    where SOURCE is the file path, ``environment variable EDGEHEADS_...`` or ``command-line flags``."""
+
+
+# ---------------------------------------------------------------- value parsers
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: Any) -> int:
+    """Turn ``1048576``, ``"512MiB"``, ``"2GB"``, ``"1.5GiB"`` into a byte count.
+
+    Units are case-insensitive: B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of
+    1024). A fraction of a byte is rounded down.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a byte count such as 1048576 or '512MiB', got a boolean")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"a byte count must be a whole number, got {value!r}")
+        result = int(value)
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"cannot read {value!r} as a size; write e.g. 1048576, '512MiB', '2GB' or '1.5GiB' "
+                             "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        try:
+            result = int(Decimal(match.group(1)) * _UNITS[unit])
+        except InvalidOperation as err:  # pragma: no cover - the regex admits only valid decimals
+            raise ValueError(f"cannot read {value!r} as a size") from err
+    else:
+        raise ValueError(f"expected a byte count such as 1048576 or '512MiB', got {type(value).__name__}")
+    if result < 0:
+        raise ValueError(f"a byte count cannot be negative, got {value!r}")
+    return result
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` or ``"[ipv6]:port"`` into ``(host, port)``, validating both.
+
+    The host of a bracketed IPv6 address is returned without brackets. Port 0 is accepted.
+    """
+    if not isinstance(address, str):
+        raise ValueError(f"expected 'HOST:PORT', got {type(address).__name__}")
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not port_text:
+        raise ValueError(f"{address!r} is not HOST:PORT (e.g. '0.0.0.0:50061' or '[::1]:50061')")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port in {address!r} must be a number from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as err:
+            raise ValueError(f"{host!r} in {address!r} is not an IPv6 address") from err
+        return host[1:-1], int(port_text)
+    if ":" in host:
+        raise ValueError(f"IPv6 hosts must be bracketed: write '[{host}]:{port_text}'")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
+        raise ValueError(f"{address!r} has no valid host name or IP address before the ':'")
+    return host, int(port_text)
+
+
+def _listen_address(value: str) -> str:
+    split_host_port(value)
+    return value.strip()
+
+
+def _dial_address(value: str) -> str:
+    host, port = split_host_port(value)
+    if port == 0:
+        raise ValueError(f"{value!r}: port 0 means 'pick a free one' and only makes sense for listen addresses")
+    if host in _WILDCARD_HOSTS:
+        raise ValueError(f"{value!r}: {host or 'an empty host'} is a listen-on-everything address; "
+                         "give a host name or IP address that other machines can reach")
+    return value.strip()
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+"""An integer byte count that also accepts human sizes (``"512MiB"``)."""
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+"""``HOST:PORT`` to bind; host ``0.0.0.0`` means every interface, port 0 means any free port."""
+DialAddress = Annotated[str, AfterValidator(_dial_address)]
+"""``HOST:PORT`` another process connects to; no port 0, no wildcard host."""
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_GrpcSeconds = Annotated[float, Field(gt=0, le=_GRPC_INT_MAX / 1000, allow_inf_nan=False)]
+
+
+# ---------------------------------------------------------------- sections
+
+class _Section(BaseModel):
+    """Common settings of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GrpcSettings(_Section):
+    """Transport settings shared by every daemon and the client."""
+
+    max_message_bytes: Annotated[Bytes, Field(gt=0, le=_GRPC_INT_MAX)] = 64 * MiB
+    keepalive_time_seconds: _GrpcSeconds = 30.0
+    keepalive_timeout_seconds: _GrpcSeconds = 10.0
+    chunk_bytes: Annotated[Bytes, Field(gt=0)] = 1 * MiB
+
+    @model_validator(mode="after")
+    def _chunks_fit(self) -> GrpcSettings:
+        if self.chunk_bytes + 64 * KiB > self.max_message_bytes:
+            raise ValueError(f"chunk_bytes ({self.chunk_bytes}) must be at least 64 KiB below "
+                             f"max_message_bytes ({self.max_message_bytes}) so a chunk and its header fit in one message")
+        return self
+
+    def _common_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """Options for ``grpc.insecure_channel(addr, options=...)``: explicit size limits and keepalive."""
+        return self._common_options() + [("grpc.http2.max_pings_without_data", 0)]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """Options for ``grpc.server(..., options=...)``.
+
+        Besides the size limits, the server accepts the clients' keepalive pings: by default gRPC
+        servers treat pings more often than every 5 minutes as abuse and drop the connection.
+        """
+        min_ping_ms = max(1, int(self.keepalive_time_seconds * 1000) // 2)
+        return self._common_options() + [("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+                                         ("grpc.http2.max_ping_strikes", 0)]
+
+
+class WorkerSettings(_Section):
+    """A worker: runs blocks for the head node, registers with the controller."""
+
+    listen: ListenAddress = "0.0.0.0:50061"
+    advertise: DialAddress | None = None
+    controller: DialAddress = "127.0.0.1:50051"
+    name: Annotated[str, Field(min_length=1)] | None = None
+    memory_limit_bytes: Annotated[Bytes, Field(gt=0)] | None = None
+    device: Annotated[Literal["cpu", "cuda"], BeforeValidator(_lower)] = "cpu"
+    telemetry_period_seconds: Seconds = 1.0
+    torch_threads: Annotated[int, Field(ge=1)] | None = None
+
+    def advertise_address(self, bound_port: int | None = None) -> str:
+        """The address other processes should dial to reach this worker.
+
+        ``advertise`` if set; otherwise ``listen`` with a wildcard host replaced by 127.0.0.1 when
+        the controller is on this machine, else by the local IP address used to reach the
+        controller; and port 0 replaced by ``bound_port`` (the port the server actually bound).
+        """
+        if self.advertise is not None:
+            return self.advertise
+        host, port = split_host_port(self.listen)
+        if port == 0:
+            if not bound_port:
+                raise ValueError("listen port is 0: pass the port the server bound as bound_port")
+            port = bound_port
+        if host in _WILDCARD_HOSTS:
+            host = _local_ip_towards(split_host_port(self.controller)[0])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ControllerSettings(_Section):
+    """The controller: tracks workers by heartbeat and serves placements."""
+
+    listen: ListenAddress = "0.0.0.0:50051"
+    heartbeat_timeout_seconds: Seconds = 5.0
+    policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "spread"
+
+
+class HeadnodeSettings(_Section):
+    """The head node: loads the model, ships blocks, drives decoding, serves ``Generate``."""
+
+    listen: ListenAddress = "0.0.0.0:50050"
+    controller: DialAddress = "127.0.0.1:50051"
+    model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
+    min_workers: Annotated[int, Field(ge=1)] = 1
+    worker_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
+
+
+def _local_ip_towards(host: str) -> str:
+    """The local IP address the OS would use to reach ``host`` (no packet is sent); 127.0.0.1 on failure."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return "127.0.0.1"
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, 9))  # UDP connect only picks a route
+            return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+# ---------------------------------------------------------------- the whole config
+
+class EdgeheadsConfig(BaseSettings):
+    """All sections. ``EdgeheadsConfig()`` reads defaults and ``EDGEHEADS_*``; use :func:`load_config`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER,
+                                      extra="forbid", validate_assignment=True)
+
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    headnode: HeadnodeSettings = Field(default_factory=HeadnodeSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only constructor arguments and the environment; no .env or secrets files."""
+        return init_settings, env_settings
+
+
+SECTIONS = tuple(EdgeheadsConfig.model_fields)
+
+
+def _read_yaml(path: Path, label: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{label}: cannot read config file: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{label}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+                          f"got {type(data).__name__}")
+    # A section whose keys are all commented out parses as None: treat it as empty.
+    return {key: ({} if value is None else value) for key, value in data.items()}
+
+
+def _env_values() -> dict[str, Any]:
+    try:
+        return EnvSettingsSource(EdgeheadsConfig)()
+    except SettingsError as err:  # a whole section given as bad JSON, e.g. EDGEHEADS_WORKER='{oops'
+        match = re.search(r'field "(\w+)"', str(err))
+        section = match.group(1) if match else "?"
+        raise ConfigError(f"environment variable {ENV_PREFIX}{section.upper()}: {section}: "
+                          "a whole section must be a JSON object; set one field instead, "
+                          f"e.g. {ENV_PREFIX}{section.upper()}{ENV_DELIMITER}<FIELD>=...") from None
+
+
+def _clean_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    clean: dict[str, Any] = {}
+    for section, values in overrides.items():
+        if values is None:
+            continue
+        clean[section] = ({k: v for k, v in values.items() if v is not None}
+                          if isinstance(values, Mapping) else values)
+    return clean
+
+
+def _deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+                merged[key] = _deep_merge(merged[key], value)
+            else:
+                merged[key] = dict(value) if isinstance(value, Mapping) else value
+    return merged
+
+
+def _env_name(section: str, field: str | None) -> str:
+    nested = f"{ENV_PREFIX}{section}{ENV_DELIMITER}{field}".upper() if field else None
+    environ = {name.upper() for name in os.environ}
+    return nested if nested in environ else f"{ENV_PREFIX}{section}".upper()
+
+
+def _origin(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> str:
+    """Which source supplied the value at ``loc``: the highest-precedence layer holding that key."""
+    section = str(loc[0]) if loc else ""
+    field = str(loc[1]) if len(loc) > 1 else None
+    holders = []
+    for label, data in layers:
+        value = data.get(section)
+        if section not in data:
+            continue
+        # A field error belongs to the layers that set that field (or replaced the whole section).
+        if field is None or not isinstance(value, Mapping) or field in value:
+            holders.append(label)
+    if not holders:
+        return "config"
+    if field is not None:
+        holders = holders[-1:]
+    return " + ".join(f"environment variable {_env_name(section, field)}" if h == "environment" else h
+                      for h in holders)
+
+
+def _format_error(err: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]) -> str:
+    loc = tuple(str(part) for part in err["loc"])
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key" if len(loc) > 1 else f"unknown section (known: {', '.join(SECTIONS)})"
+        if len(loc) > 1:
+            model = EdgeheadsConfig.model_fields[loc[0]].annotation
+            message += f" (known: {', '.join(model.model_fields)})"  # type: ignore[union-attr]
+    elif err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
+        message += f" (got {err['input']!r})"
+    return f"{_origin(loc, layers)}: {'.'.join(loc) or '<top level>'}: {message}"
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> EdgeheadsConfig:
+    """Build the config: defaults < YAML file ``path`` < ``EDGEHEADS_*`` env vars < ``overrides``.
+
+    ``overrides`` holds the command-line flags by section, e.g. ``{"worker": {"listen": "..."}}``;
+    ``None`` values (flags not given) are skipped. Raises :class:`ConfigError` on any problem.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        layers.append((os.fspath(path), _read_yaml(Path(path), os.fspath(path))))
+    layers.append(("environment", _env_values()))
+    layers.append(("command-line flags", _clean_overrides(overrides)))
+    merged = _deep_merge(*(data for _, data in layers))
+    try:
+        return EdgeheadsConfig(**merged)
+    except ValidationError as err:
+        raise ConfigError("\n".join(_format_error(e, layers) for e in err.errors())) from None
+    except TypeError as err:  # e.g. an override dict with non-string keys
+        raise ConfigError(f"command-line flags: {err}") from None

@@ -1,0 +1,105 @@
+"""What every edgeheads daemon's gRPC server has: explicit message limits, keepalive,
+grpc.health.v1, server reflection, a ready file, and a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Options for both servers and channels.
+
+    - message limits: set explicitly (the 4 MiB default would reject a long prefill);
+      weights and caches never need them raised, since they travel in 1 MiB chunks.
+    - keepalive every 30 s: a board that lost power is noticed while a stream is idle,
+      and NAT/Wi-Fi middleboxes keep long-lived stage streams open.
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def write_ready_file(path: str, address: str) -> None:
+    """Atomically write the bound address: launchers wait for this file to appear."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(address)
+    os.replace(tmp, path)
+
+
+class Daemon:
+    """A grpc.aio server with health and reflection; ``run`` blocks until SIGTERM/SIGINT."""
+
+    def __init__(self, listen: str, service_names: list[str], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 grace_seconds: float = 5.0) -> None:
+        self.listen = listen
+        self.service_names = service_names
+        self.grace_seconds = grace_seconds
+        self.server = grpc.aio.server(options=channel_options(max_message_bytes))
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        self.address = ""
+        self.on_stop: list[Callable[[], Any]] = []
+        self._stopping: asyncio.Event | None = None
+
+    def add(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
+        add_fn(servicer, self.server)
+
+    async def start(self, ready_file: str | None = None) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        port = self.server.add_insecure_port(self.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await self.server.start()
+        self.address = f"{host}:{port}"
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if ready_file:
+            write_ready_file(ready_file, self.address)
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        log.info("serving %s on %s", ", ".join(self.service_names), self.address)
+        return self.address
+
+    async def wait(self) -> None:
+        """Until a signal arrives; then stop gracefully: health goes NOT_SERVING, in-flight
+        calls get ``grace_seconds`` to finish, stop hooks run."""
+        assert self._stopping is not None, "start() first"
+        await self._stopping.wait()
+        log.info("stopping %s", self.address)
+        await self.health.enter_graceful_shutdown()
+        for hook in self.on_stop:
+            result = hook()
+            if asyncio.iscoroutine(result):
+                await result
+        await self.server.stop(self.grace_seconds)
+        log.info("stopped %s", self.address)
+
+    def request_stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()

@@ -1,0 +1,93 @@
+"""The Worker gRPC servicer: a thin adapter from protos to BlockHost."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.runtime.wire import ChunkAssembler, DataLossError, WireError, tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    if isinstance(err, HostError):
+        code = grpc.StatusCode[err.code]
+    elif isinstance(err, DataLossError):
+        code = grpc.StatusCode.DATA_LOSS
+    else:
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    await context.abort(code, str(err))
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, host: BlockHost, max_payload_bytes: int = 8 << 30) -> None:
+        self.host = host
+        self.max_payload_bytes = max_payload_bytes
+
+    async def HasWeights(self, request, context):
+        return worker_pb2.HasWeightsReply(present=self.host.has_weights(list(request.content_hashes)))
+
+    async def LoadBlock(self, request_iterator: AsyncIterator[worker_pb2.LoadBlockChunk], context):
+        header = None
+        assembler = ChunkAssembler(self.max_payload_bytes)
+        try:
+            async for msg in request_iterator:
+                if header is None:
+                    header = msg
+                    if not msg.block_id or not msg.content_hash or not msg.model_shape_json:
+                        raise WireError("the first LoadBlock message must name block_id, content_hash "
+                                        "and model_shape_json")
+                if msg.HasField("chunk"):
+                    assembler.add(msg.chunk)
+            if header is None:
+                raise WireError("empty LoadBlock stream")
+            reused = header.content_hash in self.host.weights
+            if not reused:
+                if assembler.total is None:
+                    raise HostError("NOT_FOUND", f"worker has no weights {header.content_hash[:12]} and none were sent")
+                self.host.add_weights(assembler.finish(), header.content_hash)
+            block = self.host.bind_block(header.block_id, header.model_shape_json, header.content_hash)
+        except (HostError, WireError) as err:
+            await abort_for(context, err)
+            return None
+        return worker_pb2.LoadBlockReply(block_id=header.block_id, content_hash=header.content_hash,
+                                         weight_bytes=block.weight_bytes, reused=reused)
+
+    async def UnloadBlocks(self, request, context):
+        try:
+            return worker_pb2.UnloadBlocksReply(unloaded=self.host.unload(list(request.block_ids)))
+        except HostError as err:
+            await abort_for(context, err)
+
+    async def RunStage(self, request_iterator, context):
+        async for req in request_iterator:
+            try:
+                inputs = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in req.inputs}
+                ops = [StageOpSpec(op.block_id, list(op.inputs), op.output) for op in req.ops]
+                outputs = self.host.run_stage(req.session, req.position, inputs, ops, list(req.return_values))
+            except (HostError, WireError) as err:
+                log.warning("worker %s: rejected stage of session %s: %s", self.host.name, req.session, err)
+                await abort_for(context, err)
+                return
+            yield worker_pb2.StageReply(outputs=[tensor_pb2.NamedTensor(name=k, tensor=tensor_to_proto(v))
+                                                 for k, v in outputs.items()])
+
+    async def DropSession(self, request, context):
+        return worker_pb2.DropSessionReply(caches_dropped=self.host.drop_session(request.session))
+
+    async def GetTelemetry(self, request, context):
+        return worker_pb2.WorkerTelemetry(
+            name=self.host.name, memory_available_bytes=self.host.memory_limit_bytes or 0,
+            memory_used_bytes=self.host.memory_used_bytes(), blocks=sorted(map(str, self.host.blocks)),
+            sessions=len(self.host.sessions()))
+
+    async def ExportBlockState(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "block migration arrives with the live control loop")
+
+    async def ImportBlockState(self, request_iterator, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "block migration arrives with the live control loop")
