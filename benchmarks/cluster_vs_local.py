@@ -65,7 +65,9 @@ def main() -> None:
           f"{len(tokens)} tokens, {done.finish_reason})")
     print(f"ratio cluster/in-process: {cluster_rate / ref.decode_tokens_per_second:.3f}x  (target >= 0.6)")
     print(f"identical tokens (first {n}): {tokens[:n] == ref.token_ids[:n]}")
-    print(f"phase stats: {status.get('phase_stats', 'n/a')}")
+    print(f"network phases: {status['phases_per_token']} per token, mean {status['mean_phase_seconds'] * 1e6:.0f} us "
+          f"per phase over {status['phases_run']} phases (send, worker compute, all replies), of which "
+          f"{status['mean_phase_compute_seconds'] * 1e6:.0f} us is the slowest worker's compute")
 
 
 if __name__ == "__main__":

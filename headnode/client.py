@@ -100,4 +100,7 @@ class Client:
         except grpc.RpcError as err:
             raise ClientError(err.code().name, err.details()) from None
         return {"model": reply.model, "epoch": reply.epoch, "workers": list(reply.workers),
-                "active_sessions": reply.active_sessions, "placement": json.loads(reply.placement_json or "{}")}
+                "active_sessions": reply.active_sessions, "placement": json.loads(reply.placement_json or "{}"),
+                "phases_run": reply.phases_run, "mean_phase_seconds": reply.mean_phase_seconds,
+                "phases_per_token": reply.phases_per_token,
+                "mean_phase_compute_seconds": reply.mean_phase_compute_seconds}

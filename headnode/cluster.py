@@ -55,7 +55,9 @@ class ClusterExecutor:
         self.sessions: dict[str, SessionStreams] = {}
         self.blobs: dict[BlockId, tuple[str, bytes]] = {}
         self.phase_seconds_total = 0.0
+        self.phase_compute_seconds_total = 0.0  # the slowest worker's compute, per phase
         self.phases_run = 0
+        self._ops: dict[int, dict[int, list[worker_pb2.StageOp]]] = {}  # epoch -> call -> ops, built once
 
     # ------------------------------------------------------------------ connections
     def stub(self, worker: str, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -118,6 +120,9 @@ class ClusterExecutor:
         finally:
             bar.close()
         self.epoch = Epoch(number, dict(placement), dict(addresses), compile_plan(self.shape, placement))
+        self._ops[number] = {id(call): [worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs),
+                                                           output=op.output) for op in call.ops]
+                             for phase in self.epoch.plan.phases for call in phase.calls}
         log.info("epoch %d: %d blocks on %d workers, %d phases per token (%d messages)", number, len(placement),
                  len(by_worker), len(self.epoch.plan.phases), self.epoch.plan.messages())
 
@@ -152,19 +157,18 @@ class ClusterExecutor:
         epoch = self.epoch
         assert epoch is not None and streams.epoch == epoch.number
         ids = torch.as_tensor(token_ids, dtype=torch.long)
-        values: dict[str, torch.Tensor] = {"x0": self.head.embed(ids, streams.position)}
+        # values stay in wire form between phases: the head node only forwards them
+        values: dict[str, tensor_pb2.Tensor] = {"x0": tensor_to_proto(self.head.embed(ids, streams.position))}
         loop = asyncio.get_running_loop()
         for phase in epoch.plan.phases:
             t0 = loop.time()
-            for call in phase.calls:
-                request = worker_pb2.StageRequest(
-                    session=session, epoch=epoch.number, position=streams.position,
-                    inputs=[tensor_pb2.NamedTensor(name=n, tensor=tensor_to_proto(values[n])) for n in call.inputs],
-                    ops=[worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs), output=op.output)
-                         for op in call.ops],
-                    return_values=call.returns)
-                await streams.calls[call.worker].write(request)
-            for call in phase.calls:
+            calls = phase.calls
+            await asyncio.gather(*[streams.calls[call.worker].write(worker_pb2.StageRequest(
+                session=session, epoch=epoch.number, position=streams.position,
+                inputs=[tensor_pb2.NamedTensor(name=n, tensor=values[n]) for n in call.inputs],
+                ops=self._ops[epoch.number][id(call)], return_values=call.returns)) for call in calls])
+            slowest = 0.0
+            for call in calls:
                 stream = streams.calls[call.worker]
                 try:
                     reply = await stream.read()
@@ -175,8 +179,11 @@ class ClusterExecutor:
                     raise ClusterError(f"worker {call.worker} ended session {session}: "
                                        f"{(await stream.code()).name}: {await stream.details()}")
                 for out in reply.outputs:
-                    values[out.name] = tensor_from_proto(out.tensor, out.name)
+                    values[out.name] = out.tensor
+                slowest = max(slowest, reply.compute_seconds)
             self.phase_seconds_total += loop.time() - t0
+            self.phase_compute_seconds_total += slowest
             self.phases_run += 1
+        final = tensor_from_proto(values[epoch.plan.final], epoch.plan.final)
         streams.position += len(token_ids)
-        return self.head.logits(values[epoch.plan.final])
+        return self.head.logits(final)

@@ -32,8 +32,9 @@ class LocalCluster:
         self.env = {**os.environ, **(extra_env or {})}
         self.dir = Path(tempfile.mkdtemp(prefix="edgeheads-cluster-"))
         self.procs: dict[str, subprocess.Popen] = {}
-        # workers on one machine share its cores instead of oversubscribing them
-        self.worker_threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        self.worker_threads = int(os.environ.get("EDGEHEADS_LOCAL_WORKER_THREADS", len(os.sched_getaffinity(0))))
+        # several processes share these cores: OpenMP threads must sleep, not spin, between ops
+        self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.addresses: dict[str, str] = {}
 
     # ------------------------------------------------------------------ processes

@@ -63,4 +63,7 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
         return headnode_pb2.StatusReply(
             model=self.model.name, epoch=epoch.number if epoch else 0,
             workers=sorted(epoch.addresses) if epoch else [], active_sessions=len(self.cluster.sessions),
-            placement_json=json.dumps(placement))
+            placement_json=json.dumps(placement), phases_run=self.cluster.phases_run,
+            mean_phase_seconds=self.cluster.phase_seconds_total / max(1, self.cluster.phases_run),
+            phases_per_token=len(epoch.plan.phases) if epoch else 0,
+            mean_phase_compute_seconds=self.cluster.phase_compute_seconds_total / max(1, self.cluster.phases_run))

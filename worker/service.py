@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -69,13 +70,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             try:
                 inputs = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in req.inputs}
                 ops = [StageOpSpec(op.block_id, list(op.inputs), op.output) for op in req.ops]
+                t0 = time.perf_counter()
                 outputs = self.host.run_stage(req.session, req.position, inputs, ops, list(req.return_values))
+                compute_seconds = time.perf_counter() - t0
             except (HostError, WireError) as err:
                 log.warning("worker %s: rejected stage of session %s: %s", self.host.name, req.session, err)
                 await abort_for(context, err)
                 return
             yield worker_pb2.StageReply(outputs=[tensor_pb2.NamedTensor(name=k, tensor=tensor_to_proto(v))
-                                                 for k, v in outputs.items()])
+                                                 for k, v in outputs.items()], compute_seconds=compute_seconds)
 
     async def DropSession(self, request, context):
         return worker_pb2.DropSessionReply(caches_dropped=self.host.drop_session(request.session))

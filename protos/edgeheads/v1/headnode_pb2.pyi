@@ -49,15 +49,23 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("model", "epoch", "workers", "active_sessions", "placement_json")
+    __slots__ = ("model", "epoch", "workers", "active_sessions", "placement_json", "phases_run", "mean_phase_seconds", "phases_per_token", "mean_phase_compute_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    PHASES_RUN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_PHASE_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     workers: _containers.RepeatedScalarFieldContainer[str]
     active_sessions: int
     placement_json: str
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., active_sessions: _Optional[int] = ..., placement_json: _Optional[str] = ...) -> None: ...
+    phases_run: int
+    mean_phase_seconds: float
+    phases_per_token: int
+    mean_phase_compute_seconds: float
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., active_sessions: _Optional[int] = ..., placement_json: _Optional[str] = ..., phases_run: _Optional[int] = ..., mean_phase_seconds: _Optional[float] = ..., phases_per_token: _Optional[int] = ..., mean_phase_compute_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,57 @@
+"""The stage compiler: phases per layer, one message per worker per phase, fusion."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, single, spread
+from edgeheads.headnode.stage_plan import compile_plan
+from edgeheads.worker.blocks.spec import GPT2_SMALL, SMOLLM2_135M, BlockKind, block_memory_bytes
+
+WORKERS = [WorkerCapacity(f"w{i}", 1 << 40) for i in range(3)]
+
+
+@pytest.mark.parametrize("shape", [SMOLLM2_135M, GPT2_SMALL])
+def test_spread_gives_two_phases_per_layer_and_one_message_per_worker(shape):
+    placement = spread(shape, WORKERS, 2048)
+    for layer in range(shape.n_layers):
+        groups = {placement[b] for b in shape.block_ids() if b.layer == layer and b.kind is BlockKind.ATTENTION}
+        assert len(groups) == min(3, shape.n_kv_heads)  # the heads of one layer sit on different workers
+    plan = compile_plan(shape, placement)
+    assert len(plan.phases) == 2 * shape.n_layers
+    for phase in plan.phases:
+        workers = [c.worker for c in phase.calls]
+        assert len(workers) == len(set(workers))
+    # every op appears exactly once, on the worker the placement names
+    ran = [(op.block, call.worker) for p in plan.phases for call in p.calls for op in call.ops]
+    assert sorted(ran) == sorted(placement.items())
+
+
+def test_one_worker_runs_the_whole_model_in_one_call():
+    plan = compile_plan(SMOLLM2_135M, single(SMOLLM2_135M, WORKERS, 2048))
+    assert len(plan.phases) == 1 and len(plan.phases[0].calls) == 1
+    call = plan.phases[0].calls[0]
+    assert call.inputs == ["x0"] and call.returns == [f"x{SMOLLM2_135M.n_layers}"]
+
+
+def test_values_flow_only_through_returns_and_inputs():
+    plan = compile_plan(SMOLLM2_135M, spread(SMOLLM2_135M, WORKERS, 2048))
+    at_head = {"x0"}
+    for phase in plan.phases:
+        for call in phase.calls:
+            assert set(call.inputs) <= at_head, "a call needs a value the head node does not have yet"
+        for call in phase.calls:
+            at_head |= set(call.returns)
+    assert plan.final in at_head
+
+
+def test_spread_respects_memory_and_reports_infeasible():
+    shape = SMOLLM2_135M
+    attn = block_memory_bytes(shape, BlockKind.ATTENTION, 2048)
+    tight = [WorkerCapacity("big", 1 << 40), WorkerCapacity("tiny", attn - 1)]
+    placement = spread(shape, tight, 2048)
+    assert set(placement.values()) == {"big"}
+    with pytest.raises(InfeasiblePlacement, match="need"):
+        spread(shape, [WorkerCapacity("a", attn * 10), WorkerCapacity("b", attn * 10)], 2048)
+    with pytest.raises(InfeasiblePlacement, match="no workers"):
+        spread(shape, [], 2048)
