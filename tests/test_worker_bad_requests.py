@@ -1,0 +1,186 @@
+"""Malformed requests to a live worker get the right gRPC status with a message, while a
+generation in flight on the same worker completes unchanged. Plus health, reflection,
+and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from edgeheads.headnode import Client
+from edgeheads.headnode.embedded import LocalCluster
+from edgeheads.headnode.loading import load_model
+from edgeheads.headnode.local import LocalGenerator
+from edgeheads.headnode.sampling import SamplingParams
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_to_proto, weights_to_blob
+from tiny_configs import TINY_CONFIGS
+
+pytestmark = pytest.mark.system
+NEW_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def tiny(save_tiny_model):
+    path = save_tiny_model(TINY_CONFIGS["llama-gqa"], "llama-bad-requests", seed=2)
+    return path, load_model(str(path), progress=False)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny):
+    with LocalCluster(str(tiny[0]), workers=3, progress=False) as c:
+        yield c
+
+
+def stage(session: str, position: int, block: str, x: torch.Tensor | tensor_pb2.Tensor) -> worker_pb2.StageRequest:
+    tensor = x if isinstance(x, tensor_pb2.Tensor) else tensor_to_proto(x)
+    return worker_pb2.StageRequest(session=session, position=position,
+                                   inputs=[tensor_pb2.NamedTensor(name="x", tensor=tensor)],
+                                   ops=[worker_pb2.StageOp(block_id=block, inputs=["x"], output="a")],
+                                   return_values=["a"])
+
+
+def run_stage(stub, request) -> grpc.RpcError | worker_pb2.StageReply:
+    try:
+        return next(iter(stub.RunStage(iter([request]), timeout=10)))
+    except grpc.RpcError as err:
+        return err
+
+
+def load_block(stub, messages) -> grpc.RpcError | worker_pb2.LoadBlockReply:
+    try:
+        return stub.LoadBlock(iter(messages), timeout=10)
+    except grpc.RpcError as err:
+        return err
+
+
+def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cluster, tiny):
+    path, model = tiny
+    hidden = model.parts.shape.hidden_size
+    expected = LocalGenerator(model).generate("in flight", SamplingParams(max_new_tokens=NEW_TOKENS,
+                                                                            stop_on_eos=False)).token_ids
+    with Client(cluster.address) as client:
+        placement = client.status()["placement"]
+    block, worker = next((b, w) for b, w in placement.items() if b.startswith("attn(0,"))
+    result: dict = {}
+
+    def generate() -> None:
+        with Client(cluster.address) as c:
+            from edgeheads.v1 import headnode_pb2
+            ids = model.tokenizer("in flight").input_ids
+            if model.has_chat_template:
+                from edgeheads.headnode.generation import encode_prompt
+                ids = encode_prompt(model.tokenizer, "in flight", None)
+            events = list(c._stub.Generate(headnode_pb2.GenerateRequest(prompt_token_ids=ids,
+                                                                        max_new_tokens=NEW_TOKENS)))
+            result["tokens"] = [e.token_id for e in events if not e.done]
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    channel = grpc.insecure_channel(cluster.addresses[worker])
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    good = torch.randn(1, 1, hidden)
+    bad_bytes = tensor_to_proto(good)
+    bad_bytes.data = bad_bytes.data[:-4]
+    shape_json = json.dumps(model.parts.shape.to_dict())
+    weights = model.parts.blocks[next(b for b in model.parts.blocks if str(b) == block)]
+    blob = weights_to_blob(weights)
+    digest = sha256_hex(blob)
+    fresh = weights_to_blob({k: v + 1 for k, v in weights.items()})  # weights the worker does not hold yet
+    corrupt = next(chunks(fresh, len(fresh)))
+    corrupt.data = corrupt.data[:-1] + bytes([corrupt.data[-1] ^ 0xFF])
+    cases = [
+        ("wrong dtype", run_stage(stub, stage("s1", 0, block, good.half())), "INVALID_ARGUMENT", "dtype"),
+        ("wrong shape", run_stage(stub, stage("s1", 0, block, torch.randn(1, 1, hidden + 1))), "INVALID_ARGUMENT",
+         "shape"),
+        ("bytes do not match shape", run_stage(stub, stage("s1", 0, block, bad_bytes)), "INVALID_ARGUMENT", "bytes"),
+        ("unknown dtype", run_stage(stub, stage("s1", 0, block, tensor_pb2.Tensor(dtype="complex7", shape=[1]))),
+         "INVALID_ARGUMENT", "unknown dtype"),
+        ("unknown session", run_stage(stub, stage("nobody", 7, block, good)), "NOT_FOUND", "unknown session"),
+        ("unknown block", run_stage(stub, stage("s1", 0, "attn(99,0)", good)), "NOT_FOUND", "not on worker"),
+        ("malformed block id", run_stage(stub, stage("s1", 0, "attention-zero", good)), "INVALID_ARGUMENT",
+         "not a block id"),
+        ("corrupt weights", load_block(stub, [worker_pb2.LoadBlockChunk(
+            block_id=block, model_shape_json=shape_json, content_hash=sha256_hex(fresh), chunk=corrupt)]), "DATA_LOSS",
+         "checksum mismatch"),
+        ("weights under a wrong hash", load_block(stub, [worker_pb2.LoadBlockChunk(
+            block_id=block, model_shape_json=shape_json, content_hash="0" * 64,
+            chunk=next(chunks(blob, len(blob))))]), "DATA_LOSS", "content hash"),
+        ("truncated weights", load_block(stub, [worker_pb2.LoadBlockChunk(
+            block_id=block, model_shape_json=shape_json, content_hash=sha256_hex(fresh),
+            chunk=next(chunks(fresh, max(1, len(fresh) // 2))))]), "DATA_LOSS", "without its last chunk"),
+        ("bad model shape", load_block(stub, [worker_pb2.LoadBlockChunk(
+            block_id=block, model_shape_json='{"arch": "bert"}', content_hash=digest)]), "INVALID_ARGUMENT",
+         "model shape"),
+    ]
+    thread.join(timeout=300)
+    for name, got, code, message in cases:
+        assert isinstance(got, grpc.RpcError), f"{name}: accepted"
+        assert got.code().name == code, f"{name}: {got.code().name} {got.details()}"
+        assert message in got.details(), f"{name}: {got.details()}"
+    assert result["tokens"] == expected
+    # the worker still serves: its blocks are intact and a fresh generation is still exact
+    telemetry = stub.GetTelemetry(worker_pb2.TelemetryRequest())
+    assert block in telemetry.blocks and telemetry.sessions == 0
+    with Client(cluster.address) as client:
+        assert len(client.generate_full("again", max_new_tokens=5).token_ids) >= 1
+    channel.close()
+
+
+def test_every_daemon_serves_health_and_reflection(cluster):
+    expected = {"controller": "edgeheads.v1.Controller", "worker-0": "edgeheads.v1.Worker",
+                "headnode": "edgeheads.v1.Headnode"}
+    for name, service in expected.items():
+        with grpc.insecure_channel(cluster.addresses[name]) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            reply = next(iter(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+                list_services="")]))))
+            names = {s.name for s in reply.list_services_response.service}
+            assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_sigterm_stops_a_worker_cleanly_and_the_controller_notices(tmp_path):
+    def spawn(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edgeheads.headnode.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def wait_file(path, proc) -> str:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return path.read_text()
+
+    controller = spawn("controller", "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "c"))
+    try:
+        caddr = wait_file(tmp_path / "c", controller)
+        worker = spawn("worker", "--listen", "127.0.0.1:0", "--controller", caddr, "--name", "w-term",
+                       "--ready-file", str(tmp_path / "w"))
+        wait_file(tmp_path / "w", worker)
+        with grpc.insecure_channel(caddr) as ch:
+            stub = controller_pb2_grpc.ControllerStub(ch)
+            assert [w.name for w in stub.ListWorkers(controller_pb2.ListWorkersRequest()).workers] == ["w-term"]
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+            output = worker.stdout.read()
+            assert "Traceback" not in output
+            deadline = time.monotonic() + 10
+            while stub.ListWorkers(controller_pb2.ListWorkersRequest()).workers:
+                assert time.monotonic() < deadline, "controller still lists the stopped worker"
+                time.sleep(0.1)
+    finally:
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(timeout=30) == 0
