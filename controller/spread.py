@@ -25,9 +25,15 @@ Policy = Callable[[ModelShape, list[WorkerCapacity], int], Placement]
 
 
 def spread(shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int) -> Placement:
-    """Layer l puts KV group g on worker (l + g) mod n and proj(l) + ffn(l) on worker
-    (l + H_kv) mod n (workers sorted by name). A block that does not fit its preferred
-    worker (weights plus a cache of ``context_tokens``) goes to the next worker with room."""
+    """Layer l puts proj(l) + ffn(l) on worker p = l mod n and its KV groups round-robin
+    over the *other* workers (workers sorted by name; with one worker, on it).
+
+    Keeping the projection worker free of its own layer's attention matters for the
+    stage plan: the groups that land on p(l-1) run in the same call as ffn(l-1), so
+    with three workers each layer costs one attention call and one projection call,
+    still with the heads of every layer on different workers (when n > 2). A block that
+    does not fit its preferred worker (weights plus a cache of ``context_tokens``) goes to
+    the next worker with room."""
     if not workers:
         raise InfeasiblePlacement("no workers are registered")
     ordered = sorted(workers, key=lambda w: w.name)
@@ -47,9 +53,11 @@ def spread(shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int
                                   f"worker is {max(free.values())} bytes")
 
     for layer in range(shape.n_layers):
+        proj = layer % n
+        others = [i for i in range(n) if i != proj] or [proj]
         for g in range(shape.n_kv_heads):
-            put([BlockId(layer, BlockKind.ATTENTION, g)], layer + g)
-        put([BlockId(layer, BlockKind.PROJECTION), BlockId(layer, BlockKind.FFN)], layer + shape.n_kv_heads)
+            put([BlockId(layer, BlockKind.ATTENTION, g)], others[(layer + g) % len(others)])
+        put([BlockId(layer, BlockKind.PROJECTION), BlockId(layer, BlockKind.FFN)], proj)
     return placement
 
 

@@ -6,10 +6,10 @@ KV group g's heads, ``h{l}`` the residual after the projection. Ops run in model
 order; the compiler packs them into *phases* (sequential network round trips) of
 *calls* (one message to one worker, running several ops back to back):
 
-- an op joins the current phase's call on its worker when its inputs are already
-  local to that call or were returned to the head node by an earlier phase;
-- otherwise it opens a call in the current phase (inputs from the head node), or
-  a new phase when an input is produced in the current one.
+- an op runs in the earliest phase where its inputs exist: in the same call as the
+  op that made an input on the same worker, or in the phase after an input made on
+  another worker (which the head node forwards);
+- it joins its worker's call in that phase, or opens one (one call per worker per phase).
 
 With the attention groups of a layer spread over workers and proj(l)/ffn(l) on one
 worker this gives exactly two phases per layer (attention, then projection + FFN);
@@ -87,17 +87,17 @@ def compile_plan(shape: ModelShape, placement: Mapping[BlockId, str]) -> StagePl
     produced_in: dict[str, tuple[int, str]] = {"x0": (-1, HEAD)}  # value -> (phase index, worker)
     for op in model_ops(shape):
         worker = placement[op.block]
-        last = len(phases) - 1
-        sources = [produced_in[v] for v in op.inputs]
-        local_or_earlier = all(p < last or (p == last and w == worker) for p, w in sources)
-        earlier_only = all(p < last for p, _ in sources)
-        if phases and (call := phases[last].call_for(worker)) is not None and local_or_earlier:
-            call.ops.append(op)
-        elif phases and phases[last].call_for(worker) is None and earlier_only:
-            phases[last].calls.append(Call(worker, [op]))
-        else:
-            phases.append(Phase([Call(worker, [op])]))
-        produced_in[op.output] = (len(phases) - 1, worker)
+        # earliest phase this op can run in: with a value made on its own worker, that call;
+        # with a value made elsewhere (or by the head node), the phase after it
+        index = max(max(p if w == worker else p + 1 for p, w in (produced_in[v] for v in op.inputs)), 0)
+        if index == len(phases):
+            phases.append(Phase())
+        call = phases[index].call_for(worker)
+        if call is None:
+            call = Call(worker)
+            phases[index].calls.append(call)
+        call.ops.append(op)
+        produced_in[op.output] = (index, worker)
     final = f"x{shape.n_layers}"
     _wire_values(phases, final)
     return StagePlan(phases, final)

@@ -6,7 +6,7 @@ import pytest
 
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, single, spread
 from edgeheads.headnode.stage_plan import compile_plan
-from edgeheads.worker.blocks.spec import GPT2_SMALL, SMOLLM2_135M, BlockKind, block_memory_bytes
+from edgeheads.worker.blocks.spec import GPT2_SMALL, SMOLLM2_135M, BlockId, BlockKind, block_memory_bytes
 
 WORKERS = [WorkerCapacity(f"w{i}", 1 << 40) for i in range(3)]
 
@@ -16,9 +16,13 @@ def test_spread_gives_two_phases_per_layer_and_one_message_per_worker(shape):
     placement = spread(shape, WORKERS, 2048)
     for layer in range(shape.n_layers):
         groups = {placement[b] for b in shape.block_ids() if b.layer == layer and b.kind is BlockKind.ATTENTION}
-        assert len(groups) == min(3, shape.n_kv_heads)  # the heads of one layer sit on different workers
+        proj = placement[BlockId(layer, BlockKind.PROJECTION)]
+        assert proj == placement[BlockId(layer, BlockKind.FFN)]
+        assert len(groups) == 2 and proj not in groups  # heads on the two workers that do not project
     plan = compile_plan(shape, placement)
     assert len(plan.phases) == 2 * shape.n_layers
+    # the groups on the previous layer's projection worker ride in its call: one attention call per layer
+    assert plan.messages() == 2 * shape.n_layers + 1
     for phase in plan.phases:
         workers = [c.worker for c in phase.calls]
         assert len(workers) == len(set(workers))

@@ -7,6 +7,7 @@ and leave everything else on the worker untouched.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -31,9 +32,14 @@ class HostError(Exception):
         self.code = code
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_block_id(text: str) -> BlockId:
+    return BlockId.parse(text)
+
+
 def parse_block_id(text: str) -> BlockId:
     try:
-        return BlockId.parse(text)
+        return _parse_block_id(text)
     except ValueError as err:
         raise HostError("INVALID_ARGUMENT", str(err)) from None
 
