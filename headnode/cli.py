@@ -19,24 +19,20 @@ class CliError(Exception):
         self.code = code
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _float_in(low: float, high: float, low_open: bool = False):
@@ -108,7 +104,7 @@ def _generate_local(args: argparse.Namespace):
 
 
 def _generate_remote(args: argparse.Namespace):
-    from edgeheads.headnode.client import Client, ClientError, Generation
+    from edgeheads.headnode.client import Client, ClientError
     from edgeheads.headnode.embedded import LaunchError, LocalCluster
 
     cluster = None
@@ -122,22 +118,15 @@ def _generate_remote(args: argparse.Namespace):
             raise CliError(f"local cluster failed to start: {err}") from None
     elif args.model:
         raise CliError("--model names the model of a local run; a running cluster serves its own model", 2)
+    def show(text: str) -> None:
+        if not args.json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
     try:
         with Client(address) as client:
-            result = Generation()
-            events = client._events(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                    args.seed, args.chat)
-            for event in events:
-                if event.done:
-                    result.finish_reason, result.prompt_tokens = event.finish_reason, event.prompt_tokens
-                    result.prefill_seconds, result.decode_seconds = event.prefill_seconds, event.decode_seconds
-                    continue
-                result.token_ids.append(event.token_id)
-                result.text += event.text
-                if not args.json:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-            return result
+            return client.generate_full(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                        args.seed, args.chat, on_text=show)
     except ClientError as err:
         raise CliError(f"head node {address}: {err}") from None
     finally:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +72,9 @@ class Client:
             raise ClientError(err.code().name, err.details()) from None
 
     def generate_full(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                      top_p: float = 1.0, seed: int | None = None, chat: bool | None = None) -> Generation:
+                      top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
+                      on_text: Callable[[str], None] | None = None) -> Generation:
+        """Everything the call produced; ``on_text`` sees each text piece as it arrives."""
         out = Generation()
         pieces = []
         for event in self._events(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat):
@@ -82,6 +84,8 @@ class Client:
             else:
                 out.token_ids.append(event.token_id)
                 pieces.append(event.text)
+                if on_text is not None:
+                    on_text(event.text)
         out.text = "".join(pieces)
         return out
 
