@@ -128,14 +128,21 @@ def _slice_llama(shape: ModelShape, state: Weights, inv_freq: torch.Tensor, rope
     rope = {"rope.inv_freq": inv_freq.to(embed.dtype), "rope.scaling": torch.tensor(rope_scaling, dtype=embed.dtype)}
     for layer in range(shape.n_layers):
         p = f"model.layers.{layer}."
-        for g in range(shape.n_kv_heads):
-            q_rows, kv_rows = slice(g * q * d, (g + 1) * q * d), slice(g * d, (g + 1) * d)
-            names = ("q_proj", "k_proj", "v_proj")
-            rows = (q_rows, kv_rows, kv_rows)
-            w = {"norm.weight": t(p + "input_layernorm.weight"),
-                 "qkv.weight": torch.cat([t(f"{p}self_attn.{n}.weight")[r] for n, r in zip(names, rows)]), **rope}
-            if shape.qkv_bias:
-                w["qkv.bias"] = torch.cat([t(f"{p}self_attn.{n}.bias")[r] for n, r in zip(names, rows)])
+        names = ("q_proj", "k_proj", "v_proj")
+        groups = range(shape.n_kv_heads)
+        rows = [(slice(g * q * d, (g + 1) * q * d), slice(g * d, (g + 1) * d), slice(g * d, (g + 1) * d))
+                for g in groups]
+        # every group's q/k/v rows, group after group, in one buffer: each block's qkv.weight is a
+        # view of its own rows, and an engine holding all groups can run them as one matmul
+        qkv = torch.cat([t(f"{p}self_attn.{n}.weight")[r] for g in groups for n, r in zip(names, rows[g])])
+        qkv_bias = (torch.cat([t(f"{p}self_attn.{n}.bias")[r] for g in groups for n, r in zip(names, rows[g])])
+                    if shape.qkv_bias else None)
+        per_group = (q + 2) * d
+        for g in groups:
+            w = {"norm.weight": t(p + "input_layernorm.weight"), "qkv.weight": qkv[g * per_group:(g + 1) * per_group],
+                 **rope}
+            if qkv_bias is not None:
+                w["qkv.bias"] = qkv_bias[g * per_group:(g + 1) * per_group]
             parts.blocks[BlockId(layer, BlockKind.ATTENTION, g)] = w
         proj = {"o.weight": t(p + "self_attn.o_proj.weight")}
         if shape.o_bias:
@@ -163,12 +170,13 @@ def _slice_gpt2(shape: ModelShape, state: Weights) -> ModelParts:
     for layer in range(shape.n_layers):
         p = f"transformer.h.{layer}."
         c_attn_w, c_attn_b = t(p + "attn.c_attn.weight"), t(p + "attn.c_attn.bias")  # (D, 3D), (3D,)
+        cols = [[slice(part * D + h * d, part * D + (h + 1) * d) for part in range(3)] for h in range(shape.n_heads)]
+        qkv = torch.cat([c_attn_w[:, c].T for head in cols for c in head]).contiguous()  # (H*3d, D), head after head
+        qkv_bias = torch.cat([c_attn_b[c] for head in cols for c in head])
         for h in range(shape.n_heads):
-            cols = [slice(part * D + h * d, part * D + (h + 1) * d) for part in range(3)]  # q, k, v of head h
             parts.blocks[BlockId(layer, BlockKind.ATTENTION, h)] = {
                 "norm.weight": t(p + "ln_1.weight"), "norm.bias": t(p + "ln_1.bias"),
-                "qkv.weight": torch.cat([c_attn_w[:, c].T for c in cols]).contiguous(),  # (3d, D)
-                "qkv.bias": torch.cat([c_attn_b[c] for c in cols]),
+                "qkv.weight": qkv[h * 3 * d:(h + 1) * 3 * d], "qkv.bias": qkv_bias[h * 3 * d:(h + 1) * 3 * d],
             }
         parts.blocks[BlockId(layer, BlockKind.PROJECTION)] = {
             "o.weight": t(p + "attn.c_proj.weight").T.contiguous(), "o.bias": t(p + "attn.c_proj.bias")}

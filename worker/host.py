@@ -184,6 +184,7 @@ class BlockHost:
         blocks = self._validate(session, position, inputs, ops, returns)
         values = {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
+        normed: dict[tuple, torch.Tensor] = {}  # groups of one layer here share one norm of their input
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -191,7 +192,10 @@ class BlockHost:
                     args = [values[n] for n in op.inputs]
                     if isinstance(block, AttentionBlock):
                         touched.append(block)
-                        values[op.output] = block.forward(session, args[0])
+                        key = (op.inputs[0], block.norm_key)
+                        if key not in normed:
+                            normed[key] = block.normalize(args[0])
+                        values[op.output] = block.forward(session, args[0], normed[key])
                     elif block.block_id.kind is BlockKind.PROJECTION:
                         values[op.output] = block.forward(torch.cat(args[1:], dim=-1), args[0])
                     else:

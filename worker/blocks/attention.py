@@ -27,6 +27,7 @@ class AttentionBlock(Block):
         self.caches: dict[str, KVCache] = {}
         self._cos = self._sin = None
         self._scale = shape.head_dim ** -0.5
+        self._norm_key: tuple | None = None
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         s = self.shape
@@ -61,34 +62,53 @@ class AttentionBlock(Block):
         return self._cos[start:stop], self._sin[start:stop]
 
     # ------------------------------------------------------------------ compute
-    def forward(self, session: str, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def norm_key(self) -> tuple:
+        """Equal for blocks whose pre-attention norms are equal: such blocks of one layer on
+        one worker may share a normalized input (see ``normalize``)."""
+        if self._norm_key is None:
+            w = self.weights
+            parts = [w["norm.weight"]] + ([w["norm.bias"]] if "norm.bias" in w else [])
+            self._norm_key = (self.block_id.layer, *(hash(t.cpu().numpy().tobytes()) for t in parts))
+        return self._norm_key
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-attention norm of x: (1, T, D) -> (1, T, D)."""
         s, w = self.shape, self.weights
         self.check_input(x, s.hidden_size)
-        q_heads, d, T = s.heads_per_group, s.head_dim, x.shape[1]
         if s.arch == "gpt2":
-            h = layer_norm(x, w["norm.weight"], w["norm.bias"], s.norm_eps)
-        else:
-            h = rms_norm(x, w["norm.weight"], s.norm_eps)
-        qkv = F.linear(h, w["qkv.weight"], w.get("qkv.bias"))  # (1, T, (q+2)*d)
-        qkv = qkv.view(1, T, q_heads + 2, d).transpose(1, 2)  # (1, q+2, T, d)
+            return layer_norm(x, w["norm.weight"], w["norm.bias"], s.norm_eps)
+        return rms_norm(x, w["norm.weight"], s.norm_eps)
+
+    def forward(self, session: str, x: torch.Tensor, normed: torch.Tensor | None = None,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (1, T, D). ``normed``, when given, must be ``normalize(x)`` of a block with the
+        same ``norm_key`` (it saves recomputing the norm for each group of a layer); ``qkv``,
+        when given, is this block's q/k/v projection of it, (1, T, (q+2)*d), computed by a
+        caller that ran several groups' projections as one matmul."""
+        s, w = self.shape, self.weights
+        q_heads, d, T = s.heads_per_group, s.head_dim, x.shape[1]
+        if qkv is None:
+            h = self.normalize(x) if normed is None else normed
+            qkv = F.linear(h, w["qkv.weight"], w.get("qkv.bias"))  # (1, T, (q+2)*d)
+        qkv = qkv.view(T, q_heads + 2, d).transpose(0, 1)  # (q+2, T, d)
         cache = self.cache(session)
         past = cache.length
         if s.arch == "llama":
             cos, sin = self._rope(past, past + T)  # (T, d)
-            qk = apply_rope(qkv[:, :q_heads + 1], cos, sin)  # (1, q+1, T, d): the q heads and the k head
-            q, k = qk[:, :q_heads], qk[:, q_heads:]
+            qk = apply_rope(qkv[:q_heads + 1], cos, sin)  # (q+1, T, d): the q heads and the k head
+            q, k = qk[:q_heads], qk[q_heads]  # (q, T, d), (T, d)
         else:
-            q, k = qkv[:, :q_heads], qkv[:, q_heads:q_heads + 1]  # (1, q, T, d), (1, 1, T, d)
-        keys, values = cache.append(k, qkv[:, q_heads + 1:])  # (1, 1, S, d)
+            q, k = qkv[:q_heads], qkv[q_heads]
+        keys, values = cache.append(k, qkv[q_heads + 1])  # (S, d) each
         if T == 1:
             # decode: the q query rows against the single KV head, no mask needed
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, scale=self._scale)  # (1, 1, q, d)
-            return out.reshape(1, 1, q_heads * d)
+            scores = torch.mm(q.reshape(q_heads, d), keys.t()).mul_(self._scale)  # (q, S)
+            return torch.mm(scores.softmax(-1), values).view(1, 1, q_heads * d)
         if past == 0:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self._scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, keys[None], values[None], is_causal=True, scale=self._scale)
         else:
             # chunk after existing context: query t sees keys 0..past+t
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self._scale, enable_gqa=True)
-        return out.transpose(1, 2).reshape(1, T, q_heads * d)  # (1, T, q*d)
-
+            out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=self._scale)
+        return out.transpose(0, 1).reshape(1, T, q_heads * d)  # (q, T, d) -> (1, T, q*d)

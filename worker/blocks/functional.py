@@ -50,7 +50,10 @@ def rope_tables(inv_freq: torch.Tensor, scaling: float, n_positions: int) -> tup
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE.  x: (..., T, d); cos, sign-folded sin: (T, d) from rope_tables.
 
-    rotate_half(x) * sin == [-x2, x1] * [s, s] == [x2, x1] * [-s, s] == roll(x, d/2) * sin_folded,
-    exactly (negation is exact in floating point).
+    rotate_half(x) * sin == [-x2, x1] * [s, s] == [x2, x1] * [-s, s] == swap_halves(x) * sin_folded,
+    exactly (negation is exact in floating point). Swapping the halves as a flip of a
+    (2, d/2) view is one kernel; ``roll`` would be several.
     """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin
