@@ -50,6 +50,8 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
                 yield headnode_pb2.GenerateEvent(token_id=event.token_id, text=event.text)
         except ClusterError as err:
             log.error("session %s failed: %s", session, err)
+            if context.done():  # the client is already gone: nobody to tell
+                return
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         finally:
             await self.cluster.end_session(session)
