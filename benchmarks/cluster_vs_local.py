@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import grpc
 
 from edgeheads.headnode.client import Client
 from edgeheads.headnode.embedded import LocalCluster
