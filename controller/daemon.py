@@ -18,7 +18,7 @@ async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettin
                          ready_file: str | None = None) -> None:
     state = ClusterState(settings.policy, settings.heartbeat_timeout_seconds)
     service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5))
-    daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings.max_message_bytes)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings)
     daemon.add(controller_pb2_grpc.add_ControllerServicer_to_server, service)
     await daemon.start(ready_file)
     sweeper = asyncio.create_task(service.sweep())

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from edgeheads.v1 import headnode_pb2, headnode_pb2_grpc
-from edgeheads.worker.runtime.server import channel_options
+from edgeheads.worker.runtime.config import GrpcSettings
 
 
 class ClientError(RuntimeError):
@@ -50,7 +50,7 @@ class Client:
     def __init__(self, address: str, timeout_seconds: float | None = None) -> None:
         self.address = address
         self.timeout_seconds = timeout_seconds
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._channel = grpc.insecure_channel(address, options=GrpcSettings().channel_options())
         self._stub = headnode_pb2_grpc.HeadnodeStub(self._channel)
 
     def close(self) -> None:

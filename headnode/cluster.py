@@ -18,7 +18,7 @@ from edgeheads.headnode.slicing import ModelParts
 from edgeheads.headnode.stage_plan import StagePlan, compile_plan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.blocks.spec import BlockId
-from edgeheads.worker.runtime.server import channel_options
+from edgeheads.worker.runtime.config import GrpcSettings
 from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_from_proto, tensor_to_proto, weights_to_blob
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ class SessionStreams:
 
 
 class ClusterExecutor:
-    def __init__(self, parts: ModelParts, max_message_bytes: int = 64 << 20) -> None:
+    def __init__(self, parts: ModelParts, grpc_settings: GrpcSettings | None = None) -> None:
         self.parts = parts
         self.shape = parts.shape
         self.head = HeadStage(parts.shape, parts.head)
-        self.max_message_bytes = max_message_bytes
+        self.grpc_settings = grpc_settings or GrpcSettings()
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self.epoch: Epoch | None = None
@@ -62,7 +62,7 @@ class ClusterExecutor:
     # ------------------------------------------------------------------ connections
     def stub(self, worker: str, address: str) -> worker_pb2_grpc.WorkerStub:
         if worker not in self.stubs:
-            self.channels[worker] = grpc.aio.insecure_channel(address, options=channel_options(self.max_message_bytes))
+            self.channels[worker] = grpc.aio.insecure_channel(address, options=self.grpc_settings.channel_options())
             self.stubs[worker] = worker_pb2_grpc.WorkerStub(self.channels[worker])
         return self.stubs[worker]
 
@@ -105,7 +105,7 @@ class ClusterExecutor:
                 if have:
                     yield worker_pb2.LoadBlockChunk(**head)
                     return
-                for i, chunk in enumerate(chunks(data)):
+                for i, chunk in enumerate(chunks(data, self.grpc_settings.chunk_bytes)):
                     yield worker_pb2.LoadBlockChunk(**head, chunk=chunk) if i == 0 else \
                         worker_pb2.LoadBlockChunk(chunk=chunk)
                     bar.update(len(chunk.data))

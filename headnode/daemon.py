@@ -15,7 +15,7 @@ from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
 from edgeheads.worker.blocks.spec import BlockId
 from edgeheads.worker.runtime.config import GrpcSettings, HeadnodeSettings
-from edgeheads.worker.runtime.server import Daemon, channel_options
+from edgeheads.worker.runtime.server import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ async def wait_for_workers(stub: controller_pb2_grpc.ControllerStub, count: int,
 async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
                        progress: bool = True) -> None:
     model = await asyncio.to_thread(load_model, settings.model, progress=progress)
-    cluster = ClusterExecutor(model.parts, grpc_settings.max_message_bytes)
+    cluster = ClusterExecutor(model.parts, grpc_settings)
     async with grpc.aio.insecure_channel(settings.controller,
-                                         options=channel_options(grpc_settings.max_message_bytes)) as channel:
+                                         options=grpc_settings.channel_options()) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)
         await wait_for_workers(controller, settings.min_workers, settings.worker_wait_seconds)
         reply = await controller.SetModel(controller_pb2.SetModelRequest(
@@ -55,7 +55,7 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
         placement = {BlockId.parse(a.block_id): a.worker for a in reply.assignments}
         addresses = {a.worker: a.address for a in reply.assignments}
         await cluster.apply_placement(reply.epoch, placement, addresses, progress=progress)
-    daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings.max_message_bytes)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings)
     daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster))
     daemon.on_stop.append(cluster.close)
     await daemon.start(ready_file)

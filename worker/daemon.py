@@ -14,7 +14,7 @@ from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2_grpc
 from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
 from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings
-from edgeheads.worker.runtime.server import Daemon, channel_options, write_ready_file
+from edgeheads.worker.runtime.server import Daemon, write_ready_file
 from edgeheads.worker.service import WorkerService
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_s
     while True:
         try:
             async with grpc.aio.insecure_channel(settings.controller,
-                                                 options=channel_options(grpc_settings.max_message_bytes)) as ch:
+                                                 options=grpc_settings.channel_options()) as ch:
                 stub = controller_pb2_grpc.ControllerStub(ch)
                 available = telemetry.available_memory_bytes(host.memory_limit_bytes)
                 reply = await stub.Register(controller_pb2.RegisterRequest(
@@ -56,7 +56,7 @@ async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_s
 async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, ready_file: str | None = None) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings.max_message_bytes)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings)
     host = BlockHost(settings.name or "", settings.memory_limit_bytes, settings.device)
     daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerService(host))
     bound = await daemon.start()

@@ -1,5 +1,5 @@
-"""What every edgeheads daemon's gRPC server has: explicit message limits, keepalive,
-grpc.health.v1, server reflection, a ready file, and a graceful stop on SIGTERM."""
+"""What every edgeheads daemon's gRPC server has: explicit message limits and keepalive
+(GrpcSettings), grpc.health.v1, server reflection, a ready file, and a graceful stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -17,29 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from edgeheads.worker.runtime.config import GrpcSettings
+
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-
-
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    """Options for both servers and channels.
-
-    - message limits: set explicitly (the 4 MiB default would reject a long prefill);
-      weights and caches never need them raised, since they travel in 1 MiB chunks.
-    - keepalive every 30 s: a board that lost power is noticed while a stream is idle,
-      and NAT/Wi-Fi middleboxes keep long-lived stage streams open.
-    """
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ]
-
 
 def write_ready_file(path: str, address: str) -> None:
     """Atomically write the bound address: launchers wait for this file to appear."""
@@ -51,12 +31,13 @@ def write_ready_file(path: str, address: str) -> None:
 class Daemon:
     """A grpc.aio server with health and reflection; ``run`` blocks until SIGTERM/SIGINT."""
 
-    def __init__(self, listen: str, service_names: list[str], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    def __init__(self, listen: str, service_names: list[str], grpc_settings: GrpcSettings | None = None,
                  grace_seconds: float = 5.0) -> None:
         self.listen = listen
         self.service_names = service_names
         self.grace_seconds = grace_seconds
-        self.server = grpc.aio.server(options=channel_options(max_message_bytes))
+        # explicit message limits and keepalive, from the config (never gRPC's 4 MiB default)
+        self.server = grpc.aio.server(options=(grpc_settings or GrpcSettings()).server_options())
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
