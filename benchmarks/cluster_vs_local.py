@@ -1,18 +1,24 @@
 """Decode tokens/s of a 3-worker loopback cluster vs the in-process engine, same run.
 
     python benchmarks/cluster_vs_local.py [--model smollm2-135m] [--new-tokens 128] [--workers 3]
+                                          [--configs relay:spread,head:spread,relay:round-robin,head:round-robin]
 
-Both sides run the same prompt greedily with EOS disabled, so both produce exactly
---new-tokens tokens (the script also checks that the tokens are identical). Decode
-tokens/s excludes the prefill. The mean network phase is the head node's measured
-wall time per phase (send to every worker of the phase, receive every reply),
-averaged over the cluster run; per token there are `phases/token` of them.
+Each config is DATAFLOW:POLICY: relay (workers pass activations to each other) or
+head (every phase is a round trip through the head node), and a placement policy.
+The first config is the default one, the headline figure; the others are an ablation.
+The in-process engine runs before and after the clusters and the ratio uses the mean
+of the two, since this machine's speed drifts.
+
+All runs use the same prompt greedily with EOS disabled, so each produces exactly
+--new-tokens tokens (the script checks that the tokens are identical). Decode tokens/s
+excludes the prefill. A network phase is one sequential hop of a step: its mean time
+is the step time divided by the phases per token, and the network part of it is what
+is left after the compute on the step's critical path (measured by the workers).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 
 from edgeheads.headnode.client import Client
@@ -25,48 +31,61 @@ from edgeheads.v1 import headnode_pb2
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
+def run_local(model, prompt_ids, params):
+    local = LocalGenerator(load_model(model, progress=False))
+    local.generate_ids(prompt_ids, SamplingParams(max_new_tokens=4))  # warm up
+    return local.generate_ids(prompt_ids, params)
+
+
+def run_cluster(args, prompt_ids, dataflow: str, policy: str):
+    env = {"EDGEHEADS_HEADNODE__DATAFLOW": dataflow, "EDGEHEADS_CONTROLLER__POLICY": policy}
+    with LocalCluster(args.model, workers=args.workers, progress=False, extra_env=env) as cluster:
+        client = Client(cluster.address)
+        stub = client._stub
+        list(stub.Generate(headnode_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=4)))  # warm up
+        before = client.status()
+        request = headnode_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=args.new_tokens)
+        events = list(stub.Generate(request))
+        status = client.status()
+        client.close()
+    tokens = [e.token_id for e in events if not e.done]
+    phases = status["phases_run"] - before["phases_run"]
+    mean_phase = (status["mean_phase_seconds"] * status["phases_run"]
+                  - before["mean_phase_seconds"] * before["phases_run"]) / phases
+    mean_compute = (status["mean_phase_compute_seconds"] * status["phases_run"]
+                    - before["mean_phase_compute_seconds"] * before["phases_run"]) / phases
+    return tokens, (len(tokens) - 1) / events[-1].decode_seconds, status["phases_per_token"], mean_phase, mean_compute
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--configs", default="relay:spread,head:spread,relay:round-robin,head:round-robin")
     args = ap.parse_args()
     set_threads()
-    local = LocalGenerator(load_model(args.model, progress=False))
-    prompt_ids = local.encode(PROMPT)
+    prompt_ids = LocalGenerator(load_model(args.model, progress=False)).encode(PROMPT)
     params = SamplingParams(max_new_tokens=args.new_tokens, stop_on_eos=False)
-    local.generate_ids(prompt_ids, SamplingParams(max_new_tokens=4))  # warm up
-    t0 = time.perf_counter()
-    ref = local.generate_ids(prompt_ids, params)
-    local_wall = time.perf_counter() - t0
-    del local
-
-    with LocalCluster(args.model, workers=args.workers, progress=False) as cluster:
-        client = Client(cluster.address)
-        stub = client._stub
-        request = headnode_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=4)
-        list(stub.Generate(request))  # warm up the streams
-        request = headnode_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=args.new_tokens)
-        # the head node cannot disable EOS over the API; compare only when it ran the full length
-        t0 = time.perf_counter()
-        events = list(stub.Generate(request))
-        cluster_wall = time.perf_counter() - t0
-        status = client.status()
-        client.close()
-    tokens = [e.token_id for e in events if not e.done]
-    done = events[-1]
-    cluster_rate = (len(tokens) - 1) / done.decode_seconds
-    n = min(len(tokens), len(ref.token_ids))
+    ref = run_local(args.model, prompt_ids, params)
+    results = []
+    for config in args.configs.split(","):
+        dataflow, policy = config.split(":")
+        results.append((config, *run_cluster(args, prompt_ids, dataflow, policy)))
+    ref_after = run_local(args.model, prompt_ids, params)
+    local_rate = (ref.decode_tokens_per_second + ref_after.decode_tokens_per_second) / 2
     print(f"model {args.model}, fp32, {len(prompt_ids)} prompt tokens, {args.new_tokens} new tokens, "
           f"{args.workers} workers on loopback")
-    print(f"in-process engine : {ref.decode_tokens_per_second:7.2f} decode tokens/s  (wall {local_wall:.1f} s)")
-    print(f"loopback cluster  : {cluster_rate:7.2f} decode tokens/s  (wall {cluster_wall:.1f} s, "
-          f"{len(tokens)} tokens, {done.finish_reason})")
-    print(f"ratio cluster/in-process: {cluster_rate / ref.decode_tokens_per_second:.3f}x  (target >= 0.6)")
-    print(f"identical tokens (first {n}): {tokens[:n] == ref.token_ids[:n]}")
-    print(f"network phases: {status['phases_per_token']} per token, mean {status['mean_phase_seconds'] * 1e6:.0f} us "
-          f"per phase over {status['phases_run']} phases (send, worker compute, all replies), of which "
-          f"{status['mean_phase_compute_seconds'] * 1e6:.0f} us is the slowest worker's compute")
+    print(f"in-process engine: {ref.decode_tokens_per_second:.2f} decode tokens/s before the clusters, "
+          f"{ref_after.decode_tokens_per_second:.2f} after, mean {local_rate:.2f}")
+    print(f"{'dataflow:policy':24s} {'tok/s':>7s} {'ratio':>7s} {'phases':>7s} {'phase us':>9s} "
+          f"{'network us':>11s}  identical")
+    for config, tokens, rate, phases, mean_phase, mean_compute in results:
+        same = tokens == ref.token_ids[:len(tokens)] and len(tokens) == args.new_tokens
+        print(f"{config:24s} {rate:7.2f} {rate / local_rate:6.3f}x {phases:7d} {mean_phase * 1e6:9.0f} "
+              f"{(mean_phase - mean_compute) * 1e6:11.0f}  {same}")
+    config, _, rate, *_ = results[0]
+    print(f"headline ({config}): cluster/in-process = {rate / local_rate:.3f}x (target >= 0.6)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("controller", help="run the controller daemon")
     p.add_argument("--listen", default=None, help="HOST:PORT to serve on (default 0.0.0.0:50051)")
-    p.add_argument("--policy", default=None, help="placement policy: spread (default) or single")
+    p.add_argument("--policy", default=None, help="placement policy: spread (default), round-robin or single")
     _common(p)
     p.set_defaults(func=_cmd_controller)
 
@@ -51,6 +51,9 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--controller", default=None, help="controller HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--model", default=None, help="model to serve (default smollm2-135m)")
     p.add_argument("--min-workers", type=int, default=None, help="wait for this many workers before placing")
+    p.add_argument("--dataflow", choices=["relay", "head"], default=None,
+                   help="relay (default): workers pass activations to each other; head: every phase "
+                        "goes through the head node")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
     p.set_defaults(func=_cmd_headnode)
@@ -85,7 +88,7 @@ def _cmd_headnode(args: argparse.Namespace) -> int:
     from edgeheads.headnode.local import set_threads
 
     cfg = _config(args, "headnode", {"listen": args.listen, "controller": args.controller, "model": args.model,
-                                     "min_workers": args.min_workers})
+                                     "min_workers": args.min_workers, "dataflow": args.dataflow})
     set_threads()
     asyncio.run(run_headnode(cfg.headnode, cfg.grpc, args.ready_file, progress=not args.quiet))
     return 0

@@ -13,7 +13,10 @@ import grpc
 import torch
 from tqdm import tqdm
 
+from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.head import HeadStage
+from edgeheads.headnode.relay_driver import RelayDriver
+from edgeheads.headnode.relay_plan import relay_plan
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.headnode.stage_plan import StagePlan, compile_plan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -22,10 +25,6 @@ from edgeheads.worker.runtime.config import GrpcSettings
 from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_from_proto, tensor_to_proto, weights_to_blob
 
 log = logging.getLogger(__name__)
-
-
-class ClusterError(RuntimeError):
-    """A worker failed or is unreachable; the message names it."""
 
 
 @dataclass
@@ -44,7 +43,13 @@ class SessionStreams:
 
 
 class ClusterExecutor:
-    def __init__(self, parts: ModelParts, grpc_settings: GrpcSettings | None = None) -> None:
+    def __init__(self, parts: ModelParts, grpc_settings: GrpcSettings | None = None, dataflow: str = "relay",
+                 step_timeout_seconds: float = 60.0) -> None:
+        if dataflow not in ("relay", "head"):
+            raise ValueError(f"dataflow must be 'relay' or 'head', not {dataflow!r}")
+        self.dataflow = dataflow
+        self.step_timeout_seconds = step_timeout_seconds
+        self.relay: RelayDriver | None = None
         self.parts = parts
         self.shape = parts.shape
         self.head = HeadStage(parts.shape, parts.head)
@@ -69,6 +74,8 @@ class ClusterExecutor:
     async def close(self) -> None:
         for session in list(self.sessions):
             await self.end_session(session)
+        if self.relay is not None:
+            await self.relay.close()
         for channel in self.channels.values():
             await channel.close()
 
@@ -123,7 +130,13 @@ class ClusterExecutor:
         self._ops[number] = {id(call): [worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs),
                                                            output=op.output) for op in call.ops]
                              for phase in self.epoch.plan.phases for call in phase.calls}
-        log.info("epoch %d: %d blocks on %d workers, %d phases per token (%d messages)", number, len(placement),
+        if self.dataflow == "relay":
+            driver = RelayDriver(number, relay_plan(self.epoch.plan), self.stubs, self.step_timeout_seconds)
+            await driver.start(addresses)
+            old, self.relay = self.relay, driver
+            if old is not None:
+                await old.close()
+        log.info("epoch %d (%s dataflow): %d blocks on %d workers, %d phases per token (%d messages)", number, self.dataflow, len(placement),
                  len(by_worker), len(self.epoch.plan.phases), self.epoch.plan.messages())
 
     @staticmethod
@@ -144,15 +157,23 @@ class ClusterExecutor:
         streams = self.sessions.pop(session, None)
         if streams is None or self.epoch is None:
             return
-        for worker, call in streams.calls.items():
+        for call in streams.calls.values():
             try:
                 await call.done_writing()
+            except grpc.aio.AioRpcError:
+                pass
+
+        async def drop(worker: str) -> None:
+            try:
                 await self.stubs[worker].DropSession(worker_pb2.DropSessionRequest(session=session), timeout=10)
             except grpc.aio.AioRpcError as err:
                 log.warning("session %s: could not drop caches on %s: %s", session, worker, err.code().name)
+        await asyncio.gather(*[drop(w) for w in self.epoch.plan.workers])
 
     async def step(self, session: str, token_ids: list[int]) -> torch.Tensor:
         """Feed new tokens for ``session`` through every phase; logits of the last token (V,)."""
+        if self.relay is not None:
+            return await self._relay_step(session, token_ids)
         streams = self.sessions.get(session) or await self._open(session)
         epoch = self.epoch
         assert epoch is not None and streams.epoch == epoch.number
@@ -187,3 +208,25 @@ class ClusterExecutor:
         final = tensor_from_proto(values[epoch.plan.final], epoch.plan.final)
         streams.position += len(token_ids)
         return self.head.logits(final)
+
+    async def _relay_step(self, session: str, token_ids: list[int]) -> torch.Tensor:
+        assert self.epoch is not None and self.relay is not None
+        streams = self.sessions.get(session)
+        if streams is None:  # relay sessions keep no streams; the entry holds the position
+            streams = self.sessions[session] = SessionStreams(self.epoch.number)
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        x0 = tensor_to_proto(self.head.embed(ids, streams.position))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            final, path_compute = await self.relay.step(session, streams.position, x0)
+        except ClusterError:
+            await self.end_session(session)
+            raise
+        elapsed = loop.time() - t0
+        phases = self.relay.plan.phases
+        self.phase_seconds_total += elapsed
+        self.phase_compute_seconds_total += path_compute
+        self.phases_run += phases
+        streams.position += len(token_ids)
+        return self.head.logits(tensor_from_proto(final, self.epoch.plan.final))

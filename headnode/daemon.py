@@ -43,7 +43,8 @@ async def wait_for_workers(stub: controller_pb2_grpc.ControllerStub, count: int,
 async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
                        progress: bool = True) -> None:
     model = await asyncio.to_thread(load_model, settings.model, progress=progress)
-    cluster = ClusterExecutor(model.parts, grpc_settings)
+    cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
+                              step_timeout_seconds=settings.step_timeout_seconds)
     async with grpc.aio.insecure_channel(settings.controller,
                                          options=grpc_settings.channel_options()) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)

@@ -11,10 +11,12 @@ order; the compiler packs them into *phases* (sequential network round trips) of
   another worker (which the head node forwards);
 - it joins its worker's call in that phase, or opens one (one call per worker per phase).
 
-With the attention groups of a layer spread over workers and proj(l)/ffn(l) on one
-worker this gives exactly two phases per layer (attention, then projection + FFN);
-when one worker holds a whole stretch of layers it runs as a single call. The plan is
-data, so the head node can later step out of the data path without touching blocks.
+With the attention groups of a layer on the workers other than the one holding
+proj(l)/ffn(l) this gives two phases per layer (attention, then projection + FFN);
+with the groups on the workers that make and that project the layer's input, one
+phase per layer; when one worker holds a whole stretch of layers it runs as a single
+call. The plan is data: headnode/relay_plan.py turns it into per-worker programs for
+the relay dataflow, where the head node is out of the data path.
 """
 
 from __future__ import annotations

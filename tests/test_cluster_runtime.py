@@ -8,6 +8,7 @@ import concurrent.futures
 import pytest
 
 from edgeheads.headnode import Client
+from edgeheads.headnode.client import ClientError
 from edgeheads.headnode.embedded import LocalCluster
 from edgeheads.headnode.loading import from_transformers, load_model
 from edgeheads.headnode.local import LocalGenerator
@@ -94,13 +95,32 @@ def test_bad_generate_request_is_invalid_argument(smol_cluster):
             client.generate("")
 
 
-def test_gpt2_cluster_is_token_identical_to_in_process(save_tiny_model):
+@pytest.mark.parametrize("dataflow,policy", [("relay", "spread"), ("head", "round-robin")])
+def test_gpt2_cluster_is_token_identical_to_in_process(save_tiny_model, dataflow, policy):
     path = save_tiny_model(TINY_CONFIGS["gpt2"], "gpt2-cluster", seed=4)
     local = LocalGenerator(load_model(str(path), progress=False))
     prompt = "Edge devices"
     expected = local.generate(prompt, SamplingParams(max_new_tokens=20)).token_ids
-    with LocalCluster(str(path), workers=3, progress=False) as cluster, Client(cluster.address) as client:
+    env = {"EDGEHEADS_HEADNODE__DATAFLOW": dataflow, "EDGEHEADS_CONTROLLER__POLICY": policy}
+    with LocalCluster(str(path), workers=3, progress=False, extra_env=env) as cluster, \
+            Client(cluster.address) as client:
         got = client.generate_full(prompt, max_new_tokens=20)
         status = client.status()
     assert got.token_ids == expected
     assert_heads_spread(status)
+    layers = TINY_CONFIGS["gpt2"].n_layer
+    assert status["phases_per_token"] == (layers + 1 if policy == "spread" else 2 * layers)
+
+
+def test_a_worker_dying_mid_generation_fails_that_request_with_a_clear_error(save_tiny_model):
+    path = save_tiny_model(TINY_CONFIGS["gpt2"], "gpt2-dying-worker", seed=5)
+    with LocalCluster(str(path), workers=3, progress=False) as cluster, Client(cluster.address) as client:
+        stream = client.generate("Edge devices", max_new_tokens=200, stream=True)
+        next(stream)  # decoding has started
+        cluster.procs["worker-1"].kill()
+        with pytest.raises(ClientError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code == "UNAVAILABLE", str(err.value)
+        assert "worker" in str(err.value)
+        assert client.status()["active_sessions"] == 0  # the head node still serves and dropped the session

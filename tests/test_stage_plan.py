@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, single, spread
+from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, round_robin, single, spread
 from edgeheads.headnode.stage_plan import compile_plan
 from edgeheads.worker.blocks.spec import GPT2_SMALL, SMOLLM2_135M, BlockId, BlockKind, block_memory_bytes
 
@@ -12,8 +12,24 @@ WORKERS = [WorkerCapacity(f"w{i}", 1 << 40) for i in range(3)]
 
 
 @pytest.mark.parametrize("shape", [SMOLLM2_135M, GPT2_SMALL])
-def test_spread_gives_two_phases_per_layer_and_one_message_per_worker(shape):
+def test_spread_gives_one_phase_per_layer_with_heads_on_two_workers(shape):
     placement = spread(shape, WORKERS, 2048)
+    for layer in range(shape.n_layers):
+        groups = {placement[b] for b in shape.block_ids() if b.layer == layer and b.kind is BlockKind.ATTENTION}
+        proj = placement[BlockId(layer, BlockKind.PROJECTION)]
+        assert proj == placement[BlockId(layer, BlockKind.FFN)] == f"w{layer % 3}"
+        # the heads sit on the workers that make the layer's input and that project it
+        assert groups == {f"w{(layer - 1) % 3}", proj}
+    plan = compile_plan(shape, placement)
+    # layer 0's groups on the last worker read x0 from the head node: one extra phase
+    assert len(plan.phases) == shape.n_layers + 1
+    assert plan.messages() == shape.n_layers + 2
+    assert_one_call_per_worker_per_phase(plan, placement)
+
+
+@pytest.mark.parametrize("shape", [SMOLLM2_135M, GPT2_SMALL])
+def test_round_robin_gives_two_phases_per_layer_and_one_message_per_worker(shape):
+    placement = round_robin(shape, WORKERS, 2048)
     for layer in range(shape.n_layers):
         groups = {placement[b] for b in shape.block_ids() if b.layer == layer and b.kind is BlockKind.ATTENTION}
         proj = placement[BlockId(layer, BlockKind.PROJECTION)]
@@ -23,6 +39,10 @@ def test_spread_gives_two_phases_per_layer_and_one_message_per_worker(shape):
     assert len(plan.phases) == 2 * shape.n_layers
     # the groups on the previous layer's projection worker ride in its call: one attention call per layer
     assert plan.messages() == 2 * shape.n_layers + 1
+    assert_one_call_per_worker_per_phase(plan, placement)
+
+
+def assert_one_call_per_worker_per_phase(plan, placement):
     for phase in plan.phases:
         workers = [c.worker for c in phase.calls]
         assert len(workers) == len(set(workers))
@@ -38,8 +58,9 @@ def test_one_worker_runs_the_whole_model_in_one_call():
     assert call.inputs == ["x0"] and call.returns == [f"x{SMOLLM2_135M.n_layers}"]
 
 
-def test_values_flow_only_through_returns_and_inputs():
-    plan = compile_plan(SMOLLM2_135M, spread(SMOLLM2_135M, WORKERS, 2048))
+@pytest.mark.parametrize("policy", [spread, round_robin])
+def test_values_flow_only_through_returns_and_inputs(policy):
+    plan = compile_plan(SMOLLM2_135M, policy(SMOLLM2_135M, WORKERS, 2048))
     at_head = {"x0"}
     for phase in plan.phases:
         for call in phase.calls:
@@ -49,13 +70,14 @@ def test_values_flow_only_through_returns_and_inputs():
     assert plan.final in at_head
 
 
-def test_spread_respects_memory_and_reports_infeasible():
+@pytest.mark.parametrize("policy", [spread, round_robin])
+def test_policies_respect_memory_and_report_infeasible(policy):
     shape = SMOLLM2_135M
     attn = block_memory_bytes(shape, BlockKind.ATTENTION, 2048)
     tight = [WorkerCapacity("big", 1 << 40), WorkerCapacity("tiny", attn - 1)]
-    placement = spread(shape, tight, 2048)
+    placement = policy(shape, tight, 2048)
     assert set(placement.values()) == {"big"}
     with pytest.raises(InfeasiblePlacement, match="need"):
-        spread(shape, [WorkerCapacity("a", attn * 10), WorkerCapacity("b", attn * 10)], 2048)
+        policy(shape, [WorkerCapacity("a", attn * 10), WorkerCapacity("b", attn * 10)], 2048)
     with pytest.raises(InfeasiblePlacement, match="no workers"):
-        spread(shape, [], 2048)
+        policy(shape, [], 2048)

@@ -64,6 +64,22 @@ def load_block(stub, messages) -> grpc.RpcError | worker_pb2.LoadBlockReply:
         return err
 
 
+def forward(stub, batches) -> grpc.RpcError | worker_pb2.ForwardReply:
+    try:
+        return stub.Forward(iter(batches), timeout=10)
+    except grpc.RpcError as err:
+        return err
+
+
+def install(stub, block: str, routes: list[worker_pb2.Route]) -> grpc.RpcError | worker_pb2.InstallProgramReply:
+    call = worker_pb2.ProgramCall(ops=[worker_pb2.StageOp(block_id=block, inputs=["x0"], output="a")],
+                                  inputs=["x0"], routes=routes)
+    try:
+        return stub.InstallProgram(worker_pb2.InstallProgramRequest(epoch=99, calls=[call]), timeout=10)
+    except grpc.RpcError as err:
+        return err
+
+
 def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cluster, tiny):
     path, model = tiny
     hidden = model.parts.shape.hidden_size
@@ -119,6 +135,12 @@ def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cl
         ("truncated weights", load_block(stub, [worker_pb2.LoadBlockChunk(
             block_id=block, model_shape_json=shape_json, content_hash=sha256_hex(fresh),
             chunk=next(chunks(fresh, max(1, len(fresh) // 2))))]), "DATA_LOSS", "without its last chunk"),
+        ("corrupt relay message", forward(stub, [worker_pb2.ValueBatch(
+            session="s1", epoch=1, position=0, values=[tensor_pb2.NamedTensor(name="x0", tensor=bad_bytes)])]),
+         "INVALID_ARGUMENT", "bytes"),
+        ("relay program with a block not here", install(stub, "attn(99,0)", []), "NOT_FOUND", "not on worker"),
+        ("relay program routing to itself", install(stub, block, [worker_pb2.Route(destination=worker, values=["a"])]),
+         "INVALID_ARGUMENT", "itself"),
         ("bad model shape", load_block(stub, [worker_pb2.LoadBlockChunk(
             block_id=block, model_shape_json='{"arch": "bert"}', content_hash=digest)]), "INVALID_ARGUMENT",
          "model shape"),

@@ -58,7 +58,7 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
         torch.set_num_threads(settings.torch_threads)
     daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings)
     host = BlockHost(settings.name or "", settings.memory_limit_bytes, settings.device)
-    daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerService(host))
+    daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerService(host, grpc_settings=grpc_settings))
     bound = await daemon.start()
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
     flops = telemetry.measure_matmul_flops()

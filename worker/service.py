@@ -10,6 +10,8 @@ import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.relay_service import RelayRpcs
+from edgeheads.worker.runtime.config import GrpcSettings
 from edgeheads.worker.runtime.wire import ChunkAssembler, DataLossError, WireError, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,12 @@ async def abort_for(context: grpc.aio.ServicerContext, err: Exception) -> None:
     await context.abort(code, str(err))
 
 
-class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, host: BlockHost, max_payload_bytes: int = 8 << 30) -> None:
+class WorkerService(RelayRpcs, worker_pb2_grpc.WorkerServicer):
+    def __init__(self, host: BlockHost, max_payload_bytes: int = 8 << 30,
+                 grpc_settings: GrpcSettings | None = None) -> None:
         self.host = host
         self.max_payload_bytes = max_payload_bytes
+        self._init_relay(grpc_settings or GrpcSettings())
 
     async def HasWeights(self, request, context):
         return worker_pb2.HasWeightsReply(present=self.host.has_weights(list(request.content_hashes)))
@@ -81,6 +85,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                                  for k, v in outputs.items()], compute_seconds=compute_seconds)
 
     async def DropSession(self, request, context):
+        self.relay.drop_session(request.session)
         return worker_pb2.DropSessionReply(caches_dropped=self.host.drop_session(request.session))
 
     async def GetTelemetry(self, request, context):

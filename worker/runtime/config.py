@@ -237,6 +237,10 @@ class HeadnodeSettings(_Section):
     model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
     min_workers: Annotated[int, Field(ge=1)] = 1
     worker_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
+    # relay: workers pass activations to each other (one network hop per phase);
+    # head: every phase goes through the head node (a round trip per phase)
+    dataflow: Literal["relay", "head"] = "relay"
+    step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
 
 
 def _local_ip_towards(host: str) -> str:

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from edgeheads.v1 import tensor_pb2 as edgeheads_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geheads/v1/worker.proto\x12\x0c\x65\x64geheads.v1\x1a\x19\x65\x64geheads/v1/tensor.proto\"+\n\x11HasWeightsRequest\x12\x16\n\x0e\x63ontent_hashes\x18\x01 \x03(\t\"\"\n\x0fHasWeightsReply\x12\x0f\n\x07present\x18\x01 \x03(\t\"v\n\x0eLoadBlockChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x18\n\x10model_shape_json\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.edgeheads.v1.Chunk\"^\n\x0eLoadBlockReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reused\x18\x04 \x01(\x08\"(\n\x13UnloadBlocksRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\t\"%\n\x11UnloadBlocksReply\x12\x10\n\x08unloaded\x18\x01 \x03(\t\";\n\x07StageOp\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xa6\x01\n\x0cStageRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\"\n\x03ops\x18\x05 \x03(\x0b\x32\x15.edgeheads.v1.StageOp\x12\x15\n\rreturn_values\x18\x06 \x03(\t\"Q\n\nStageReply\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"%\n\x12\x44ropSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"*\n\x10\x44ropSessionReply\x12\x16\n\x0e\x63\x61\x63hes_dropped\x18\x01 \x01(\r\"[\n\x17\x45xportBlockStateRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_weights\x18\x02 \x01(\x08\x12\x15\n\rfrom_position\x18\x03 \x01(\x04\"M\n\x15ImportBlockStateChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.edgeheads.v1.Chunk\"H\n\x15ImportBlockStateReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x12\n\x10TelemetryRequest\"\x93\x01\n\x0fWorkerTelemetry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x62locks\x18\x05 \x03(\t\x12\x10\n\x08sessions\x18\x06 \x01(\r2\x8d\x05\n\x06Worker\x12L\n\nHasWeights\x12\x1f.edgeheads.v1.HasWeightsRequest\x1a\x1d.edgeheads.v1.HasWeightsReply\x12I\n\tLoadBlock\x12\x1c.edgeheads.v1.LoadBlockChunk\x1a\x1c.edgeheads.v1.LoadBlockReply(\x01\x12R\n\x0cUnloadBlocks\x12!.edgeheads.v1.UnloadBlocksRequest\x1a\x1f.edgeheads.v1.UnloadBlocksReply\x12\x44\n\x08RunStage\x12\x1a.edgeheads.v1.StageRequest\x1a\x18.edgeheads.v1.StageReply(\x01\x30\x01\x12O\n\x0b\x44ropSession\x12 .edgeheads.v1.DropSessionRequest\x1a\x1e.edgeheads.v1.DropSessionReply\x12P\n\x10\x45xportBlockState\x12%.edgeheads.v1.ExportBlockStateRequest\x1a\x13.edgeheads.v1.Chunk0\x01\x12^\n\x10ImportBlockState\x12#.edgeheads.v1.ImportBlockStateChunk\x1a#.edgeheads.v1.ImportBlockStateReply(\x01\x12M\n\x0cGetTelemetry\x12\x1e.edgeheads.v1.TelemetryRequest\x1a\x1d.edgeheads.v1.WorkerTelemetryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geheads/v1/worker.proto\x12\x0c\x65\x64geheads.v1\x1a\x19\x65\x64geheads/v1/tensor.proto\"+\n\x11HasWeightsRequest\x12\x16\n\x0e\x63ontent_hashes\x18\x01 \x03(\t\"\"\n\x0fHasWeightsReply\x12\x0f\n\x07present\x18\x01 \x03(\t\"v\n\x0eLoadBlockChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x18\n\x10model_shape_json\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.edgeheads.v1.Chunk\"^\n\x0eLoadBlockReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reused\x18\x04 \x01(\x08\"(\n\x13UnloadBlocksRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\t\"%\n\x11UnloadBlocksReply\x12\x10\n\x08unloaded\x18\x01 \x03(\t\";\n\x07StageOp\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xa6\x01\n\x0cStageRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\"\n\x03ops\x18\x05 \x03(\x0b\x32\x15.edgeheads.v1.StageOp\x12\x15\n\rreturn_values\x18\x06 \x03(\t\"Q\n\nStageReply\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\",\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"f\n\x0bProgramCall\x12\"\n\x03ops\x18\x01 \x03(\x0b\x32\x15.edgeheads.v1.StageOp\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12#\n\x06routes\x18\x03 \x03(\x0b\x32\x13.edgeheads.v1.Route\"\xbd\x01\n\x15InstallProgramRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x05\x63\x61lls\x18\x02 \x03(\x0b\x32\x19.edgeheads.v1.ProgramCall\x12=\n\x05peers\x18\x03 \x03(\x0b\x32..edgeheads.v1.InstallProgramRequest.PeersEntry\x1a,\n\nPeersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x13InstallProgramReply\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\r\"\x87\x01\n\nValueBatch\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x1c\n\x14path_compute_seconds\x18\x05 \x01(\x01\"\xb2\x01\n\nDriveReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x1c\n\x14path_compute_seconds\x18\x07 \x01(\x01\"\x0e\n\x0c\x46orwardReply\"%\n\x12\x44ropSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"*\n\x10\x44ropSessionReply\x12\x16\n\x0e\x63\x61\x63hes_dropped\x18\x01 \x01(\r\"[\n\x17\x45xportBlockStateRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_weights\x18\x02 \x01(\x08\x12\x15\n\rfrom_position\x18\x03 \x01(\x04\"M\n\x15ImportBlockStateChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.edgeheads.v1.Chunk\"H\n\x15ImportBlockStateReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x12\n\x10TelemetryRequest\"\x93\x01\n\x0fWorkerTelemetry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x62locks\x18\x05 \x03(\t\x12\x10\n\x08sessions\x18\x06 \x01(\r2\xeb\x06\n\x06Worker\x12L\n\nHasWeights\x12\x1f.edgeheads.v1.HasWeightsRequest\x1a\x1d.edgeheads.v1.HasWeightsReply\x12I\n\tLoadBlock\x12\x1c.edgeheads.v1.LoadBlockChunk\x1a\x1c.edgeheads.v1.LoadBlockReply(\x01\x12R\n\x0cUnloadBlocks\x12!.edgeheads.v1.UnloadBlocksRequest\x1a\x1f.edgeheads.v1.UnloadBlocksReply\x12\x44\n\x08RunStage\x12\x1a.edgeheads.v1.StageRequest\x1a\x18.edgeheads.v1.StageReply(\x01\x30\x01\x12O\n\x0b\x44ropSession\x12 .edgeheads.v1.DropSessionRequest\x1a\x1e.edgeheads.v1.DropSessionReply\x12X\n\x0eInstallProgram\x12#.edgeheads.v1.InstallProgramRequest\x1a!.edgeheads.v1.InstallProgramReply\x12?\n\x05\x44rive\x12\x18.edgeheads.v1.ValueBatch\x1a\x18.edgeheads.v1.DriveReply(\x01\x30\x01\x12\x41\n\x07\x46orward\x12\x18.edgeheads.v1.ValueBatch\x1a\x1a.edgeheads.v1.ForwardReply(\x01\x12P\n\x10\x45xportBlockState\x12%.edgeheads.v1.ExportBlockStateRequest\x1a\x13.edgeheads.v1.Chunk0\x01\x12^\n\x10ImportBlockState\x12#.edgeheads.v1.ImportBlockStateChunk\x1a#.edgeheads.v1.ImportBlockStateReply(\x01\x12M\n\x0cGetTelemetry\x12\x1e.edgeheads.v1.TelemetryRequest\x1a\x1d.edgeheads.v1.WorkerTelemetryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeheads.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._loaded_options = None
+  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_options = b'8\001'
   _globals['_HASWEIGHTSREQUEST']._serialized_start=70
   _globals['_HASWEIGHTSREQUEST']._serialized_end=113
   _globals['_HASWEIGHTSREPLY']._serialized_start=115
@@ -50,20 +52,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEREQUEST']._serialized_end=676
   _globals['_STAGEREPLY']._serialized_start=678
   _globals['_STAGEREPLY']._serialized_end=759
-  _globals['_DROPSESSIONREQUEST']._serialized_start=761
-  _globals['_DROPSESSIONREQUEST']._serialized_end=798
-  _globals['_DROPSESSIONREPLY']._serialized_start=800
-  _globals['_DROPSESSIONREPLY']._serialized_end=842
-  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_start=844
-  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_end=935
-  _globals['_IMPORTBLOCKSTATECHUNK']._serialized_start=937
-  _globals['_IMPORTBLOCKSTATECHUNK']._serialized_end=1014
-  _globals['_IMPORTBLOCKSTATEREPLY']._serialized_start=1016
-  _globals['_IMPORTBLOCKSTATEREPLY']._serialized_end=1088
-  _globals['_TELEMETRYREQUEST']._serialized_start=1090
-  _globals['_TELEMETRYREQUEST']._serialized_end=1108
-  _globals['_WORKERTELEMETRY']._serialized_start=1111
-  _globals['_WORKERTELEMETRY']._serialized_end=1258
-  _globals['_WORKER']._serialized_start=1261
-  _globals['_WORKER']._serialized_end=1914
+  _globals['_ROUTE']._serialized_start=761
+  _globals['_ROUTE']._serialized_end=805
+  _globals['_PROGRAMCALL']._serialized_start=807
+  _globals['_PROGRAMCALL']._serialized_end=909
+  _globals['_INSTALLPROGRAMREQUEST']._serialized_start=912
+  _globals['_INSTALLPROGRAMREQUEST']._serialized_end=1101
+  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_start=1057
+  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_end=1101
+  _globals['_INSTALLPROGRAMREPLY']._serialized_start=1103
+  _globals['_INSTALLPROGRAMREPLY']._serialized_end=1139
+  _globals['_VALUEBATCH']._serialized_start=1142
+  _globals['_VALUEBATCH']._serialized_end=1277
+  _globals['_DRIVEREPLY']._serialized_start=1280
+  _globals['_DRIVEREPLY']._serialized_end=1458
+  _globals['_FORWARDREPLY']._serialized_start=1460
+  _globals['_FORWARDREPLY']._serialized_end=1474
+  _globals['_DROPSESSIONREQUEST']._serialized_start=1476
+  _globals['_DROPSESSIONREQUEST']._serialized_end=1513
+  _globals['_DROPSESSIONREPLY']._serialized_start=1515
+  _globals['_DROPSESSIONREPLY']._serialized_end=1557
+  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_start=1559
+  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_end=1650
+  _globals['_IMPORTBLOCKSTATECHUNK']._serialized_start=1652
+  _globals['_IMPORTBLOCKSTATECHUNK']._serialized_end=1729
+  _globals['_IMPORTBLOCKSTATEREPLY']._serialized_start=1731
+  _globals['_IMPORTBLOCKSTATEREPLY']._serialized_end=1803
+  _globals['_TELEMETRYREQUEST']._serialized_start=1805
+  _globals['_TELEMETRYREQUEST']._serialized_end=1823
+  _globals['_WORKERTELEMETRY']._serialized_start=1826
+  _globals['_WORKERTELEMETRY']._serialized_end=1973
+  _globals['_WORKER']._serialized_start=1976
+  _globals['_WORKER']._serialized_end=2851
 # @@protoc_insertion_point(module_scope)

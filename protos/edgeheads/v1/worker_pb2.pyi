@@ -89,6 +89,83 @@ class StageReply(_message.Message):
     compute_seconds: float
     def __init__(self, outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
+class Route(_message.Message):
+    __slots__ = ("destination", "values")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, destination: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProgramCall(_message.Message):
+    __slots__ = ("ops", "inputs", "routes")
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[StageOp]
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, ops: _Optional[_Iterable[_Union[StageOp, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class InstallProgramRequest(_message.Message):
+    __slots__ = ("epoch", "calls", "peers")
+    class PeersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    calls: _containers.RepeatedCompositeFieldContainer[ProgramCall]
+    peers: _containers.ScalarMap[str, str]
+    def __init__(self, epoch: _Optional[int] = ..., calls: _Optional[_Iterable[_Union[ProgramCall, _Mapping]]] = ..., peers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class InstallProgramReply(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: int
+    def __init__(self, calls: _Optional[int] = ...) -> None: ...
+
+class ValueBatch(_message.Message):
+    __slots__ = ("session", "epoch", "position", "values", "path_compute_seconds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    PATH_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    epoch: int
+    position: int
+    values: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    path_compute_seconds: float
+    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., values: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., path_compute_seconds: _Optional[float] = ...) -> None: ...
+
+class DriveReply(_message.Message):
+    __slots__ = ("session", "epoch", "position", "values", "error_code", "error_message", "path_compute_seconds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PATH_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    epoch: int
+    position: int
+    values: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    error_code: str
+    error_message: str
+    path_compute_seconds: float
+    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., values: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., path_compute_seconds: _Optional[float] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DropSessionRequest(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,21 @@ class WorkerStub:
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.DropSessionRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_worker__pb2.DropSessionReply.FromString,
                 _registered_method=True)
+        self.InstallProgram = channel.unary_unary(
+                '/edgeheads.v1.Worker/InstallProgram',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.InstallProgramRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.InstallProgramReply.FromString,
+                _registered_method=True)
+        self.Drive = channel.stream_stream(
+                '/edgeheads.v1.Worker/Drive',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.ValueBatch.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.DriveReply.FromString,
+                _registered_method=True)
+        self.Forward = channel.stream_unary(
+                '/edgeheads.v1.Worker/Forward',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.ValueBatch.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.ExportBlockState = channel.unary_stream(
                 '/edgeheads.v1.Worker/ExportBlockState',
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.ExportBlockStateRequest.SerializeToString,
@@ -113,6 +128,28 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InstallProgram(self, request, context):
+        """Relay mode, the head node out of the data path: workers pass activations to each
+        other. The head node installs each worker's program once per epoch, then keeps one
+        Drive stream per worker: step inputs in, results for the head node and errors out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drive(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request_iterator, context):
+        """One long-lived stream from each peer worker that sends this worker values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportBlockState(self, request, context):
         """Block state (weights and K/V caches) out of and into a worker, for migration.
         """
@@ -159,6 +196,21 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.DropSession,
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.DropSessionRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_worker__pb2.DropSessionReply.SerializeToString,
+            ),
+            'InstallProgram': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallProgram,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.InstallProgramRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.InstallProgramReply.SerializeToString,
+            ),
+            'Drive': grpc.stream_stream_rpc_method_handler(
+                    servicer.Drive,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ValueBatch.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.DriveReply.SerializeToString,
+            ),
+            'Forward': grpc.stream_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ValueBatch.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.ForwardReply.SerializeToString,
             ),
             'ExportBlockState': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportBlockState,
@@ -311,6 +363,87 @@ class Worker:
             '/edgeheads.v1.Worker/DropSession',
             edgeheads_dot_v1_dot_worker__pb2.DropSessionRequest.SerializeToString,
             edgeheads_dot_v1_dot_worker__pb2.DropSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallProgram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeheads.v1.Worker/InstallProgram',
+            edgeheads_dot_v1_dot_worker__pb2.InstallProgramRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.InstallProgramReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/edgeheads.v1.Worker/Drive',
+            edgeheads_dot_v1_dot_worker__pb2.ValueBatch.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.DriveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgeheads.v1.Worker/Forward',
+            edgeheads_dot_v1_dot_worker__pb2.ValueBatch.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

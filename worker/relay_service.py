@@ -1,0 +1,124 @@
+"""The relay-mode RPCs of the Worker service (InstallProgram, Drive, Forward): thin
+adapters between protos, the RelayExecutor and the peer links."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from edgeheads.v1 import tensor_pb2, worker_pb2
+from edgeheads.worker.host import HostError, StageOpSpec
+from edgeheads.worker.peers import PeerLinks
+from edgeheads.worker.relay import ProgramCall, RelayExecutor
+from edgeheads.worker.runtime.config import GrpcSettings
+from edgeheads.worker.runtime.wire import DataLossError, WireError, tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+
+def program_from_proto(request: worker_pb2.InstallProgramRequest) -> list[ProgramCall]:
+    """A call keeps the outputs it routes and those a later call of the program reads."""
+    calls = list(request.calls)
+    program = []
+    for i, call in enumerate(calls):
+        later = {n for c in calls[i + 1:] for n in c.inputs}
+        routed = {n for r in call.routes for n in r.values}
+        program.append(ProgramCall(
+            ops=[StageOpSpec(op.block_id, list(op.inputs), op.output) for op in call.ops],
+            inputs=list(call.inputs), keep=[op.output for op in call.ops if op.output in later | routed],
+            routes={r.destination: list(r.values) for r in call.routes}))
+    return program
+
+
+def status_name(err: Exception) -> str:
+    if isinstance(err, HostError):
+        return err.code
+    return "DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT"
+
+
+class RelayRpcs:
+    """Mixed into WorkerService; needs ``self.host``."""
+
+    def _init_relay(self, grpc_settings: GrpcSettings) -> None:
+        self.relay = RelayExecutor(self.host)
+        self.peers = PeerLinks(grpc_settings, lambda batch, message: self._report(batch, "UNAVAILABLE", message))
+        self.drives: dict[int, asyncio.Queue] = {}  # epoch -> reply queue of the head node's Drive stream
+
+    async def InstallProgram(self, request, context):
+        try:
+            self.relay.install(request.epoch, program_from_proto(request))
+        except HostError as err:
+            await context.abort(grpc.StatusCode[err.code], str(err))
+        self.peers.update(dict(request.peers))
+        return worker_pb2.InstallProgramReply(calls=len(request.calls))
+
+    async def Drive(self, request_iterator, context):
+        replies: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    if not batch.session:  # the opening message: this stream drives batch.epoch
+                        self.drives[batch.epoch] = replies
+                    else:
+                        await self._deliver(batch)
+            except Exception as err:  # the head node went away; its sessions end with it
+                log.info("worker %s: drive stream ended: %s", self.host.name, err)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for epoch in [e for e, q in self.drives.items() if q is replies]:
+                del self.drives[epoch]
+
+    async def Forward(self, request_iterator, context):
+        async for batch in request_iterator:
+            err = await self._deliver(batch)
+            if isinstance(err, WireError):  # the stream itself is corrupt: drop it (the session is told)
+                await context.abort(grpc.StatusCode[status_name(err)], str(err))
+        return worker_pb2.ForwardReply()
+
+    # ------------------------------------------------------------------ helpers
+    async def _deliver(self, batch: worker_pb2.ValueBatch) -> Exception | None:
+        """Run what the batch makes ready and send the results on. A failure is reported to
+        the head node (it ends that session only) and returned."""
+        try:
+            values = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in batch.values}
+            for out, path in self.relay.deliver(batch.session, batch.epoch, batch.position, values,
+                                                batch.path_compute_seconds):
+                for dest, tensors in out:
+                    protos = [tensor_pb2.NamedTensor(name=n, tensor=tensor_to_proto(t)) for n, t in tensors.items()]
+                    if dest:
+                        self.peers.send(dest, worker_pb2.ValueBatch(session=batch.session, epoch=batch.epoch,
+                                                                    position=batch.position, values=protos,
+                                                                    path_compute_seconds=path))
+                    else:
+                        self._to_head(batch.epoch, worker_pb2.DriveReply(
+                            session=batch.session, epoch=batch.epoch, position=batch.position, values=protos,
+                            path_compute_seconds=path))
+                await asyncio.sleep(0)  # let the sends start before computing on
+        except (HostError, WireError) as err:
+            log.warning("worker %s: relay step of session %s failed: %s", self.host.name, batch.session, err)
+            self._report(batch, status_name(err), str(err))
+            return err
+        return None
+
+    def _report(self, batch: worker_pb2.ValueBatch, code: str, message: str) -> None:
+        self._to_head(batch.epoch, worker_pb2.DriveReply(
+            session=batch.session, epoch=batch.epoch, position=batch.position, error_code=code,
+            error_message=f"worker {self.host.name}: {message}"))
+
+    def _to_head(self, epoch: int, reply: worker_pb2.DriveReply) -> None:
+        queue = self.drives.get(epoch)
+        if queue is None:
+            log.warning("worker %s: no head node drives epoch %d; dropped a reply for session %s",
+                        self.host.name, epoch, reply.session)
+            return
+        queue.put_nowait(reply)
