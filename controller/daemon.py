@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 
 async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettings,
                          ready_file: str | None = None) -> None:
-    state = ClusterState(settings.policy, settings.heartbeat_timeout_seconds)
-    service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5))
+    state = ClusterState(settings.policy, settings.heartbeat_timeout_seconds, shuffle_moves=settings.shuffle_moves,
+                         shuffle_seed=settings.shuffle_seed)
+    service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5),
+                                replan_every_tokens=settings.replan_every_tokens)
     daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings)
     daemon.add(controller_pb2_grpc.add_ControllerServicer_to_server, service)
     await daemon.start(ready_file)

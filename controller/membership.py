@@ -6,6 +6,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from edgeheads.controller.algorithms import ALGORITHMS
+from edgeheads.controller.live import AlgorithmPolicy, LiveWorker, predicted_token_seconds
+from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import POLICIES, InfeasiblePlacement, Placement, WorkerCapacity
 from edgeheads.worker.blocks.spec import ModelShape
 
@@ -21,6 +24,20 @@ class WorkerRecord:
     device: str = "cpu"
     memory_used_bytes: int = 0
     last_seen: float = field(default_factory=time.monotonic)
+    over_budget: bool = False  # reported using more than it has; cleared when back under
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    """One published epoch, for `edgeheads status` and the logs."""
+
+    epoch: int
+    unix_time: float
+    reason: str
+    policy: str
+    blocks_moved: int
+    blocks_per_worker: dict[str, int]
+    predicted_token_seconds: float | None  # the cost model's estimate (links assumed, see controller/live.py)
 
 
 @dataclass
@@ -34,9 +51,16 @@ class PlacementEpoch:
 
 class ClusterState:
     def __init__(self, policy: str = "spread", heartbeat_timeout_seconds: float = 5.0,
-                 planning_context_tokens: int = 2048) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown placement policy {policy!r}; known: {sorted(POLICIES)}")
+                 planning_context_tokens: int = 2048, shuffle_moves: int = 2, shuffle_seed: int = 0) -> None:
+        if policy == "shuffle":
+            self._policy = Shuffle(shuffle_moves, shuffle_seed)
+        elif policy in POLICIES:
+            self._policy = POLICIES[policy]
+        elif policy in ALGORITHMS:
+            self._policy = AlgorithmPolicy(policy)
+        else:
+            raise ValueError(f"unknown placement policy {policy!r}; known: "
+                             f"{sorted({*POLICIES, *ALGORITHMS, 'shuffle'})}")
         self.policy = policy
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
         self.planning_context_tokens = planning_context_tokens
@@ -44,6 +68,8 @@ class ClusterState:
         self.shape: ModelShape | None = None
         self.model_name = ""
         self.current = PlacementEpoch(0, {}, {}, policy)
+        self.decisions: list[PlanDecision] = []
+        self.decisions_kept = 50
 
     def register(self, record: WorkerRecord) -> bool:
         """Add or refresh a worker; True when membership changed."""
@@ -63,6 +89,20 @@ class ClusterState:
         if compute_flops:
             record.compute_flops = compute_flops
         return True
+
+    def memory_violation(self, name: str) -> str | None:
+        """A reason to re-plan now when worker ``name`` just went over its memory budget
+        (once per episode: a plan that cannot fix it is not retried every heartbeat)."""
+        record = self.workers.get(name)
+        if record is None:
+            return None
+        over = record.memory_used_bytes > record.memory_available_bytes
+        started = over and not record.over_budget
+        record.over_budget = over
+        if not started:
+            return None
+        return (f"memory violation on {name}: uses {record.memory_used_bytes} of {record.memory_available_bytes} "
+                "bytes")
 
     def remove(self, name: str, reason: str) -> bool:
         if self.workers.pop(name, None) is None:
@@ -88,7 +128,10 @@ class ClusterState:
         capacities = [WorkerCapacity(w.name, w.memory_available_bytes) for w in self.workers.values()]
         context = min(self.planning_context_tokens, self.shape.max_positions)
         try:
-            placement = POLICIES[self.policy](self.shape, capacities, context)
+            extra = {"previous": self.current.placement} if getattr(self._policy, "uses_previous", False) else {}
+            if getattr(self._policy, "uses_compute", False):
+                extra["flops"] = {w.name: w.compute_flops for w in self.workers.values()}
+            placement = self._policy(self.shape, capacities, context, **extra)
         except InfeasiblePlacement as err:
             log.error("no feasible placement (%s): %s", reason, err)
             self.current = PlacementEpoch(self.current.epoch, self.current.placement, self.current.addresses,
@@ -96,7 +139,23 @@ class ClusterState:
             return self.current
         addresses = {n: self.workers[n].address for n in set(placement.values())}
         if placement != self.current.placement or addresses != self.current.addresses or self.current.error:
+            previous = self.current.placement
             self.current = PlacementEpoch(self.current.epoch + 1, placement, addresses, self.policy)
-            log.info("placement epoch %d (%s, policy %s): %d blocks on %s", self.current.epoch, reason, self.policy,
-                     len(placement), ", ".join(sorted(addresses)))
+            self._record(reason, previous, context)
         return self.current
+
+    def _record(self, reason: str, previous: Placement, context: int) -> None:
+        placement = self.current.placement
+        moved = sum(1 for b, w in placement.items() if b in previous and previous[b] != w)
+        per_worker: dict[str, int] = {}
+        for worker in placement.values():
+            per_worker[worker] = per_worker.get(worker, 0) + 1
+        live = [LiveWorker(w.name, w.memory_available_bytes, w.compute_flops) for w in self.workers.values()]
+        predicted = predicted_token_seconds(self.shape, live, placement, context) if self.shape else None
+        predicted = None if predicted is None else float(predicted)
+        decision = PlanDecision(self.current.epoch, time.time(), reason, self.policy, moved, per_worker, predicted)
+        self.decisions.append(decision)
+        del self.decisions[:-self.decisions_kept]
+        log.info("placement epoch %d (%s, policy %s): %d blocks moved; per worker %s; predicted %s per token",
+                 decision.epoch, reason, self.policy, moved, per_worker,
+                 f"{predicted * 1e3:.1f} ms" if predicted is not None else "n/a")

@@ -24,12 +24,15 @@ def placement_reply(p: PlacementEpoch) -> controller_pb2.PlacementReply:
 
 
 class ControllerService(controller_pb2_grpc.ControllerServicer):
-    def __init__(self, state: ClusterState, heartbeat_seconds: float = 1.0) -> None:
+    def __init__(self, state: ClusterState, heartbeat_seconds: float = 1.0, replan_every_tokens: int = 0) -> None:
         self.state = state
         self.heartbeat_seconds = heartbeat_seconds
+        self.replan_every_tokens = replan_every_tokens
+        self.tokens_since_plan = 0
         self.changed = asyncio.Condition()
 
     async def _publish(self, reason: str) -> None:
+        self.tokens_since_plan = 0
         before = self.state.current.epoch
         self.state.replan(reason)
         if self.state.current.epoch != before:
@@ -60,6 +63,9 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                 if not self.state.heartbeat(report.name, report.memory_available_bytes, report.memory_used_bytes,
                                             report.compute_flops):
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {report.name!r} is not registered")
+                violation = self.state.memory_violation(report.name)
+                if violation:
+                    await self._publish(violation)
         finally:
             # the stream ending means the worker stopped or its link died
             if name is not None and self.state.remove(name, "telemetry stream closed"):
@@ -89,9 +95,29 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             sent = self.state.current.epoch
             yield placement_reply(self.state.current)
 
-    async def ListWorkers(self, request, context):
+    async def ReportProgress(self, request_iterator, context):
+        async for report in request_iterator:
+            self.tokens_since_plan += report.tokens
+            if self.replan_every_tokens and self.tokens_since_plan >= self.replan_every_tokens:
+                await self._publish(f"{self.tokens_since_plan} tokens since the last plan")
+        return controller_pb2.ProgressAck()
+
+    def _workers(self) -> list[controller_pb2.WorkerInfo]:
         now = time.monotonic()
-        return controller_pb2.ListWorkersReply(workers=[
-            controller_pb2.WorkerInfo(name=w.name, address=w.address, memory_available_bytes=w.memory_available_bytes,
-                                      compute_flops=w.compute_flops, seconds_since_heartbeat=now - w.last_seen)
-            for w in sorted(self.state.workers.values(), key=lambda w: w.name)])
+        return [controller_pb2.WorkerInfo(name=w.name, address=w.address, memory_available_bytes=w.memory_available_bytes,
+                                          compute_flops=w.compute_flops, seconds_since_heartbeat=now - w.last_seen,
+                                          memory_used_bytes=w.memory_used_bytes)
+                for w in sorted(self.state.workers.values(), key=lambda w: w.name)]
+
+    async def ListWorkers(self, request, context):
+        return controller_pb2.ListWorkersReply(workers=self._workers())
+
+    async def Status(self, request, context):
+        return controller_pb2.ControllerStatusReply(
+            model=self.state.model_name, policy=self.state.policy, epoch=self.state.current.epoch,
+            error=self.state.current.error, workers=self._workers(), tokens_since_plan=self.tokens_since_plan,
+            replan_every_tokens=self.replan_every_tokens,
+            decisions=[controller_pb2.PlanDecision(
+                epoch=d.epoch, unix_time=d.unix_time, reason=d.reason, policy=d.policy, blocks_moved=d.blocks_moved,
+                blocks_per_worker=d.blocks_per_worker, predicted_token_seconds=d.predicted_token_seconds or 0.0)
+                for d in self.state.decisions])

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeheads.headnode.cli_daemons import add_daemon_commands
 
     add_daemon_commands(sub)
+    from edgeheads.headnode import cli_status
+
+    cli_status.register(sub)
     try:
         from edgeheads.controller import simulate_cli
     except ImportError:  # placement library not present in this build

@@ -107,4 +107,7 @@ class Client:
                 "active_sessions": reply.active_sessions, "placement": json.loads(reply.placement_json or "{}"),
                 "phases_run": reply.phases_run, "mean_phase_seconds": reply.mean_phase_seconds,
                 "phases_per_token": reply.phases_per_token,
-                "mean_phase_compute_seconds": reply.mean_phase_compute_seconds}
+                "mean_phase_compute_seconds": reply.mean_phase_compute_seconds,
+                "migrations": reply.migrations, "migration_failures": reply.migration_failures,
+                "migrated_bytes": reply.migrated_bytes, "max_stall_seconds": reply.max_stall_seconds,
+                "last_migration_error": reply.last_migration_error}

@@ -7,6 +7,8 @@ import asyncio
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,6 +19,7 @@ from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.head import HeadStage
 from edgeheads.headnode.relay_driver import RelayDriver
 from edgeheads.headnode.relay_plan import relay_plan
+from edgeheads.headnode.step_gate import StepGate
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.headnode.stage_plan import StagePlan, compile_plan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -50,6 +53,8 @@ class ClusterExecutor:
         self.dataflow = dataflow
         self.step_timeout_seconds = step_timeout_seconds
         self.relay: RelayDriver | None = None
+        self.gate = StepGate()
+        self.on_step: Callable[[int, float, int], None] | None = None  # (tokens, seconds, epoch) after a step
         self.parts = parts
         self.shape = parts.shape
         self.head = HeadStage(parts.shape, parts.head)
@@ -126,18 +131,35 @@ class ClusterExecutor:
             await asyncio.gather(*[self._load_all(load, [t for t in todo if t[0] == w]) for w in by_worker])
         finally:
             bar.close()
-        self.epoch = Epoch(number, dict(placement), dict(addresses), compile_plan(self.shape, placement))
+        await self.switch_epoch(number, placement, addresses)
+
+    async def switch_epoch(self, number: int, placement: dict[BlockId, str], addresses: dict[str, str]) -> None:
+        """Start using a placement whose blocks are all in place. Nothing changes if this
+        fails (a worker refused the program or is gone). Call it between steps: migrations
+        hold ``self.gate`` exclusively around it."""
+        for worker, address in addresses.items():
+            self.stub(worker, address)
+        epoch = Epoch(number, dict(placement), dict(addresses), compile_plan(self.shape, placement))
+        driver = None
+        if self.dataflow == "relay":
+            driver = RelayDriver(number, relay_plan(epoch.plan), self.stubs, self.step_timeout_seconds)
+            try:
+                await driver.start(addresses)
+            except BaseException:
+                await driver.close()
+                raise
         self._ops[number] = {id(call): [worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs),
                                                            output=op.output) for op in call.ops]
-                             for phase in self.epoch.plan.phases for call in phase.calls}
-        if self.dataflow == "relay":
-            driver = RelayDriver(number, relay_plan(self.epoch.plan), self.stubs, self.step_timeout_seconds)
-            await driver.start(addresses)
-            old, self.relay = self.relay, driver
-            if old is not None:
-                await old.close()
-        log.info("epoch %d (%s dataflow): %d blocks on %d workers, %d phases per token (%d messages)", number, self.dataflow, len(placement),
-                 len(by_worker), len(self.epoch.plan.phases), self.epoch.plan.messages())
+                             for phase in epoch.plan.phases for call in phase.calls}
+        old_epoch, self.epoch = self.epoch, epoch
+        old_driver, self.relay = self.relay, driver
+        if old_driver is not None:
+            await old_driver.close()
+        if old_epoch is not None:
+            self._ops.pop(old_epoch.number, None)
+        log.info("epoch %d (%s dataflow): %d blocks on %d workers, %d phases per token (%d messages)", number,
+                 self.dataflow, len(placement), len(set(placement.values())), len(epoch.plan.phases),
+                 epoch.plan.messages())
 
     @staticmethod
     async def _load_all(load, items) -> None:
@@ -171,12 +193,28 @@ class ClusterExecutor:
         await asyncio.gather(*[drop(w) for w in self.epoch.plan.workers])
 
     async def step(self, session: str, token_ids: list[int]) -> torch.Tensor:
-        """Feed new tokens for ``session`` through every phase; logits of the last token (V,)."""
-        if self.relay is not None:
-            return await self._relay_step(session, token_ids)
+        """Feed new tokens for ``session`` through every phase; logits of the last token (V,).
+
+        Every step runs under one epoch: an epoch switch waits for steps in flight."""
+        async with self.gate.step():
+            start = time.perf_counter()
+            if self.relay is not None:
+                logits = await self._relay_step(session, token_ids)
+            else:
+                logits = await self._head_step(session, token_ids)
+            if self.on_step is not None and self.epoch is not None:
+                self.on_step(len(token_ids), time.perf_counter() - start, self.epoch.number)
+            return logits
+
+    async def _head_step(self, session: str, token_ids: list[int]) -> torch.Tensor:
         streams = self.sessions.get(session) or await self._open(session)
         epoch = self.epoch
-        assert epoch is not None and streams.epoch == epoch.number
+        assert epoch is not None
+        if streams.epoch != epoch.number:  # the placement changed since this session's last step
+            for call in streams.calls.values():
+                await call.done_writing()
+            streams.calls = {w: self.stubs[w].RunStage() for w in epoch.plan.workers}
+            streams.epoch = epoch.number
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         # values stay in wire form between phases: the head node only forwards them
         values: dict[str, tensor_pb2.Tensor] = {"x0": tensor_to_proto(self.head.embed(ids, streams.position))}

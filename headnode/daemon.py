@@ -10,6 +10,7 @@ import logging
 import grpc
 
 from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.controller_link import ControllerLink
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
@@ -56,8 +57,10 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
         placement = {BlockId.parse(a.block_id): a.worker for a in reply.assignments}
         addresses = {a.worker: a.address for a in reply.assignments}
         await cluster.apply_placement(reply.epoch, placement, addresses, progress=progress)
-    daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings)
-    daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster))
-    daemon.on_stop.append(cluster.close)
-    await daemon.start(ready_file)
-    await daemon.wait()
+        link = ControllerLink(cluster, controller, settings.migration_timeout_seconds)
+        link.start()
+        daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings)
+        daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster, link))
+        daemon.on_stop += [link.close, cluster.close]
+        await daemon.start(ready_file)
+        await daemon.wait()

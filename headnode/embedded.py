@@ -22,7 +22,9 @@ class LaunchError(RuntimeError):
 class LocalCluster:
     def __init__(self, model: str | None = None, workers: int = 3, host: str = "127.0.0.1",
                  progress: bool = True, worker_memory_limit_bytes: int | None = None,
-                 startup_timeout_seconds: float = 600, extra_env: dict[str, str] | None = None) -> None:
+                 startup_timeout_seconds: float = 600, extra_env: dict[str, str] | None = None,
+                 with_headnode: bool = True) -> None:
+        self.with_headnode = with_headnode
         self.model = model
         self.n_workers = workers
         self.host = host
@@ -35,7 +37,7 @@ class LocalCluster:
         # workers on one machine share its cores: one thread each unless there are cores to spare
         # (measured here: 2 threads per worker on 2 shared cores is 1.4x slower per phase)
         cores = len(os.sched_getaffinity(0))
-        self.worker_threads = int(os.environ.get("EDGEHEADS_LOCAL_WORKER_THREADS", max(1, cores // workers)))
+        self.worker_threads = int(os.environ.get("EDGEHEADS_LOCAL_WORKER_THREADS", max(1, cores // max(1, workers))))
         # several processes share these cores: OpenMP threads must sleep, not spin, between ops
         self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.addresses: dict[str, str] = {}
@@ -82,6 +84,8 @@ class LocalCluster:
                     args += ["--memory-limit", str(self.worker_memory_limit_bytes)]
                 self._spawn(name, args)
             self._wait_ready(names)
+            if not self.with_headnode:  # a caller drives the workers itself (tests)
+                return ""
             args = ["headnode", "--listen", f"{self.host}:0", "--controller", controller,
                     "--min-workers", str(self.n_workers)]
             if self.model:

@@ -9,6 +9,7 @@ import uuid
 import grpc
 
 from edgeheads.headnode.cluster import ClusterError, ClusterExecutor
+from edgeheads.headnode.controller_link import ControllerLink
 from edgeheads.headnode.generation import agenerate_stream, encode_prompt
 from edgeheads.headnode.loading import LoadedModel
 from edgeheads.headnode.sampling import SamplingParams
@@ -18,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
-    def __init__(self, model: LoadedModel, cluster: ClusterExecutor) -> None:
+    def __init__(self, model: LoadedModel, cluster: ClusterExecutor, link: ControllerLink | None = None) -> None:
         self.model = model
         self.cluster = cluster
+        self.link = link
 
     def _prompt_ids(self, request) -> list[int]:
         if request.prompt_token_ids:
@@ -68,4 +70,14 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
             placement_json=json.dumps(placement), phases_run=self.cluster.phases_run,
             mean_phase_seconds=self.cluster.phase_seconds_total / max(1, self.cluster.phases_run),
             phases_per_token=len(epoch.plan.phases) if epoch else 0,
-            mean_phase_compute_seconds=self.cluster.phase_compute_seconds_total / max(1, self.cluster.phases_run))
+            mean_phase_compute_seconds=self.cluster.phase_compute_seconds_total / max(1, self.cluster.phases_run),
+            **self._migration_status())
+
+    def _migration_status(self) -> dict:
+        if self.link is None:
+            return {}
+        reports, failures = self.link.reports, self.link.failures
+        return dict(migrations=len(reports), migration_failures=len(failures),
+                    migrated_bytes=sum(r.precopy_bytes + r.delta_bytes for r in reports),
+                    max_stall_seconds=max((r.stall_seconds for r in reports), default=0.0),
+                    last_migration_error=failures[-1] if failures else "")

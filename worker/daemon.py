@@ -29,7 +29,7 @@ async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_s
             async with grpc.aio.insecure_channel(settings.controller,
                                                  options=grpc_settings.channel_options()) as ch:
                 stub = controller_pb2_grpc.ControllerStub(ch)
-                available = telemetry.available_memory_bytes(host.memory_limit_bytes)
+                available = telemetry.memory_capacity_bytes(host.memory_limit_bytes)
                 reply = await stub.Register(controller_pb2.RegisterRequest(
                     name=host.name, address=address, memory_available_bytes=available, compute_flops=flops,
                     device=settings.device), timeout=10)
@@ -43,7 +43,7 @@ async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_s
                         used = host.memory_used_bytes()
                         yield controller_pb2.TelemetryReport(
                             name=host.name, memory_used_bytes=used, compute_flops=flops,
-                            memory_available_bytes=telemetry.available_memory_bytes(host.memory_limit_bytes, used))
+                            memory_available_bytes=telemetry.memory_capacity_bytes(host.memory_limit_bytes, used))
                         await asyncio.sleep(period)
                 await stub.Telemetry(reports())
         except grpc.aio.AioRpcError as err:

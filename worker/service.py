@@ -10,6 +10,7 @@ import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.migration_service import MigrationRpcs
 from edgeheads.worker.relay_service import RelayRpcs
 from edgeheads.worker.runtime.config import GrpcSettings
 from edgeheads.worker.runtime.wire import ChunkAssembler, DataLossError, WireError, tensor_from_proto, tensor_to_proto
@@ -27,12 +28,13 @@ async def abort_for(context: grpc.aio.ServicerContext, err: Exception) -> None:
     await context.abort(code, str(err))
 
 
-class WorkerService(RelayRpcs, worker_pb2_grpc.WorkerServicer):
+class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
     def __init__(self, host: BlockHost, max_payload_bytes: int = 8 << 30,
                  grpc_settings: GrpcSettings | None = None) -> None:
         self.host = host
         self.max_payload_bytes = max_payload_bytes
-        self._init_relay(grpc_settings or GrpcSettings())
+        self.grpc_settings = grpc_settings or GrpcSettings()
+        self._init_relay(self.grpc_settings)
 
     async def HasWeights(self, request, context):
         return worker_pb2.HasWeightsReply(present=self.host.has_weights(list(request.content_hashes)))
@@ -88,14 +90,13 @@ class WorkerService(RelayRpcs, worker_pb2_grpc.WorkerServicer):
         self.relay.drop_session(request.session)
         return worker_pb2.DropSessionReply(caches_dropped=self.host.drop_session(request.session))
 
+    async def SetMemoryLimit(self, request, context):
+        self.host.memory_limit_bytes = request.memory_limit_bytes or None
+        log.warning("worker %s: memory limit set to %s at runtime", self.host.name, self.host.memory_limit_bytes)
+        return await self.GetTelemetry(request, context)
+
     async def GetTelemetry(self, request, context):
         return worker_pb2.WorkerTelemetry(
             name=self.host.name, memory_available_bytes=self.host.memory_limit_bytes or 0,
             memory_used_bytes=self.host.memory_used_bytes(), blocks=sorted(map(str, self.host.blocks)),
             sessions=len(self.host.sessions()))
-
-    async def ExportBlockState(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "block migration arrives with the live control loop")
-
-    async def ImportBlockState(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "block migration arrives with the live control loop")

@@ -8,37 +8,104 @@ from pathlib import Path
 import psutil
 import torch
 
-_CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-_CGROUP_USAGE_FILES = ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
 
-def _read_int(path: str) -> int | None:
+def _read_int(path: Path) -> int | None:
     try:
-        text = Path(path).read_text().strip()
+        text = path.read_text().strip()
     except OSError:
         return None
-    return None if text == "max" else int(text)
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= UNLIMITED else value
 
 
-def cgroup_available_bytes() -> int | None:
-    """Limit minus usage of this process's memory cgroup (v2, then v1), or None when unlimited.
-    (v1 reports an unlimited group as a huge number; anything above 2**60 counts as none.)"""
-    for limit_file, usage_file in zip(_CGROUP_LIMIT_FILES, _CGROUP_USAGE_FILES):
-        limit = _read_int(limit_file)
-        if limit is not None and limit < 1 << 60:
-            return max(0, limit - (_read_int(usage_file) or 0))
+def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> tuple[str | None, str | None]:
+    """(cgroup v2 path, cgroup v1 memory path) of this process, from /proc/self/cgroup."""
+    v2 = v1 = None
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _existing(root: Path, path: str) -> Path:
+    """The cgroup's folder; in a container with its own cgroup namespace the mount is the group itself."""
+    folder = root / path.lstrip("/")
+    return folder if folder.is_dir() else root
+
+
+def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's memory cgroup, or None when no limit applies.
+
+    v1: the effective (hierarchical) limit of the memory controller's group; v2: the
+    lowest memory.max from the group up to the root."""
+    v2, v1 = own_cgroups(proc_cgroup)
+    if v1 is not None and (root / "memory").is_dir():
+        folder = _existing(root / "memory", v1)
+        limit = _read_int(folder / "memory.limit_in_bytes")
+        try:
+            for line in (folder / "memory.stat").read_text().splitlines():
+                if line.startswith("hierarchical_memory_limit "):
+                    hierarchical = _read_int_text(line.split()[1])
+                    if hierarchical is not None:
+                        limit = hierarchical if limit is None else min(limit, hierarchical)
+        except OSError:
+            pass
+        if limit is not None:
+            return limit, _read_int(folder / "memory.usage_in_bytes") or 0
+    if v2 is not None:
+        base = root / "unified" if (root / "unified" / "cgroup.controllers").exists() else root
+        folder = _existing(base, v2)
+        limits = []
+        walk = folder
+        while True:
+            value = _read_int(walk / "memory.max")
+            if value is not None:
+                limits.append(value)
+            if walk == base or walk.parent == walk:
+                break
+            walk = walk.parent
+        if limits:
+            return min(limits), _read_int(folder / "memory.current") or 0
     return None
 
 
-def available_memory_bytes(memory_limit_bytes: int | None = None, used_by_blocks_bytes: int = 0) -> int:
-    """The lowest of psutil's available memory, the cgroup's headroom and the configured
-    budget minus what the blocks already use."""
-    candidates = [psutil.virtual_memory().available]
-    cgroup = cgroup_available_bytes()
+def _read_int_text(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= UNLIMITED else value
+
+
+def memory_capacity_bytes(memory_limit_bytes: int | None = None, used_by_blocks_bytes: int = 0) -> int:
+    """The bytes this worker can give to blocks and caches in total, what it holds now
+    included: the lowest of psutil's available memory, the cgroup's headroom (each plus
+    what the blocks already use) and the configured --memory-limit."""
+    candidates = [psutil.virtual_memory().available + used_by_blocks_bytes]
+    cgroup = cgroup_memory()
     if cgroup is not None:
-        candidates.append(cgroup)
+        limit, usage = cgroup
+        candidates.append(max(0, limit - usage) + used_by_blocks_bytes)
     if memory_limit_bytes is not None:
-        candidates.append(max(0, memory_limit_bytes - used_by_blocks_bytes))
+        candidates.append(memory_limit_bytes)
     return min(candidates)
 
 

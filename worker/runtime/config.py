@@ -227,6 +227,11 @@ class ControllerSettings(_Section):
     listen: ListenAddress = "0.0.0.0:50051"
     heartbeat_timeout_seconds: Seconds = 5.0
     policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "spread"
+    # re-plan after this many decoded tokens (0: only on membership changes)
+    replan_every_tokens: Annotated[int, Field(ge=0)] = 16
+    # the "shuffle" test policy moves this many random blocks per re-plan, from this seed
+    shuffle_moves: Annotated[int, Field(ge=1)] = 2
+    shuffle_seed: int = 0
 
 
 class HeadnodeSettings(_Section):
@@ -241,6 +246,8 @@ class HeadnodeSettings(_Section):
     # head: every phase goes through the head node (a round trip per phase)
     dataflow: Literal["relay", "head"] = "relay"
     step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
+    # give up a migration (and keep the old placement) after this many seconds
+    migration_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
 
 
 def _local_ip_towards(host: str) -> str:

@@ -24,35 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geheads/v1/controller.proto\x12\x0c\x65\x64geheads.v1\"w\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"8\n\rRegisterReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\"q\n\x0fTelemetryReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\"\x0e\n\x0cTelemetryAck\"?\n\x0fSetModelRequest\x12\x18\n\x10model_shape_json\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\"*\n\x13GetPlacementRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"?\n\nAssignment\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"m\n\x0ePlacementReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.edgeheads.v1.Assignment\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x14\n\x12ListWorkersRequest\"\x83\x01\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\"=\n\x10ListWorkersReply\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo2\xde\x03\n\nController\x12\x46\n\x08Register\x12\x1d.edgeheads.v1.RegisterRequest\x1a\x1b.edgeheads.v1.RegisterReply\x12H\n\tTelemetry\x12\x1d.edgeheads.v1.TelemetryReport\x1a\x1a.edgeheads.v1.TelemetryAck(\x01\x12G\n\x08SetModel\x12\x1d.edgeheads.v1.SetModelRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12O\n\x0cGetPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12S\n\x0eWatchPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply0\x01\x12O\n\x0bListWorkers\x12 .edgeheads.v1.ListWorkersRequest\x1a\x1e.edgeheads.v1.ListWorkersReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geheads/v1/controller.proto\x12\x0c\x65\x64geheads.v1\"\x19\n\x17\x43ontrollerStatusRequest\"\x8b\x02\n\x0cPlanDecision\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x11\n\tunix_time\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0c\x62locks_moved\x18\x05 \x01(\r\x12J\n\x11\x62locks_per_worker\x18\x06 \x03(\x0b\x32/.edgeheads.v1.PlanDecision.BlocksPerWorkerEntry\x12\x1f\n\x17predicted_token_seconds\x18\x07 \x01(\x01\x1a\x36\n\x14\x42locksPerWorkerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xe6\x01\n\x15\x43ontrollerStatusReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12)\n\x07workers\x18\x05 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo\x12-\n\tdecisions\x18\x06 \x03(\x0b\x32\x1a.edgeheads.v1.PlanDecision\x12\x19\n\x11tokens_since_plan\x18\x07 \x01(\x04\x12\x1b\n\x13replan_every_tokens\x18\x08 \x01(\r\"E\n\x0eProgressReport\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x01\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\r\n\x0bProgressAck\"w\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"8\n\rRegisterReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\"q\n\x0fTelemetryReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\"\x0e\n\x0cTelemetryAck\"?\n\x0fSetModelRequest\x12\x18\n\x10model_shape_json\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\"*\n\x13GetPlacementRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"?\n\nAssignment\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"m\n\x0ePlacementReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.edgeheads.v1.Assignment\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x14\n\x12ListWorkersRequest\"\x9e\x01\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\"=\n\x10ListWorkersReply\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo2\x81\x05\n\nController\x12\x46\n\x08Register\x12\x1d.edgeheads.v1.RegisterRequest\x1a\x1b.edgeheads.v1.RegisterReply\x12H\n\tTelemetry\x12\x1d.edgeheads.v1.TelemetryReport\x1a\x1a.edgeheads.v1.TelemetryAck(\x01\x12G\n\x08SetModel\x12\x1d.edgeheads.v1.SetModelRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12O\n\x0cGetPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12S\n\x0eWatchPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply0\x01\x12O\n\x0bListWorkers\x12 .edgeheads.v1.ListWorkersRequest\x1a\x1e.edgeheads.v1.ListWorkersReply\x12K\n\x0eReportProgress\x12\x1c.edgeheads.v1.ProgressReport\x1a\x19.edgeheads.v1.ProgressAck(\x01\x12T\n\x06Status\x12%.edgeheads.v1.ControllerStatusRequest\x1a#.edgeheads.v1.ControllerStatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeheads.v1.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERREQUEST']._serialized_start=47
-  _globals['_REGISTERREQUEST']._serialized_end=166
-  _globals['_REGISTERREPLY']._serialized_start=168
-  _globals['_REGISTERREPLY']._serialized_end=224
-  _globals['_TELEMETRYREPORT']._serialized_start=226
-  _globals['_TELEMETRYREPORT']._serialized_end=339
-  _globals['_TELEMETRYACK']._serialized_start=341
-  _globals['_TELEMETRYACK']._serialized_end=355
-  _globals['_SETMODELREQUEST']._serialized_start=357
-  _globals['_SETMODELREQUEST']._serialized_end=420
-  _globals['_GETPLACEMENTREQUEST']._serialized_start=422
-  _globals['_GETPLACEMENTREQUEST']._serialized_end=464
-  _globals['_ASSIGNMENT']._serialized_start=466
-  _globals['_ASSIGNMENT']._serialized_end=529
-  _globals['_PLACEMENTREPLY']._serialized_start=531
-  _globals['_PLACEMENTREPLY']._serialized_end=640
-  _globals['_LISTWORKERSREQUEST']._serialized_start=642
-  _globals['_LISTWORKERSREQUEST']._serialized_end=662
-  _globals['_WORKERINFO']._serialized_start=665
-  _globals['_WORKERINFO']._serialized_end=796
-  _globals['_LISTWORKERSREPLY']._serialized_start=798
-  _globals['_LISTWORKERSREPLY']._serialized_end=859
-  _globals['_CONTROLLER']._serialized_start=862
-  _globals['_CONTROLLER']._serialized_end=1340
+  _globals['_PLANDECISION_BLOCKSPERWORKERENTRY']._loaded_options = None
+  _globals['_PLANDECISION_BLOCKSPERWORKERENTRY']._serialized_options = b'8\001'
+  _globals['_CONTROLLERSTATUSREQUEST']._serialized_start=47
+  _globals['_CONTROLLERSTATUSREQUEST']._serialized_end=72
+  _globals['_PLANDECISION']._serialized_start=75
+  _globals['_PLANDECISION']._serialized_end=342
+  _globals['_PLANDECISION_BLOCKSPERWORKERENTRY']._serialized_start=288
+  _globals['_PLANDECISION_BLOCKSPERWORKERENTRY']._serialized_end=342
+  _globals['_CONTROLLERSTATUSREPLY']._serialized_start=345
+  _globals['_CONTROLLERSTATUSREPLY']._serialized_end=575
+  _globals['_PROGRESSREPORT']._serialized_start=577
+  _globals['_PROGRESSREPORT']._serialized_end=646
+  _globals['_PROGRESSACK']._serialized_start=648
+  _globals['_PROGRESSACK']._serialized_end=661
+  _globals['_REGISTERREQUEST']._serialized_start=663
+  _globals['_REGISTERREQUEST']._serialized_end=782
+  _globals['_REGISTERREPLY']._serialized_start=784
+  _globals['_REGISTERREPLY']._serialized_end=840
+  _globals['_TELEMETRYREPORT']._serialized_start=842
+  _globals['_TELEMETRYREPORT']._serialized_end=955
+  _globals['_TELEMETRYACK']._serialized_start=957
+  _globals['_TELEMETRYACK']._serialized_end=971
+  _globals['_SETMODELREQUEST']._serialized_start=973
+  _globals['_SETMODELREQUEST']._serialized_end=1036
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=1038
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=1080
+  _globals['_ASSIGNMENT']._serialized_start=1082
+  _globals['_ASSIGNMENT']._serialized_end=1145
+  _globals['_PLACEMENTREPLY']._serialized_start=1147
+  _globals['_PLACEMENTREPLY']._serialized_end=1256
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1258
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1278
+  _globals['_WORKERINFO']._serialized_start=1281
+  _globals['_WORKERINFO']._serialized_end=1439
+  _globals['_LISTWORKERSREPLY']._serialized_start=1441
+  _globals['_LISTWORKERSREPLY']._serialized_end=1502
+  _globals['_CONTROLLER']._serialized_start=1505
+  _globals['_CONTROLLER']._serialized_end=2146
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,69 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ControllerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PlanDecision(_message.Message):
+    __slots__ = ("epoch", "unix_time", "reason", "policy", "blocks_moved", "blocks_per_worker", "predicted_token_seconds")
+    class BlocksPerWorkerEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    unix_time: float
+    reason: str
+    policy: str
+    blocks_moved: int
+    blocks_per_worker: _containers.ScalarMap[str, int]
+    predicted_token_seconds: float
+    def __init__(self, epoch: _Optional[int] = ..., unix_time: _Optional[float] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ..., blocks_moved: _Optional[int] = ..., blocks_per_worker: _Optional[_Mapping[str, int]] = ..., predicted_token_seconds: _Optional[float] = ...) -> None: ...
+
+class ControllerStatusReply(_message.Message):
+    __slots__ = ("model", "policy", "epoch", "error", "workers", "decisions", "tokens_since_plan", "replan_every_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SINCE_PLAN_FIELD_NUMBER: _ClassVar[int]
+    REPLAN_EVERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    policy: str
+    epoch: int
+    error: str
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    decisions: _containers.RepeatedCompositeFieldContainer[PlanDecision]
+    tokens_since_plan: int
+    replan_every_tokens: int
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., error: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., decisions: _Optional[_Iterable[_Union[PlanDecision, _Mapping]]] = ..., tokens_since_plan: _Optional[int] = ..., replan_every_tokens: _Optional[int] = ...) -> None: ...
+
+class ProgressReport(_message.Message):
+    __slots__ = ("tokens", "step_seconds", "epoch")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    step_seconds: float
+    epoch: int
+    def __init__(self, tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ProgressAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -85,18 +148,20 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat")
+    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat", "memory_used_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     memory_available_bytes: int
     compute_flops: float
     seconds_since_heartbeat: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
+    memory_used_bytes: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class ListWorkersReply(_message.Message):
     __slots__ = ("workers",)

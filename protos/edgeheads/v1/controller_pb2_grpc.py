@@ -64,6 +64,16 @@ class ControllerStub:
                 request_serializer=edgeheads_dot_v1_dot_controller__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_controller__pb2.ListWorkersReply.FromString,
                 _registered_method=True)
+        self.ReportProgress = channel.stream_unary(
+                '/edgeheads.v1.Controller/ReportProgress',
+                request_serializer=edgeheads_dot_v1_dot_controller__pb2.ProgressReport.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_controller__pb2.ProgressAck.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/edgeheads.v1.Controller/Status',
+                request_serializer=edgeheads_dot_v1_dot_controller__pb2.ControllerStatusRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_controller__pb2.ControllerStatusReply.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -108,6 +118,21 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportProgress(self, request_iterator, context):
+        """The head node reports decoding progress, one message per step; the controller
+        re-plans every `replan_every_tokens` tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Members, the current epoch and the recent decisions with their reasons.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +165,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=edgeheads_dot_v1_dot_controller__pb2.ListWorkersRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_controller__pb2.ListWorkersReply.SerializeToString,
+            ),
+            'ReportProgress': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportProgress,
+                    request_deserializer=edgeheads_dot_v1_dot_controller__pb2.ProgressReport.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_controller__pb2.ProgressAck.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=edgeheads_dot_v1_dot_controller__pb2.ControllerStatusRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_controller__pb2.ControllerStatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +339,60 @@ class Controller:
             '/edgeheads.v1.Controller/ListWorkers',
             edgeheads_dot_v1_dot_controller__pb2.ListWorkersRequest.SerializeToString,
             edgeheads_dot_v1_dot_controller__pb2.ListWorkersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportProgress(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgeheads.v1.Controller/ReportProgress',
+            edgeheads_dot_v1_dot_controller__pb2.ProgressReport.SerializeToString,
+            edgeheads_dot_v1_dot_controller__pb2.ProgressAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeheads.v1.Controller/Status',
+            edgeheads_dot_v1_dot_controller__pb2.ControllerStatusRequest.SerializeToString,
+            edgeheads_dot_v1_dot_controller__pb2.ControllerStatusReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetMemoryLimitRequest(_message.Message):
+    __slots__ = ("memory_limit_bytes",)
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    memory_limit_bytes: int
+    def __init__(self, memory_limit_bytes: _Optional[int] = ...) -> None: ...
+
 class HasWeightsRequest(_message.Message):
     __slots__ = ("content_hashes",)
     CONTENT_HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -179,32 +185,53 @@ class DropSessionReply(_message.Message):
     def __init__(self, caches_dropped: _Optional[int] = ...) -> None: ...
 
 class ExportBlockStateRequest(_message.Message):
-    __slots__ = ("block_id", "include_weights", "from_position")
+    __slots__ = ("block_id", "include_weights", "from_positions")
+    class FromPositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    FROM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     block_id: str
     include_weights: bool
-    from_position: int
-    def __init__(self, block_id: _Optional[str] = ..., include_weights: _Optional[bool] = ..., from_position: _Optional[int] = ...) -> None: ...
+    from_positions: _containers.ScalarMap[str, int]
+    def __init__(self, block_id: _Optional[str] = ..., include_weights: _Optional[bool] = ..., from_positions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
-class ImportBlockStateChunk(_message.Message):
-    __slots__ = ("block_id", "chunk")
+class PullBlockRequest(_message.Message):
+    __slots__ = ("block_id", "source_address", "model_shape_json", "content_hash", "delta", "timeout_seconds")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHAPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     block_id: str
-    chunk: _tensor_pb2.Chunk
-    def __init__(self, block_id: _Optional[str] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
+    source_address: str
+    model_shape_json: str
+    content_hash: str
+    delta: bool
+    timeout_seconds: float
+    def __init__(self, block_id: _Optional[str] = ..., source_address: _Optional[str] = ..., model_shape_json: _Optional[str] = ..., content_hash: _Optional[str] = ..., delta: _Optional[bool] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
-class ImportBlockStateReply(_message.Message):
-    __slots__ = ("block_id", "bytes", "sha256")
+class PullBlockReply(_message.Message):
+    __slots__ = ("block_id", "bytes", "weights_sent", "sessions", "rows", "seconds")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SENT_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     block_id: str
     bytes: int
-    sha256: str
-    def __init__(self, block_id: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    weights_sent: bool
+    sessions: int
+    rows: int
+    seconds: float
+    def __init__(self, block_id: _Optional[str] = ..., bytes: _Optional[int] = ..., weights_sent: _Optional[bool] = ..., sessions: _Optional[int] = ..., rows: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetryRequest(_message.Message):
     __slots__ = ()

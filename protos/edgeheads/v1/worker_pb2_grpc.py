@@ -80,14 +80,19 @@ class WorkerStub:
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.ExportBlockStateRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
-        self.ImportBlockState = channel.stream_unary(
-                '/edgeheads.v1.Worker/ImportBlockState',
-                request_serializer=edgeheads_dot_v1_dot_worker__pb2.ImportBlockStateChunk.SerializeToString,
-                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.ImportBlockStateReply.FromString,
+        self.PullBlock = channel.unary_unary(
+                '/edgeheads.v1.Worker/PullBlock',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockReply.FromString,
                 _registered_method=True)
         self.GetTelemetry = channel.unary_unary(
                 '/edgeheads.v1.Worker/GetTelemetry',
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.FromString,
+                _registered_method=True)
+        self.SetMemoryLimit = channel.unary_unary(
+                '/edgeheads.v1.Worker/SetMemoryLimit',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.SetMemoryLimitRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.FromString,
                 _registered_method=True)
 
@@ -151,13 +156,16 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportBlockState(self, request, context):
-        """Block state (weights and K/V caches) out of and into a worker, for migration.
+        """Migration. The destination pulls a block's state (weights unless it holds them,
+        and every session's K/V cache) straight from the source's ExportBlockState, in
+        chunks with a checksum. A pre-copy pulls everything while decoding goes on; the
+        delta at the epoch switch pulls only the cache rows added since.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ImportBlockState(self, request_iterator, context):
+    def PullBlock(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +173,14 @@ class WorkerServicer:
 
     def GetTelemetry(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMemoryLimit(self, request, context):
+        """Change the worker's memory budget at runtime (an operator's knob, like --memory-limit).
+        The next telemetry report carries it; over budget, the controller re-plans at once.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -217,14 +233,19 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ExportBlockStateRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
             ),
-            'ImportBlockState': grpc.stream_unary_rpc_method_handler(
-                    servicer.ImportBlockState,
-                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ImportBlockStateChunk.FromString,
-                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.ImportBlockStateReply.SerializeToString,
+            'PullBlock': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullBlock,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockReply.SerializeToString,
             ),
             'GetTelemetry': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTelemetry,
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.TelemetryRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.SerializeToString,
+            ),
+            'SetMemoryLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMemoryLimit,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.SetMemoryLimitRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.SerializeToString,
             ),
     }
@@ -482,7 +503,7 @@ class Worker:
             _registered_method=True)
 
     @staticmethod
-    def ImportBlockState(request_iterator,
+    def PullBlock(request,
             target,
             options=(),
             channel_credentials=None,
@@ -492,12 +513,12 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
-            '/edgeheads.v1.Worker/ImportBlockState',
-            edgeheads_dot_v1_dot_worker__pb2.ImportBlockStateChunk.SerializeToString,
-            edgeheads_dot_v1_dot_worker__pb2.ImportBlockStateReply.FromString,
+            '/edgeheads.v1.Worker/PullBlock',
+            edgeheads_dot_v1_dot_worker__pb2.PullBlockRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.PullBlockReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -524,6 +545,33 @@ class Worker:
             target,
             '/edgeheads.v1.Worker/GetTelemetry',
             edgeheads_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMemoryLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeheads.v1.Worker/SetMemoryLimit',
+            edgeheads_dot_v1_dot_worker__pb2.SetMemoryLimitRequest.SerializeToString,
             edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.FromString,
             options,
             channel_credentials,

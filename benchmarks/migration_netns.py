@@ -1,0 +1,210 @@
+"""Live migration over a 100 Mbit/s link between two network namespaces (needs root).
+
+    sudo python benchmarks/migration_netns.py [--model smollm2-135m] [--rate-mbit 100] [--blocks 6]
+
+Two workers run in their own network namespaces (eh-a, eh-b), joined by a bridge in
+the root namespace where this script acts as the head node. Each namespace's side of
+its veth is shaped with a tbf qdisc to --rate-mbit. The model is spread over both
+workers; while it decodes, --blocks FFN blocks (and their layers' attention blocks,
+with every session's K/V cache) move from worker a to worker b.
+
+It prints, against baselines from the same run:
+- migration throughput: pre-copy bytes / pre-copy time, as a fraction of the link rate;
+- the decode stall: how long the epoch switch held steps back, and the slowest step
+  during the migration, both against the median token time before the migration;
+- whether every token matches the in-process engine.
+A plot of every step's time, with the pre-copy and the switch marked, goes to
+out/migration_netns.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgeheads.controller.spread import WorkerCapacity, spread
+from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.engine import BlockEngine
+from edgeheads.headnode.loading import load_model
+from edgeheads.headnode.migrate import migrate
+from edgeheads.worker.blocks.spec import BlockKind
+
+BRIDGE, SUBNET = "eh-br0", "10.77.0"
+NAMESPACES = {"a": f"{SUBNET}.2", "b": f"{SUBNET}.3"}
+
+
+def sh(*args: str, check: bool = True) -> None:
+    subprocess.run(args, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def setup_network(rate_mbit: int) -> None:
+    teardown_network()
+    sh("ip", "link", "add", BRIDGE, "type", "bridge")
+    sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+    sh("ip", "link", "set", BRIDGE, "up")
+    for name, address in NAMESPACES.items():
+        ns, host_end, ns_end = f"eh-{name}", f"eh-{name}-h", f"eh-{name}-n"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        sh("ip", "link", "set", ns_end, "netns", ns)
+        sh("ip", "link", "set", host_end, "master", BRIDGE)
+        sh("ip", "link", "set", host_end, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", ns_end)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_end, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        # everything leaving the namespace goes through a token bucket at the link rate
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_end, "root", "tbf", "rate",
+           f"{rate_mbit}mbit", "burst", "64kb", "latency", "100ms")
+
+
+def teardown_network() -> None:
+    for name in NAMESPACES:
+        sh("ip", "netns", "del", f"eh-{name}", check=False)
+        sh("ip", "link", "del", f"eh-{name}-h", check=False)
+    sh("ip", "link", "del", BRIDGE, check=False)
+
+
+def spawn(tmp: Path, name: str, args: list[str], namespace: str | None = None) -> subprocess.Popen:
+    prefix = ["ip", "netns", "exec", namespace] if namespace else []
+    log = open(tmp / f"{name}.log", "wb")
+    return subprocess.Popen([*prefix, sys.executable, "-m", "edgeheads.headnode.cli", *args, "--ready-file",
+                             str(tmp / f"{name}.ready")], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+
+
+def wait_ready(tmp: Path, name: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = tmp / f"{name}.ready"
+        if ready.exists() and ready.read_text().strip():
+            return ready.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited:\n{(tmp / f'{name}.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} not ready after {timeout} s")
+
+
+async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, tokens_before, tokens_after):
+    executor = ClusterExecutor(parts)
+    await executor.apply_placement(1, placement, addresses, progress=True)
+    new = {**placement, **{b: "b" for b in moves}}
+    steps: list[tuple[float, float]] = []  # (start, seconds) of each decode step
+    out: list[int] = []
+    token = [int(torch.argmax(await executor.step("s", prompt_ids)))]
+    out += token
+    origin = time.perf_counter()
+    task = None
+    marks: dict[str, float] = {}
+    done_after = None
+    while done_after is None or len(out) < done_after + tokens_after:
+        if len(out) == tokens_before and task is None:
+            marks["start"] = time.perf_counter() - origin
+            task = asyncio.create_task(migrate(executor, 2, new, addresses, timeout_seconds=600))
+        t0 = time.perf_counter()
+        token = [int(torch.argmax(await executor.step("s", token)))]
+        steps.append((t0 - origin, time.perf_counter() - t0))
+        out += token
+        if task is not None and task.done() and done_after is None:
+            done_after = len(out)
+            marks["end"] = time.perf_counter() - origin
+    report = task.result()
+    await executor.close()
+    return out, steps, marks, report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rate-mbit", type=int, default=100)
+    ap.add_argument("--blocks", type=int, default=6, help="FFN blocks to move (with their layers' heads)")
+    ap.add_argument("--tokens-before", type=int, default=24)
+    ap.add_argument("--tokens-after", type=int, default=16)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root: it creates network namespaces and qdiscs")
+    torch.set_num_threads(1)
+    model = load_model(args.model, progress=True)
+    parts = model.parts
+    prompt_ids = model.tokenizer("Migration keeps every token the same because").input_ids
+    tmp = Path(tempfile.mkdtemp(prefix="edgeheads-netns-"))
+    procs: list[subprocess.Popen] = []
+    setup_network(args.rate_mbit)
+    try:
+        controller = spawn(tmp, "controller", ["controller", "--listen", f"{SUBNET}.1:0"])
+        procs.append(controller)
+        controller_address = wait_ready(tmp, "controller", controller)
+        addresses = {}
+        for name, ip in NAMESPACES.items():
+            proc = spawn(tmp, name, ["worker", "--listen", f"{ip}:50061", "--controller", controller_address,
+                                     "--name", name, "--threads", "1"], namespace=f"eh-{name}")
+            procs.append(proc)
+            addresses[name] = wait_ready(tmp, name, proc)
+        placement = spread(parts.shape, [WorkerCapacity(n, 1 << 40) for n in NAMESPACES], 2048)
+        ffn_on_a = [b for b, w in sorted(placement.items()) if b.kind is BlockKind.FFN and w == "a"][:args.blocks]
+        layers = {b.layer for b in ffn_on_a}
+        moves = [b for b, w in placement.items() if w == "a" and b.layer in layers]
+        out, steps, marks, report = asyncio.run(decode_with_migration(
+            parts, addresses, placement, moves, prompt_ids, args.tokens_before, args.tokens_after))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        teardown_network()
+
+    engine = BlockEngine(parts)
+    ref, token = [], prompt_ids
+    for _ in range(len(out)):
+        token = [int(torch.argmax(engine.forward("s", token)))]
+        ref += token
+    before = [s for t, s in steps if t < marks["start"]]
+    during = [s for t, s in steps if marks["start"] <= t < marks["end"]]
+    token_time = statistics.median(before)
+    link = args.rate_mbit * 1e6 / 8
+    rate = report.precopy_bytes / report.precopy_seconds
+    print(f"model {args.model}; {len(report.moves)} blocks moved a -> b ({report.weights_skipped} without weights); "
+          f"link {args.rate_mbit} Mbit/s (tbf) between two network namespaces")
+    print(f"pre-copy: {report.precopy_bytes / 1e6:.1f} MB in {report.precopy_seconds:.2f} s = "
+          f"{rate * 8 / 1e6:.1f} Mbit/s, {rate / link:.3f} of the link rate (target >= 0.9)")
+    print(f"switch: {report.delta_bytes} bytes of new cache rows; steps held {report.stall_seconds * 1e3:.1f} ms "
+          f"= {report.stall_seconds / token_time:.2f} token times (target <= 1)")
+    print(f"token time before the migration: median {token_time * 1e3:.1f} ms; during it: median "
+          f"{statistics.median(during) * 1e3:.1f} ms, slowest {max(during) * 1e3:.1f} ms "
+          f"({max(during) / token_time:.2f}x) over {len(during)} steps")
+    print(f"tokens identical to the in-process engine: {out == ref} ({len(out)} tokens)")
+    plot(steps, marks, report, Path("out/migration_netns.png"))
+
+
+def plot(steps, marks, report, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot([t for t, _ in steps], [s * 1e3 for _, s in steps], ".-", lw=0.8, label="decode step")
+    ax.axvspan(marks["start"], marks["start"] + report.precopy_seconds, color="tab:orange", alpha=0.2,
+               label="pre-copy (decoding goes on)")
+    ax.axvline(marks["end"], color="tab:red", lw=1, label=f"switch (steps held {report.stall_seconds * 1e3:.0f} ms)")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("step time (ms)")
+    ax.set_title("Decode step times while blocks migrate over a 100 Mbit/s link")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

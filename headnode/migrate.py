@@ -1,0 +1,128 @@
+"""Live migration, driven by the head node: move blocks between workers without
+changing a token.
+
+For a new placement, every block whose worker changes is pulled by its destination
+straight from its source (weights only if the destination lacks their content hash,
+then every session's K/V cache) while decoding goes on: the pre-copy. Then, at a
+step boundary (the StepGate holds new steps back), each destination pulls only the
+cache rows added since, and the head node switches to the new epoch. Only then do
+the sources free the blocks. If anything fails before the switch (a worker dies, a
+checksum fails, a timeout passes), the destinations drop their copies and the old
+epoch keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.cluster_errors import ClusterError
+from edgeheads.v1 import worker_pb2
+from edgeheads.worker.blocks.spec import BlockId
+
+log = logging.getLogger(__name__)
+
+
+class MigrationError(ClusterError):
+    """The migration was abandoned; the old epoch is still in use."""
+
+
+@dataclass(frozen=True)
+class Move:
+    block: BlockId
+    source: str
+    destination: str
+
+
+@dataclass
+class MigrationReport:
+    epoch: int
+    moves: list[Move]
+    precopy_bytes: int = 0
+    delta_bytes: int = 0
+    weights_skipped: int = 0  # moves whose destination already held the weights
+    precopy_seconds: float = 0.0
+    stall_seconds: float = 0.0  # steps were held back this long (delta pull + switch)
+    replies: list[worker_pb2.PullBlockReply] = field(default_factory=list)
+
+
+def moves_between(old: dict[BlockId, str], new: dict[BlockId, str]) -> list[Move]:
+    missing = sorted(set(old) ^ set(new))
+    if missing:
+        raise ValueError(f"the placements cover different blocks, e.g. {missing[0]}")
+    return [Move(b, old[b], new[b]) for b in sorted(new) if old[b] != new[b]]
+
+
+async def migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId, str],
+                  addresses: dict[str, str], timeout_seconds: float = 120.0) -> MigrationReport:
+    """Move to placement ``number``; raises MigrationError (old epoch kept) on failure."""
+    old = cluster.epoch
+    if old is None:
+        raise MigrationError("no placement is in use yet")
+    if number <= old.number:
+        raise MigrationError(f"epoch {number} is not newer than {old.number}")
+    moves = moves_between(old.placement, placement)
+    report = MigrationReport(number, moves)
+    shape_json = json.dumps(cluster.shape.to_dict())
+    all_addresses = {**old.addresses, **addresses}
+
+    async def pull(move: Move, delta: bool) -> worker_pb2.PullBlockReply:
+        stub = cluster.stub(move.destination, all_addresses[move.destination])
+        request = worker_pb2.PullBlockRequest(
+            block_id=str(move.block), source_address=old.addresses[move.source], model_shape_json=shape_json,
+            content_hash=cluster.blob(move.block)[0], delta=delta, timeout_seconds=timeout_seconds)
+        try:
+            return await stub.PullBlock(request, timeout=timeout_seconds + 5)
+        except grpc.aio.AioRpcError as err:
+            raise MigrationError(f"{move.block} {move.source} -> {move.destination}: {err.code().name}: "
+                                 f"{err.details()}") from None
+
+    async def pull_all(delta: bool) -> list[worker_pb2.PullBlockReply]:
+        # destinations in parallel, each destination's blocks one after another
+        async def per_destination(dest: str) -> list[worker_pb2.PullBlockReply]:
+            return [await pull(m, delta) for m in moves if m.destination == dest]
+        groups = await asyncio.gather(*[per_destination(d) for d in sorted({m.destination for m in moves})])
+        return [r for g in groups for r in g]
+
+    try:
+        start = time.perf_counter()
+        pre = await pull_all(delta=False)
+        report.precopy_seconds = time.perf_counter() - start
+        report.precopy_bytes = sum(r.bytes for r in pre)
+        report.weights_skipped = sum(not r.weights_sent for r in pre)
+        async with cluster.gate.switch():
+            held = time.perf_counter()
+            try:
+                delta = await pull_all(delta=True)
+                await cluster.switch_epoch(number, placement, all_addresses)
+            finally:
+                report.stall_seconds = time.perf_counter() - held
+        report.delta_bytes = sum(r.bytes for r in delta)
+        report.replies = pre + delta
+    except (ClusterError, asyncio.TimeoutError) as err:
+        await _unload(cluster, [(m.destination, m.block) for m in moves])
+        raise MigrationError(f"migration to epoch {number} abandoned, epoch {old.number} stays: {err}") from None
+    await _unload(cluster, [(m.source, m.block) for m in moves])
+    log.info("epoch %d: moved %d blocks (%d bytes pre-copied, %d at the switch, steps held %.1f ms)", number,
+             len(moves), report.precopy_bytes, report.delta_bytes, report.stall_seconds * 1e3)
+    return report
+
+
+async def _unload(cluster: ClusterExecutor, items: list[tuple[str, BlockId]]) -> None:
+    """Best effort: a worker that is gone has nothing to free."""
+    by_worker: dict[str, list[str]] = {}
+    for worker, block in items:
+        by_worker.setdefault(worker, []).append(str(block))
+
+    async def one(worker: str, blocks: list[str]) -> None:
+        try:
+            await cluster.stubs[worker].UnloadBlocks(worker_pb2.UnloadBlocksRequest(block_ids=blocks), timeout=10)
+        except (grpc.aio.AioRpcError, KeyError) as err:
+            log.warning("could not unload %s on %s: %s", blocks, worker, err)
+    await asyncio.gather(*[one(w, b) for w, b in by_worker.items()])

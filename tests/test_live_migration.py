@@ -1,0 +1,128 @@
+"""Live migration with real processes: blocks move between workers while tokens are
+generated, and not a token changes; a destination that dies mid-migration leaves the
+old placement serving with the block still on its source."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import grpc
+import pytest
+import torch
+
+from edgeheads.controller.spread import WorkerCapacity, spread
+from edgeheads.headnode import Client
+from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.embedded import LocalCluster
+from edgeheads.headnode.engine import BlockEngine
+from edgeheads.headnode.loading import load_model
+from edgeheads.headnode.local import LocalGenerator
+from edgeheads.headnode.migrate import MigrationError, migrate
+from edgeheads.headnode.sampling import SamplingParams
+from edgeheads.v1 import worker_pb2, worker_pb2_grpc
+from edgeheads.worker.blocks.spec import BlockKind
+from test_cli_generate import run_cli
+from tiny_configs import TINY_CONFIGS
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def tiny(save_tiny_model):
+    path = save_tiny_model(TINY_CONFIGS["llama-gqa"], "llama-migration", seed=3)
+    return path, load_model(str(path), progress=False)
+
+
+@pytest.mark.parametrize("dataflow", ["relay", "head"])
+def test_forced_migrations_every_few_tokens_do_not_change_a_token(tiny, dataflow):
+    path, model = tiny
+    prompt = "Blocks on the move"
+    expected = LocalGenerator(model).generate(prompt, SamplingParams(max_new_tokens=128)).token_ids
+    env = {"EDGEHEADS_CONTROLLER__POLICY": "shuffle", "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": "6",
+           "EDGEHEADS_CONTROLLER__SHUFFLE_MOVES": "3", "EDGEHEADS_HEADNODE__DATAFLOW": dataflow}
+    with LocalCluster(str(path), workers=3, progress=False, extra_env=env) as cluster, \
+            Client(cluster.address) as client:
+        first = client.status()
+        got = client.generate_full(prompt, max_new_tokens=128)
+        status = client.status()
+        cli = run_cli("status", "--controller", cluster.addresses["controller"], "--headnode", cluster.address,
+                      "--json")
+        text = run_cli("status", "--controller", cluster.addresses["controller"])
+    assert cli.returncode == 0, cli.stderr
+    shown = json.loads(cli.stdout)
+    assert shown["policy"] == "shuffle" and shown["epoch"] >= status["epoch"]
+    replans = [d for d in shown["decisions"] if "tokens since the last plan" in d["reason"]]
+    assert replans and all(d["blocks_moved"] >= 1 and d["predicted_token_seconds"] > 0 for d in replans)
+    assert shown["headnode"]["migrations"] >= status["migrations"]  # one may finish after the generation
+    assert text.returncode == 0 and "because: " in text.stdout and "worker-2" in text.stdout
+    assert got.token_ids == expected
+    assert len(expected) > 60  # long enough for many re-plans
+    assert status["migration_failures"] == 0, status["last_migration_error"]
+    assert status["migrations"] >= 5 and status["epoch"] >= first["epoch"] + 5
+    assert status["migrated_bytes"] > 0
+    assert status["placement"] != first["placement"]
+
+
+def worker_blocks(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        return list(worker_pb2_grpc.WorkerStub(channel).GetTelemetry(worker_pb2.TelemetryRequest(), timeout=10).blocks)
+
+
+def test_destination_dying_mid_migration_keeps_the_old_placement_and_every_token(tiny):
+    path, model = tiny
+    parts = model.parts
+    with LocalCluster(str(path), workers=4, progress=False, with_headnode=False) as cluster:
+        addresses = {f"worker-{i}": cluster.addresses[f"worker-{i}"] for i in range(4)}
+        placement = spread(parts.shape, [WorkerCapacity(f"worker-{i}", 1 << 40) for i in range(3)], 256)
+        moved = next(b for b, w in sorted(placement.items()) if b.kind is BlockKind.ATTENTION and w == "worker-0")
+        destination = cluster.procs["worker-3"]
+        engine = BlockEngine(parts)
+        ids = model.tokenizer("The old placement keeps serving").input_ids
+
+        async def run() -> tuple[list[int], list[int], Exception]:
+            executor = ClusterExecutor(parts)
+            await executor.apply_placement(1, placement, addresses, progress=False)
+            got, want = [], []
+            token_in, token_ref = ids, ids
+            for _ in range(5):
+                token_in = [int(torch.argmax(await executor.step("s", token_in)))]
+                token_ref = [int(torch.argmax(engine.forward("s", token_ref)))]
+                got += token_in
+                want += token_ref
+            os.kill(destination.pid, signal.SIGSTOP)  # the pull to worker-3 now hangs mid-migration
+            new = {**placement, moved: "worker-3"}
+            task = asyncio.create_task(migrate(executor, 2, new, addresses, timeout_seconds=60))
+            for i in range(20):  # decoding goes on during the pre-copy
+                if i == 5:
+                    destination.kill()
+                token_in = [int(torch.argmax(await executor.step("s", token_in)))]
+                token_ref = [int(torch.argmax(engine.forward("s", token_ref)))]
+                got += token_in
+                want += token_ref
+            try:
+                await task
+                error = None
+            except MigrationError as err:
+                error = err
+            for _ in range(5):
+                token_in = [int(torch.argmax(await executor.step("s", token_in)))]
+                token_ref = [int(torch.argmax(engine.forward("s", token_ref)))]
+                got += token_in
+                want += token_ref
+            assert executor.epoch.number == 1 and executor.epoch.placement[moved] == "worker-0"
+            await executor.close()
+            return got, want, error
+
+        got, want, error = asyncio.run(run())
+        assert isinstance(error, MigrationError) and "abandoned" in str(error), error
+        assert got == want
+        assert str(moved) in worker_blocks(addresses["worker-0"])  # still on the source
+
+
+def test_status_of_an_unreachable_controller_is_a_clear_error():
+    result = run_cli("status", "--controller", "127.0.0.1:9")
+    assert result.returncode != 0
+    assert "controller 127.0.0.1:9" in result.stderr and "UNAVAILABLE" in result.stderr

@@ -1,0 +1,64 @@
+"""The migration RPCs of the Worker service: ExportBlockState on the source, PullBlock
+on the destination. Thin adapters over worker/migration.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from edgeheads.v1 import worker_pb2, worker_pb2_grpc
+from edgeheads.worker.host import HostError
+from edgeheads.worker.migration import cache_lengths, export_state, import_state
+from edgeheads.worker.runtime.wire import ChunkAssembler, DataLossError, WireError, chunks
+
+log = logging.getLogger(__name__)
+
+
+class MigrationRpcs:
+    """Mixed into WorkerService; needs ``self.host``, ``self.grpc_settings`` and
+    ``self.max_payload_bytes``."""
+
+    async def ExportBlockState(self, request, context):
+        try:
+            blob = export_state(self.host, request.block_id, request.include_weights, dict(request.from_positions))
+        except HostError as err:
+            await context.abort(grpc.StatusCode[err.code], str(err))
+        for chunk in chunks(blob, self.grpc_settings.chunk_bytes):
+            yield chunk
+
+    async def PullBlock(self, request, context):
+        if not request.block_id or not request.source_address or not request.content_hash:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PullBlock needs block_id, source_address "
+                                "and content_hash")
+        include_weights = request.content_hash not in self.host.weights
+        from_positions = cache_lengths(self.host, request.block_id) if request.delta else {}
+        export = worker_pb2.ExportBlockStateRequest(block_id=request.block_id, include_weights=include_weights,
+                                                    from_positions=from_positions)
+        assembler = ChunkAssembler(self.max_payload_bytes)
+        start = time.perf_counter()
+        async with grpc.aio.insecure_channel(request.source_address,
+                                             options=self.grpc_settings.channel_options()) as channel:
+            try:
+                async for chunk in worker_pb2_grpc.WorkerStub(channel).ExportBlockState(
+                        export, timeout=request.timeout_seconds or None):
+                    assembler.add(chunk)
+                blob = assembler.finish()
+                meta = import_state(self.host, blob, request.block_id, request.model_shape_json,
+                                    request.content_hash)
+            except grpc.aio.AioRpcError as err:
+                code = err.code() if err.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"pulling {request.block_id} from {request.source_address}: "
+                                    f"{err.code().name}: {err.details()}")
+            except (HostError, WireError) as err:
+                code = err.code if isinstance(err, HostError) else \
+                    ("DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT")
+                await context.abort(grpc.StatusCode[code], f"pulling {request.block_id}: {err}")
+        seconds = time.perf_counter() - start
+        rows = sum(stop - begin for begin, stop in meta["rows"].values())
+        log.info("worker %s: pulled %s from %s: %d bytes, %d cache rows over %d sessions%s, %.3f s",
+                 self.host.name, request.block_id, request.source_address, len(blob), rows, len(meta["rows"]),
+                 " with weights" if meta["weights"] else "", seconds)
+        return worker_pb2.PullBlockReply(block_id=request.block_id, bytes=len(blob), weights_sent=meta["weights"],
+                                         sessions=len(meta["rows"]), rows=rows, seconds=seconds)
