@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import CollectorRegistry
+
 from edgeheads.controller.membership import ClusterState
 from edgeheads.controller.service import ControllerService
 from edgeheads.v1 import controller_pb2_grpc
 from edgeheads.worker.runtime.config import ControllerSettings, GrpcSettings
-from edgeheads.worker.runtime.server import Daemon
+from edgeheads.worker.runtime.metrics import ControllerMetrics
+from edgeheads.worker.runtime.server import Daemon, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,9 @@ async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettin
                          shuffle_seed=settings.shuffle_seed)
     service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5),
                                 replan_every_tokens=settings.replan_every_tokens)
+    registry = CollectorRegistry()
+    service.metrics = ControllerMetrics(registry)
+    serve_metrics(settings.metrics_listen, registry, ready_file)
     daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings)
     daemon.add(controller_pb2_grpc.add_ControllerServicer_to_server, service)
     await daemon.start(ready_file)

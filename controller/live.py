@@ -2,13 +2,14 @@
 Problem from what workers report, run one of the issue-4 algorithms as a controller
 policy, and predict a placement's per-token latency with the cost model.
 
-Links are not measured yet: every link gets the configured bandwidth and latency
-(defaults: 100 Mbit/s and 1 ms, a typical wired edge network).
+Links the workers have measured (probes, block pulls) use their figures; any other
+link gets the assumed bandwidth and latency (defaults: 100 Mbit/s and 1 ms, a typical
+wired edge network).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,14 +29,28 @@ class LiveWorker:
     name: str
     memory_available_bytes: int
     compute_flops: float
+    links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer name -> (bytes/s, one-way s)
 
 
 def live_problem(shape: ModelShape, workers: list[LiveWorker], context_tokens: int, interval_tokens: int = 16,
                  bandwidth_bytes_per_second: float = DEFAULT_BANDWIDTH_BYTES_PER_SECOND,
                  latency_seconds: float = DEFAULT_LATENCY_SECONDS) -> Problem:
+    ordered = sorted(workers, key=lambda w: w.name)
     devices = [Device(w.name, float(w.memory_available_bytes), w.compute_flops or DEFAULT_FLOPS,
-                      w.compute_flops or DEFAULT_FLOPS) for w in sorted(workers, key=lambda w: w.name)]
-    cluster = Cluster.from_devices(devices, bandwidth_bytes_per_second, latency_seconds)
+                      w.compute_flops or DEFAULT_FLOPS) for w in ordered]
+    n = len(ordered)
+    bandwidth = np.full((n, n), float(bandwidth_bytes_per_second))
+    latency = np.full((n, n), float(latency_seconds))
+    index = {w.name: i for i, w in enumerate(ordered)}
+    for i, w in enumerate(ordered):  # measured links replace the assumption, in both directions
+        for peer, (bw, lat) in w.links.items():
+            if peer in index:
+                j = index[peer]
+                if bw > 0:
+                    bandwidth[i, j] = bandwidth[j, i] = bw
+                if lat > 0:
+                    latency[i, j] = latency[j, i] = lat
+    cluster = Cluster.from_devices(devices, bandwidth, latency)
     return Problem.build(ModelDemand.from_shape(shape), cluster, max(1, context_tokens), interval_tokens,
                          horizon_tokens=interval_tokens)
 
@@ -69,9 +84,10 @@ class AlgorithmPolicy:
         self.algorithm = make_algorithm(algorithm)
 
     def __call__(self, shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int,
-                 previous: dict[BlockId, str] | None = None, flops: dict[str, float] | None = None
+                 previous: dict[BlockId, str] | None = None, live: list[LiveWorker] | None = None
                  ) -> dict[BlockId, str]:
-        live = [LiveWorker(w.name, w.memory_available_bytes, (flops or {}).get(w.name, 0.0)) for w in workers]
+        known = {w.name: w for w in live or []}
+        live = [known.get(w.name, LiveWorker(w.name, w.memory_available_bytes, 0.0)) for w in workers]
         problem = live_problem(shape, live, context_tokens)
         decision = self.algorithm.place(problem, to_indices(problem, previous) if previous else None)
         if isinstance(decision, Infeasible):

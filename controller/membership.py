@@ -25,6 +25,11 @@ class WorkerRecord:
     memory_used_bytes: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     over_budget: bool = False  # reported using more than it has; cleared when back under
+    cpu_percent: float = 0.0
+    load_1m: float = 0.0
+    temperature_celsius: float = 0.0
+    throttling: int = 0  # controller_pb2.Throttling
+    links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer address -> (bytes/s, latency s)
 
 
 @dataclass(frozen=True)
@@ -79,16 +84,27 @@ class ClusterState:
                  record.memory_available_bytes)
         return old is None or old.address != record.address
 
-    def heartbeat(self, name: str, memory_available_bytes: int, memory_used_bytes: int, compute_flops: float) -> bool:
+    def heartbeat(self, name: str, memory_available_bytes: int, memory_used_bytes: int, compute_flops: float,
+                  **readings) -> bool:
+        """A telemetry report; ``readings`` are further WorkerRecord fields (cpu_percent, links, ...)."""
         record = self.workers.get(name)
         if record is None:
             return False
+        for key, value in readings.items():
+            setattr(record, key, value)
         record.last_seen = time.monotonic()
         record.memory_available_bytes = memory_available_bytes
         record.memory_used_bytes = memory_used_bytes
         if compute_flops:
             record.compute_flops = compute_flops
         return True
+
+    def live_workers(self) -> list[LiveWorker]:
+        """What the placement engine needs, with links by peer name."""
+        by_address = {w.address: w.name for w in self.workers.values()}
+        return [LiveWorker(w.name, w.memory_available_bytes, w.compute_flops,
+                           {by_address[a]: link for a, link in w.links.items() if a in by_address})
+                for w in self.workers.values()]
 
     def memory_violation(self, name: str) -> str | None:
         """A reason to re-plan now when worker ``name`` just went over its memory budget
@@ -130,7 +146,7 @@ class ClusterState:
         try:
             extra = {"previous": self.current.placement} if getattr(self._policy, "uses_previous", False) else {}
             if getattr(self._policy, "uses_compute", False):
-                extra["flops"] = {w.name: w.compute_flops for w in self.workers.values()}
+                extra["live"] = self.live_workers()
             placement = self._policy(self.shape, capacities, context, **extra)
         except InfeasiblePlacement as err:
             log.error("no feasible placement (%s): %s", reason, err)
@@ -150,7 +166,7 @@ class ClusterState:
         per_worker: dict[str, int] = {}
         for worker in placement.values():
             per_worker[worker] = per_worker.get(worker, 0) + 1
-        live = [LiveWorker(w.name, w.memory_available_bytes, w.compute_flops) for w in self.workers.values()]
+        live = self.live_workers()
         predicted = predicted_token_seconds(self.shape, live, placement, context) if self.shape else None
         predicted = None if predicted is None else float(predicted)
         decision = PlanDecision(self.current.epoch, time.time(), reason, self.policy, moved, per_worker, predicted)

@@ -30,11 +30,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.replan_every_tokens = replan_every_tokens
         self.tokens_since_plan = 0
         self.changed = asyncio.Condition()
+        self.metrics = None  # ControllerMetrics, set by the daemon
 
     async def _publish(self, reason: str) -> None:
         self.tokens_since_plan = 0
         before = self.state.current.epoch
         self.state.replan(reason)
+        if self.metrics is not None:
+            trigger = ("tokens" if "tokens since" in reason else "memory" if "memory violation" in reason
+                       else "membership")
+            self.metrics.replans.labels(trigger).inc()
+            self.metrics.epoch.set(self.state.current.epoch)
+            self.metrics.workers.set(len(self.state.workers))
         if self.state.current.epoch != before:
             async with self.changed:
                 self.changed.notify_all()
@@ -60,9 +67,17 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         try:
             async for report in request_iterator:
                 name = report.name
+                readings = dict(cpu_percent=report.cpu_percent, load_1m=report.load_1m,
+                                temperature_celsius=report.temperature_celsius, throttling=report.throttling,
+                                links={link.peer: (link.bandwidth_bytes_per_second, link.latency_seconds)
+                                       for link in report.links})
                 if not self.state.heartbeat(report.name, report.memory_available_bytes, report.memory_used_bytes,
-                                            report.compute_flops):
+                                            report.compute_flops, **readings):
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {report.name!r} is not registered")
+                if self.metrics is not None:
+                    self.metrics.memory_used.labels(report.name).set(report.memory_used_bytes)
+                    self.metrics.memory_available.labels(report.name).set(report.memory_available_bytes)
+                    self.metrics.compute_flops.labels(report.name).set(report.compute_flops)
                 violation = self.state.memory_violation(report.name)
                 if violation:
                     await self._publish(violation)
@@ -106,7 +121,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         now = time.monotonic()
         return [controller_pb2.WorkerInfo(name=w.name, address=w.address, memory_available_bytes=w.memory_available_bytes,
                                           compute_flops=w.compute_flops, seconds_since_heartbeat=now - w.last_seen,
-                                          memory_used_bytes=w.memory_used_bytes)
+                                          memory_used_bytes=w.memory_used_bytes, cpu_percent=w.cpu_percent,
+                                          load_1m=w.load_1m, temperature_celsius=w.temperature_celsius,
+                                          throttling=w.throttling,
+                                          links=[controller_pb2.LinkReport(peer=p, bandwidth_bytes_per_second=bw,
+                                                                           latency_seconds=lat)
+                                                 for p, (bw, lat) in sorted(w.links.items())])
                 for w in sorted(self.state.workers.values(), key=lambda w: w.name)]
 
     async def ListWorkers(self, request, context):

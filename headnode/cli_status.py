@@ -36,7 +36,12 @@ def gather(controller: str, headnode: str | None) -> dict:
         "tokens_since_plan": reply.tokens_since_plan, "replan_every_tokens": reply.replan_every_tokens,
         "workers": [{"name": w.name, "address": w.address, "memory_available_bytes": w.memory_available_bytes,
                      "memory_used_bytes": w.memory_used_bytes, "compute_flops": w.compute_flops,
-                     "seconds_since_heartbeat": w.seconds_since_heartbeat} for w in reply.workers],
+                     "seconds_since_heartbeat": w.seconds_since_heartbeat, "cpu_percent": w.cpu_percent,
+                     "load_1m": w.load_1m, "temperature_celsius": w.temperature_celsius or None,
+                     "throttling": controller_pb2.Throttling.Name(w.throttling),
+                     "links": {link.peer: {"bandwidth_bytes_per_second": link.bandwidth_bytes_per_second,
+                                           "latency_seconds": link.latency_seconds} for link in w.links}}
+                    for w in reply.workers],
         "decisions": [{"epoch": d.epoch, "unix_time": d.unix_time, "reason": d.reason, "policy": d.policy,
                        "blocks_moved": d.blocks_moved, "blocks_per_worker": dict(d.blocks_per_worker),
                        "predicted_token_seconds": d.predicted_token_seconds or None} for d in reply.decisions],
@@ -62,11 +67,18 @@ def render(status: dict, decisions: int) -> str:
              f"re-plan every {status['replan_every_tokens'] or '-'} tokens ({status['tokens_since_plan']} since the last)"]
     if status["error"]:
         lines.append(f"LAST RE-PLAN FAILED: {status['error']}")
-    lines += ["", f"{'worker':16s} {'address':22s} {'used':>11s} {'budget':>11s} {'GFLOP/s':>8s} {'heard':>7s}"]
+    lines += ["", f"{'worker':16s} {'address':22s} {'used':>11s} {'budget':>11s} {'GFLOP/s':>8s} {'cpu':>5s} "
+                  f"{'load':>5s} {'temp':>6s} {'heard':>7s}"]
     for w in status["workers"]:
+        temp = f"{w['temperature_celsius']:.0f}C" if w["temperature_celsius"] else "-"
+        throttled = " THROTTLED" if w["throttling"] == "THROTTLING_ACTIVE" else ""
         lines.append(f"{w['name']:16s} {w['address']:22s} {_mib(w['memory_used_bytes']):>11s} "
                      f"{_mib(w['memory_available_bytes']):>11s} {w['compute_flops'] / 1e9:8.1f} "
-                     f"{w['seconds_since_heartbeat']:6.1f}s")
+                     f"{w['cpu_percent']:4.0f}% {w['load_1m']:5.2f} {temp:>6s} {w['seconds_since_heartbeat']:6.1f}s"
+                     f"{throttled}")
+        for peer, link in sorted(w["links"].items()):
+            lines.append(f"{'':18s}-> {peer}: {link['bandwidth_bytes_per_second'] * 8 / 1e6:,.0f} Mbit/s, "
+                         f"{link['latency_seconds'] * 1e3:.2f} ms")
     lines += ["", "recent decisions (newest last):"]
     for d in status["decisions"][-decisions:]:
         when = time.strftime("%H:%M:%S", time.localtime(d["unix_time"]))

@@ -25,6 +25,7 @@ from edgeheads.headnode.stage_plan import StagePlan, compile_plan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.blocks.spec import BlockId
 from edgeheads.worker.runtime.config import GrpcSettings
+from edgeheads.worker.runtime.metrics import HeadnodeMetrics
 from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_from_proto, tensor_to_proto, weights_to_blob
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class SessionStreams:
 
 class ClusterExecutor:
     def __init__(self, parts: ModelParts, grpc_settings: GrpcSettings | None = None, dataflow: str = "relay",
-                 step_timeout_seconds: float = 60.0) -> None:
+                 step_timeout_seconds: float = 60.0, metrics: HeadnodeMetrics | None = None) -> None:
+        self.metrics = metrics
         if dataflow not in ("relay", "head"):
             raise ValueError(f"dataflow must be 'relay' or 'head', not {dataflow!r}")
         self.dataflow = dataflow
@@ -152,6 +154,8 @@ class ClusterExecutor:
                                                            output=op.output) for op in call.ops]
                              for phase in epoch.plan.phases for call in phase.calls}
         old_epoch, self.epoch = self.epoch, epoch
+        if self.metrics is not None:
+            self.metrics.epoch.set(number)
         old_driver, self.relay = self.relay, driver
         if old_driver is not None:
             await old_driver.close()
@@ -202,8 +206,12 @@ class ClusterExecutor:
                 logits = await self._relay_step(session, token_ids)
             else:
                 logits = await self._head_step(session, token_ids)
+            elapsed = time.perf_counter() - start
+            if self.metrics is not None:
+                self.metrics.step.labels(self.dataflow).observe(elapsed)
+                self.metrics.tokens.inc(len(token_ids))
             if self.on_step is not None and self.epoch is not None:
-                self.on_step(len(token_ids), time.perf_counter() - start, self.epoch.number)
+                self.on_step(len(token_ids), elapsed, self.epoch.number)
             return logits
 
     async def _head_step(self, session: str, token_ids: list[int]) -> torch.Tensor:
@@ -243,6 +251,8 @@ class ClusterExecutor:
             self.phase_seconds_total += loop.time() - t0
             self.phase_compute_seconds_total += slowest
             self.phases_run += 1
+            if self.metrics is not None:
+                self.metrics.phase.labels("head").observe(loop.time() - t0)
         final = tensor_from_proto(values[epoch.plan.final], epoch.plan.final)
         streams.position += len(token_ids)
         return self.head.logits(final)
@@ -266,5 +276,10 @@ class ClusterExecutor:
         self.phase_seconds_total += elapsed
         self.phase_compute_seconds_total += path_compute
         self.phases_run += phases
+        if self.metrics is not None:
+            for _ in range(phases):
+                self.metrics.phase.labels("relay").observe(elapsed / phases)
+            self.metrics.step_compute.observe(path_compute)
+            self.metrics.step_network.observe(max(0.0, elapsed - path_compute))
         streams.position += len(token_ids)
         return self.head.logits(tensor_from_proto(final, self.epoch.plan.final))

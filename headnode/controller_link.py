@@ -89,3 +89,12 @@ class ControllerLink:
         except MigrationError as err:
             self.failures.append(str(err))
             log.error("%s", err)
+            if self.cluster.metrics is not None:
+                self.cluster.metrics.migrations.labels("abandoned").inc()
+            return
+        metrics = self.cluster.metrics
+        if metrics is not None and report.moves:
+            metrics.migrations.labels("ok").inc()
+            metrics.migrated_bytes.labels("pre-copy").inc(report.precopy_bytes)
+            metrics.migrated_bytes.labels("switch").inc(report.delta_bytes)
+            metrics.migration_stall.observe(report.stall_seconds)

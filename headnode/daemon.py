@@ -8,6 +8,7 @@ import json
 import logging
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.controller_link import ControllerLink
@@ -16,7 +17,8 @@ from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
 from edgeheads.worker.blocks.spec import BlockId
 from edgeheads.worker.runtime.config import GrpcSettings, HeadnodeSettings
-from edgeheads.worker.runtime.server import Daemon
+from edgeheads.worker.runtime.metrics import HeadnodeMetrics
+from edgeheads.worker.runtime.server import Daemon, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,12 @@ async def wait_for_workers(stub: controller_pb2_grpc.ControllerStub, count: int,
 
 async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
                        progress: bool = True) -> None:
+    registry = CollectorRegistry()
+    metrics = HeadnodeMetrics(registry)
+    serve_metrics(settings.metrics_listen, registry, ready_file)
     model = await asyncio.to_thread(load_model, settings.model, progress=progress)
     cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
-                              step_timeout_seconds=settings.step_timeout_seconds)
+                              step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics)
     async with grpc.aio.insecure_channel(settings.controller,
                                          options=grpc_settings.channel_options()) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)

@@ -41,6 +41,10 @@ class LocalCluster:
         # several processes share these cores: OpenMP threads must sleep, not spin, between ops
         self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.addresses: dict[str, str] = {}
+        self.metrics: dict[str, str] = {}  # daemon -> HOST:PORT of its Prometheus endpoint
+        # several daemons on one machine: each picks a free metrics port
+        for section in ("CONTROLLER", "WORKER", "HEADNODE"):
+            self.env.setdefault(f"EDGEHEADS_{section}__METRICS_LISTEN", f"{host}:0")
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False) -> None:
@@ -58,6 +62,9 @@ class LocalCluster:
                 ready = self.dir / f"{name}.ready"
                 if ready.exists():
                     self.addresses[name] = ready.read_text().strip()
+                    metrics = self.dir / f"{name}.ready.metrics"
+                    if metrics.exists():
+                        self.metrics[name] = metrics.read_text().strip()
                     pending.remove(name)
                 elif self.procs[name].poll() is not None:
                     raise LaunchError(f"{name} exited with status {self.procs[name].returncode} while starting:\n"

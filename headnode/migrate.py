@@ -29,6 +29,9 @@ from edgeheads.worker.blocks.spec import BlockId
 log = logging.getLogger(__name__)
 
 
+PULLS_IN_FLIGHT = 2
+
+
 class MigrationError(ClusterError):
     """The migration was abandoned; the old epoch is still in use."""
 
@@ -84,11 +87,14 @@ async def migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId
                                  f"{err.details()}") from None
 
     async def pull_all(delta: bool) -> list[worker_pb2.PullBlockReply]:
-        # destinations in parallel, each destination's blocks one after another
-        async def per_destination(dest: str) -> list[worker_pb2.PullBlockReply]:
-            return [await pull(m, delta) for m in moves if m.destination == dest]
-        groups = await asyncio.gather(*[per_destination(d) for d in sorted({m.destination for m in moves})])
-        return [r for g in groups for r in g]
+        # destinations in parallel; per destination two pulls in flight, so the link stays
+        # busy while the source serializes the next block
+        limits = {d: asyncio.Semaphore(PULLS_IN_FLIGHT) for d in {m.destination for m in moves}}
+
+        async def limited(move: Move) -> worker_pb2.PullBlockReply:
+            async with limits[move.destination]:
+                return await pull(move, delta)
+        return list(await asyncio.gather(*[limited(m) for m in moves]))
 
     try:
         start = time.perf_counter()

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import urllib.request
 
 import grpc
 import pytest
@@ -42,7 +43,8 @@ def test_forced_migrations_every_few_tokens_do_not_change_a_token(tiny, dataflow
     prompt = "Blocks on the move"
     expected = LocalGenerator(model).generate(prompt, SamplingParams(max_new_tokens=128)).token_ids
     env = {"EDGEHEADS_CONTROLLER__POLICY": "shuffle", "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": "6",
-           "EDGEHEADS_CONTROLLER__SHUFFLE_MOVES": "3", "EDGEHEADS_HEADNODE__DATAFLOW": dataflow}
+           "EDGEHEADS_CONTROLLER__SHUFFLE_MOVES": "3", "EDGEHEADS_HEADNODE__DATAFLOW": dataflow,
+           "EDGEHEADS_WORKER__LINK_PROBE_SECONDS": "0.5"}
     with LocalCluster(str(path), workers=3, progress=False, extra_env=env) as cluster, \
             Client(cluster.address) as client:
         first = client.status()
@@ -51,6 +53,7 @@ def test_forced_migrations_every_few_tokens_do_not_change_a_token(tiny, dataflow
         cli = run_cli("status", "--controller", cluster.addresses["controller"], "--headnode", cluster.address,
                       "--json")
         text = run_cli("status", "--controller", cluster.addresses["controller"])
+        scraped = {name: scrape(cluster.metrics[name]) for name in ("headnode", "controller", "worker-0")}
     assert cli.returncode == 0, cli.stderr
     shown = json.loads(cli.stdout)
     assert shown["policy"] == "shuffle" and shown["epoch"] >= status["epoch"]
@@ -58,12 +61,38 @@ def test_forced_migrations_every_few_tokens_do_not_change_a_token(tiny, dataflow
     assert replans and all(d["blocks_moved"] >= 1 and d["predicted_token_seconds"] > 0 for d in replans)
     assert shown["headnode"]["migrations"] >= status["migrations"]  # one may finish after the generation
     assert text.returncode == 0 and "because: " in text.stdout and "worker-2" in text.stdout
+    if dataflow == "relay":  # relay workers probe the peers they send to
+        links = [link for w in shown["workers"] for link in w["links"].values()]
+        assert links and all(link["bandwidth_bytes_per_second"] > 0 and link["latency_seconds"] > 0
+                             for link in links)
+        assert "Mbit/s" in text.stdout
     assert got.token_ids == expected
+    head, controller, worker = scraped["headnode"], scraped["controller"], scraped["worker-0"]
+    assert head['edgeheads_migrations_total{result="ok"}'] >= 5
+    assert head['edgeheads_migrated_bytes_total{stage="pre-copy"}'] > 0
+    assert head[f'edgeheads_step_seconds_count{{dataflow="{dataflow}"}}'] >= len(expected)
+    assert head[f'edgeheads_phase_seconds_count{{dataflow="{dataflow}"}}'] > len(expected)
+    assert head["edgeheads_migration_stall_seconds_count"] >= 5 and head["edgeheads_epoch"] >= status["epoch"]
+    assert controller['edgeheads_controller_replans_total{trigger="tokens"}'] >= 5
+    assert controller['edgeheads_controller_worker_memory_used_bytes{worker="worker-1"}'] > 0
+    assert worker["edgeheads_worker_memory_used_bytes"] > 0 and worker["edgeheads_worker_compute_flops"] > 0
     assert len(expected) > 60  # long enough for many re-plans
     assert status["migration_failures"] == 0, status["last_migration_error"]
     assert status["migrations"] >= 5 and status["epoch"] >= first["epoch"] + 5
     assert status["migrated_bytes"] > 0
     assert status["placement"] != first["placement"]
+
+
+def scrape(address: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples: 'name{labels}' -> value."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
 
 
 def worker_blocks(address: str) -> list[str]:

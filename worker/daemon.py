@@ -9,19 +9,40 @@ import socket
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2_grpc
 from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
+from edgeheads.worker.links import probe_loop
 from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings
-from edgeheads.worker.runtime.server import Daemon, write_ready_file
+from edgeheads.worker.runtime.metrics import WorkerMetrics
+from edgeheads.worker.runtime.server import Daemon, serve_metrics, write_ready_file
 from edgeheads.worker.service import WorkerService
 
 log = logging.getLogger(__name__)
 
 
-async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_settings: GrpcSettings,
-                               address: str, flops: float, registered: asyncio.Event) -> None:
+def telemetry_report(host: BlockHost, service: WorkerService,
+                     compute: telemetry.ComputeEstimate) -> controller_pb2.TelemetryReport:
+    used = host.memory_used_bytes()
+    cpu, load = telemetry.cpu_readings()
+    throttled = telemetry.throttled()
+    flops = compute.update(host.flops_done, host.compute_seconds)
+    if service.metrics is not None:
+        service.metrics.compute_flops.set(flops)
+    return controller_pb2.TelemetryReport(
+        name=host.name, memory_used_bytes=used, compute_flops=flops,
+        memory_available_bytes=telemetry.memory_capacity_bytes(host.memory_limit_bytes, used),
+        cpu_percent=cpu, load_1m=load, temperature_celsius=telemetry.temperature_celsius() or 0.0,
+        throttling=(controller_pb2.THROTTLING_UNKNOWN if throttled is None else
+                    controller_pb2.THROTTLING_ACTIVE if throttled else controller_pb2.THROTTLING_NONE),
+        links=service.links.reports())
+
+
+async def _register_and_report(host: BlockHost, service: WorkerService, settings: WorkerSettings,
+                               grpc_settings: GrpcSettings, address: str, compute: telemetry.ComputeEstimate,
+                               registered: asyncio.Event) -> None:
     """Register, then stream telemetry every period; reconnect with backoff on failure."""
     backoff = 0.2
     while True:
@@ -31,7 +52,8 @@ async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_s
                 stub = controller_pb2_grpc.ControllerStub(ch)
                 available = telemetry.memory_capacity_bytes(host.memory_limit_bytes)
                 reply = await stub.Register(controller_pb2.RegisterRequest(
-                    name=host.name, address=address, memory_available_bytes=available, compute_flops=flops,
+                    name=host.name, address=address, memory_available_bytes=available,
+                    compute_flops=compute.flops_per_second,
                     device=settings.device), timeout=10)
                 log.info("worker %s registered with controller %s", host.name, settings.controller)
                 registered.set()
@@ -40,10 +62,7 @@ async def _register_and_report(host: BlockHost, settings: WorkerSettings, grpc_s
 
                 async def reports():
                     while True:
-                        used = host.memory_used_bytes()
-                        yield controller_pb2.TelemetryReport(
-                            name=host.name, memory_used_bytes=used, compute_flops=flops,
-                            memory_available_bytes=telemetry.memory_capacity_bytes(host.memory_limit_bytes, used))
+                        yield telemetry_report(host, service, compute)
                         await asyncio.sleep(period)
                 await stub.Telemetry(reports())
         except grpc.aio.AioRpcError as err:
@@ -58,16 +77,34 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
         torch.set_num_threads(settings.torch_threads)
     daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings)
     host = BlockHost(settings.name or "", settings.memory_limit_bytes, settings.device)
-    daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerService(host, grpc_settings=grpc_settings))
+    service = WorkerService(host, grpc_settings=grpc_settings)
+    daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, service)
+    registry = CollectorRegistry()
+    service.metrics = WorkerMetrics(
+        registry, memory_used=host.memory_used_bytes,
+        memory_available=lambda: telemetry.memory_capacity_bytes(host.memory_limit_bytes, host.memory_used_bytes()),
+        blocks=lambda: len(host.blocks), sessions=lambda: len(host.sessions()),
+        compute_seconds=lambda: host.compute_seconds)
+    serve_metrics(settings.metrics_listen, registry, ready_file)
     bound = await daemon.start()
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
     flops = telemetry.measure_matmul_flops()
+    service.metrics.compute_flops.set(flops)
     log.info("worker %s: %.1f GFLOP/s measured, memory limit %s", name, flops / 1e9, settings.memory_limit_bytes)
     registered = asyncio.Event()
-    task = asyncio.create_task(_register_and_report(host, settings, grpc_settings,
-                                                    settings.advertise_address(int(bound.rsplit(':', 1)[1])), flops, registered))
+    compute = telemetry.ComputeEstimate(flops)
+    task = asyncio.create_task(_register_and_report(
+        host, service, settings, grpc_settings, settings.advertise_address(int(bound.rsplit(':', 1)[1])), compute,
+        registered))
+    probing = None
+    if settings.link_probe_seconds:
+        probing = asyncio.create_task(probe_loop(service.links, lambda: service.peers.addresses.values(),
+                                                 grpc_settings, settings.link_probe_seconds))
     if ready_file:
         await registered.wait()
         write_ready_file(ready_file, bound)
     await daemon.wait()
     task.cancel()
+    if probing is not None:
+        probing.cancel()
+    await service.peers.close()

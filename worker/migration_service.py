@@ -3,6 +3,7 @@ on the destination. Thin adapters over worker/migration.py."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -19,6 +20,20 @@ log = logging.getLogger(__name__)
 class MigrationRpcs:
     """Mixed into WorkerService; needs ``self.host``, ``self.grpc_settings`` and
     ``self.max_payload_bytes``."""
+
+    def _source(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        """One channel per source, kept: a warm TCP connection (no handshake, no slow start)
+        for every block after the first."""
+        sources = self.__dict__.setdefault("_sources", {})
+        if address not in sources:
+            channel = grpc.aio.insecure_channel(address, options=self.grpc_settings.channel_options())
+            sources[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
+        return sources[address][1]
+
+    def _drop_source(self, address: str) -> None:
+        entry = self.__dict__.get("_sources", {}).pop(address, None)
+        if entry is not None:
+            asyncio.ensure_future(entry[0].close())
 
     async def ExportBlockState(self, request, context):
         try:
@@ -38,24 +53,26 @@ class MigrationRpcs:
                                                     from_positions=from_positions)
         assembler = ChunkAssembler(self.max_payload_bytes)
         start = time.perf_counter()
-        async with grpc.aio.insecure_channel(request.source_address,
-                                             options=self.grpc_settings.channel_options()) as channel:
-            try:
-                async for chunk in worker_pb2_grpc.WorkerStub(channel).ExportBlockState(
-                        export, timeout=request.timeout_seconds or None):
-                    assembler.add(chunk)
-                blob = assembler.finish()
-                meta = import_state(self.host, blob, request.block_id, request.model_shape_json,
-                                    request.content_hash)
-            except grpc.aio.AioRpcError as err:
-                code = err.code() if err.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, f"pulling {request.block_id} from {request.source_address}: "
-                                    f"{err.code().name}: {err.details()}")
-            except (HostError, WireError) as err:
-                code = err.code if isinstance(err, HostError) else \
-                    ("DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT")
-                await context.abort(grpc.StatusCode[code], f"pulling {request.block_id}: {err}")
+        try:
+            async for chunk in self._source(request.source_address).ExportBlockState(
+                    export, timeout=request.timeout_seconds or None):
+                assembler.add(chunk)
+            blob = assembler.finish()
+            meta = import_state(self.host, blob, request.block_id, request.model_shape_json, request.content_hash)
+        except grpc.aio.AioRpcError as err:
+            self._drop_source(request.source_address)
+            code = err.code() if err.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"pulling {request.block_id} from {request.source_address}: "
+                                f"{err.code().name}: {err.details()}")
+        except (HostError, WireError) as err:
+            code = err.code if isinstance(err, HostError) else \
+                ("DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode[code], f"pulling {request.block_id}: {err}")
         seconds = time.perf_counter() - start
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.pulled_bytes.inc(len(blob))
+        if len(blob) >= 1 << 20:  # big enough to say something about the link
+            self.links.record(request.source_address, len(blob) / seconds, None, "transfer")
         rows = sum(stop - begin for begin, stop in meta["rows"].values())
         log.info("worker %s: pulled %s from %s: %d bytes, %d cache rows over %d sessions%s, %.3f s",
                  self.host.name, request.block_id, request.source_address, len(blob), rows, len(meta["rows"]),

@@ -10,6 +10,7 @@ import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.links import LinkTable
 from edgeheads.worker.migration_service import MigrationRpcs
 from edgeheads.worker.relay_service import RelayRpcs
 from edgeheads.worker.runtime.config import GrpcSettings
@@ -34,6 +35,8 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         self.host = host
         self.max_payload_bytes = max_payload_bytes
         self.grpc_settings = grpc_settings or GrpcSettings()
+        self.metrics = None  # WorkerMetrics, set by the daemon
+        self.links = LinkTable()
         self._init_relay(self.grpc_settings)
 
     async def HasWeights(self, request, context):
@@ -89,6 +92,9 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
     async def DropSession(self, request, context):
         self.relay.drop_session(request.session)
         return worker_pb2.DropSessionReply(caches_dropped=self.host.drop_session(request.session))
+
+    async def Probe(self, request, context):
+        return worker_pb2.ProbeReply(received=len(request.payload))
 
     async def SetMemoryLimit(self, request, context):
         self.host.memory_limit_bytes = request.memory_limit_bytes or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -119,3 +120,58 @@ def measure_matmul_flops(size: int = 256, seconds: float = 0.2, dtype: torch.dty
         torch.matmul(a, b)
         n += 1
     return 2 * size ** 3 * n / elapsed
+
+
+def cpu_readings() -> tuple[float, float]:
+    """(CPU utilization % since the last call, 1-minute load average)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return psutil.cpu_percent(interval=None), load
+
+
+def temperature_celsius(thermal_root: Path = Path("/sys/class/thermal")) -> float | None:
+    """The hottest sensor: psutil's readings, else the kernel's thermal zones (Pi, Jetson)."""
+    readings: list[float] = []
+    try:
+        for entries in (psutil.sensors_temperatures() or {}).values():
+            readings += [e.current for e in entries if e.current]
+    except (AttributeError, OSError):
+        pass
+    if not readings:
+        for zone in thermal_root.glob("thermal_zone*/temp"):
+            value = _read_int(zone)
+            if value:
+                readings.append(value / 1000)
+    return max(readings) if readings else None
+
+
+def throttled(pi_firmware: Path = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")) -> bool | None:
+    """Whether the board is throttling now: the Raspberry Pi firmware's flags (under-voltage,
+    frequency cap, thermal throttling: bits 0-3), else None when the board does not say."""
+    try:
+        flags = int(pi_firmware.read_text().strip(), 16)
+    except (OSError, ValueError):
+        return None
+    return bool(flags & 0xF)
+
+
+class ComputeEstimate:
+    """Compute capacity: the start-up matmul figure, refined from real block timings.
+
+    Each report takes the FLOPs and seconds the blocks ran since the last one; with at
+    least ``min_seconds`` of work it moves an exponential average toward the measured
+    rate, so a throttled or busy board reports less than its benchmark."""
+
+    def __init__(self, benchmark_flops: float, weight: float = 0.3, min_seconds: float = 0.05) -> None:
+        self.flops_per_second = benchmark_flops
+        self.weight = weight
+        self.min_seconds = min_seconds
+        self._flops = 0.0
+        self._seconds = 0.0
+
+    def update(self, flops_total: float, seconds_total: float) -> float:
+        d_flops, d_seconds = flops_total - self._flops, seconds_total - self._seconds
+        if d_seconds >= self.min_seconds and d_flops > 0:
+            measured = d_flops / d_seconds
+            self.flops_per_second += self.weight * (measured - self.flops_per_second)
+            self._flops, self._seconds = flops_total, seconds_total
+        return self.flops_per_second

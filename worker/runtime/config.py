@@ -194,12 +194,16 @@ class WorkerSettings(_Section):
     """A worker: runs blocks for the head node, registers with the controller."""
 
     listen: ListenAddress = "0.0.0.0:50061"
+    # Prometheus metrics over HTTP (null: none)
+    metrics_listen: ListenAddress | None = "0.0.0.0:9161"
     advertise: DialAddress | None = None
     controller: DialAddress = "127.0.0.1:50051"
     name: Annotated[str, Field(min_length=1)] | None = None
     memory_limit_bytes: Annotated[Bytes, Field(gt=0)] | None = None
     device: Annotated[Literal["cpu", "cuda"], BeforeValidator(_lower)] = "cpu"
     telemetry_period_seconds: Seconds = 1.0
+    # probe the links to peer workers this often (a few hundred KiB each); 0: only measure real transfers
+    link_probe_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
     torch_threads: Annotated[int, Field(ge=1)] | None = None
 
     def advertise_address(self, bound_port: int | None = None) -> str:
@@ -225,6 +229,7 @@ class ControllerSettings(_Section):
     """The controller: tracks workers by heartbeat and serves placements."""
 
     listen: ListenAddress = "0.0.0.0:50051"
+    metrics_listen: ListenAddress | None = "0.0.0.0:9151"
     heartbeat_timeout_seconds: Seconds = 5.0
     policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "spread"
     # re-plan after this many decoded tokens (0: only on membership changes)
@@ -238,6 +243,7 @@ class HeadnodeSettings(_Section):
     """The head node: loads the model, ships blocks, drives decoding, serves ``Generate``."""
 
     listen: ListenAddress = "0.0.0.0:50050"
+    metrics_listen: ListenAddress | None = "0.0.0.0:9150"
     controller: DialAddress = "127.0.0.1:50051"
     model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
     min_workers: Annotated[int, Field(ge=1)] = 1

@@ -28,6 +28,17 @@ def write_ready_file(path: str, address: str) -> None:
     os.replace(tmp, path)
 
 
+def serve_metrics(listen: str | None, registry, ready_file: str | None) -> str | None:
+    """Start the daemon's Prometheus exporter; with a ready file, write the bound address to
+    ``READY.metrics`` first (launchers read it once the ready file appears)."""
+    from edgeheads.worker.runtime import metrics
+
+    bound = metrics.serve(listen, registry)
+    if bound and ready_file:
+        write_ready_file(f"{ready_file}.metrics", bound)
+    return bound
+
+
 class Daemon:
     """A grpc.aio server with health and reflection; ``run`` blocks until SIGTERM/SIGINT."""
 

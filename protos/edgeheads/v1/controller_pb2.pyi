@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Throttling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    THROTTLING_UNKNOWN: _ClassVar[Throttling]
+    THROTTLING_NONE: _ClassVar[Throttling]
+    THROTTLING_ACTIVE: _ClassVar[Throttling]
+THROTTLING_UNKNOWN: Throttling
+THROTTLING_NONE: Throttling
+THROTTLING_ACTIVE: Throttling
 
 class ControllerStatusRequest(_message.Message):
     __slots__ = ()
@@ -92,16 +102,38 @@ class RegisterReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetryReport(_message.Message):
-    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops")
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_1M_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    THROTTLING_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_available_bytes: int
     memory_used_bytes: int
     compute_flops: float
-    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ...) -> None: ...
+    cpu_percent: float
+    load_1m: float
+    temperature_celsius: float
+    throttling: Throttling
+    links: _containers.RepeatedCompositeFieldContainer[LinkReport]
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
+
+class LinkReport(_message.Message):
+    __slots__ = ("peer", "bandwidth_bytes_per_second", "latency_seconds", "source")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    bandwidth_bytes_per_second: float
+    latency_seconds: float
+    source: str
+    def __init__(self, peer: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., latency_seconds: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
     __slots__ = ()
@@ -148,20 +180,30 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat", "memory_used_bytes")
+    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat", "memory_used_bytes", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_1M_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    THROTTLING_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     memory_available_bytes: int
     compute_flops: float
     seconds_since_heartbeat: float
     memory_used_bytes: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+    cpu_percent: float
+    load_1m: float
+    temperature_celsius: float
+    throttling: Throttling
+    links: _containers.RepeatedCompositeFieldContainer[LinkReport]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
 
 class ListWorkersReply(_message.Message):
     __slots__ = ("workers",)

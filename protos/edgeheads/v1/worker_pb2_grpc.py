@@ -95,6 +95,11 @@ class WorkerStub:
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.SetMemoryLimitRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/edgeheads.v1.Worker/Probe',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -185,6 +190,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """A peer measuring the link: latency with an empty payload, bandwidth with a large one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +259,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SetMemoryLimit,
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.SetMemoryLimitRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ProbeRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -573,6 +590,33 @@ class Worker:
             '/edgeheads.v1.Worker/SetMemoryLimit',
             edgeheads_dot_v1_dot_worker__pb2.SetMemoryLimitRequest.SerializeToString,
             edgeheads_dot_v1_dot_worker__pb2.WorkerTelemetry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeheads.v1.Worker/Probe',
+            edgeheads_dot_v1_dot_worker__pb2.ProbeRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
