@@ -29,6 +29,9 @@ async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettin
     daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings)
     daemon.add(controller_pb2_grpc.add_ControllerServicer_to_server, service)
     await daemon.start(ready_file)
-    sweeper = asyncio.create_task(service.sweep())
+    tasks = [asyncio.create_task(service.sweep())]
+    if settings.replan_every_seconds:
+        tasks.append(asyncio.create_task(service.replan_timer(settings.replan_every_seconds)))
     await daemon.wait()
-    sweeper.cancel()
+    for task in tasks:
+        task.cancel()

@@ -38,13 +38,19 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.state.replan(reason)
         if self.metrics is not None:
             trigger = ("tokens" if "tokens since" in reason else "memory" if "memory violation" in reason
-                       else "membership")
+                       else "timer" if "timed re-plan" in reason else "membership")
             self.metrics.replans.labels(trigger).inc()
             self.metrics.epoch.set(self.state.current.epoch)
             self.metrics.workers.set(len(self.state.workers))
         if self.state.current.epoch != before:
             async with self.changed:
                 self.changed.notify_all()
+
+    async def replan_timer(self, period_seconds: float) -> None:
+        """Re-plan every ``period_seconds`` (runs for the daemon's lifetime when configured)."""
+        while True:
+            await asyncio.sleep(period_seconds)
+            await self._publish(f"{period_seconds:g} s since the last timed re-plan")
 
     async def sweep(self) -> None:
         """Expire workers whose heartbeats stopped (runs for the daemon's lifetime)."""

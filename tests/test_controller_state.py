@@ -76,3 +76,20 @@ def test_unknown_policy_names_the_known_ones():
         ClusterState("best")
     with pytest.raises(InfeasiblePlacement):
         spread(SMOLLM2_135M, [], 2048)
+
+
+def test_the_timer_replans_while_nothing_is_generated():
+    import asyncio
+
+    from edgeheads.controller.service import ControllerService
+
+    state = cluster("shuffle")  # every re-plan moves blocks, so every tick is a new epoch
+
+    async def run() -> None:
+        service = ControllerService(state, replan_every_tokens=0)
+        timer = asyncio.create_task(service.replan_timer(0.05))
+        await asyncio.sleep(0.32)
+        timer.cancel()
+    asyncio.run(run())
+    timed = [d for d in state.decisions if "timed re-plan" in d.reason]
+    assert len(timed) >= 3 and state.current.epoch == 1 + len(timed)

@@ -234,6 +234,8 @@ class ControllerSettings(_Section):
     policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "spread"
     # re-plan after this many decoded tokens (0: only on membership changes)
     replan_every_tokens: Annotated[int, Field(ge=0)] = 16
+    # ... and at least this often in seconds (0: no timer), so a change in load is noticed while idle
+    replan_every_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     # the "shuffle" test policy moves this many random blocks per re-plan, from this seed
     shuffle_moves: Annotated[int, Field(ge=1)] = 2
     shuffle_seed: int = 0
