@@ -180,6 +180,12 @@ class ClusterExecutor:
         return streams
 
     async def end_session(self, session: str) -> None:
+        """Drop a session's caches everywhere. Gated like a step: a migration's switch never
+        sees a session vanish between measuring and pulling its cache rows."""
+        async with self.gate.step():
+            await self._drop_session(session)
+
+    async def _drop_session(self, session: str) -> None:
         streams = self.sessions.pop(session, None)
         if streams is None or self.epoch is None:
             return
@@ -269,7 +275,7 @@ class ClusterExecutor:
         try:
             final, path_compute = await self.relay.step(session, streams.position, x0)
         except ClusterError:
-            await self.end_session(session)
+            await self._drop_session(session)  # already inside the gate
             raise
         elapsed = loop.time() - t0
         phases = self.relay.plan.phases
