@@ -32,13 +32,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.changed = asyncio.Condition()
         self.metrics = None  # ControllerMetrics, set by the daemon
 
-    async def _publish(self, reason: str) -> None:
+    async def _publish(self, trigger: str, reason: str) -> None:
+        """Re-plan; ``trigger`` (tokens, timer, memory, membership) labels the metric."""
         self.tokens_since_plan = 0
         before = self.state.current.epoch
         self.state.replan(reason)
         if self.metrics is not None:
-            trigger = ("tokens" if "tokens since" in reason else "memory" if "memory violation" in reason
-                       else "timer" if "timed re-plan" in reason else "membership")
             self.metrics.replans.labels(trigger).inc()
             self.metrics.epoch.set(self.state.current.epoch)
             self.metrics.workers.set(len(self.state.workers))
@@ -50,14 +49,14 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         """Re-plan every ``period_seconds`` (runs for the daemon's lifetime when configured)."""
         while True:
             await asyncio.sleep(period_seconds)
-            await self._publish(f"{period_seconds:g} s since the last timed re-plan")
+            await self._publish("timer", f"{period_seconds:g} s since the last timed re-plan")
 
     async def sweep(self) -> None:
         """Expire workers whose heartbeats stopped (runs for the daemon's lifetime)."""
         while True:
             await asyncio.sleep(self.state.heartbeat_timeout_seconds / 4)
             if self.state.expire():
-                await self._publish("worker heartbeat timeout")
+                await self._publish("membership", "worker heartbeat timeout")
 
     async def Register(self, request, context):
         if not request.name or not request.address:
@@ -65,7 +64,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         changed = self.state.register(WorkerRecord(request.name, request.address, request.memory_available_bytes,
                                                    request.compute_flops, request.device or "cpu"))
         if changed:
-            await self._publish(f"worker {request.name} joined")
+            await self._publish("membership", f"worker {request.name} joined")
         return controller_pb2.RegisterReply(name=request.name, heartbeat_seconds=self.heartbeat_seconds)
 
     async def Telemetry(self, request_iterator, context):
@@ -86,11 +85,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                     self.metrics.compute_flops.labels(report.name).set(report.compute_flops)
                 violation = self.state.memory_violation(report.name)
                 if violation:
-                    await self._publish(violation)
+                    await self._publish("memory", violation)
         finally:
             # the stream ending means the worker stopped or its link died
             if name is not None and self.state.remove(name, "telemetry stream closed"):
-                await self._publish(f"worker {name} left")
+                await self._publish("membership", f"worker {name} left")
         return controller_pb2.TelemetryAck()
 
     async def SetModel(self, request, context):
@@ -120,7 +119,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         async for report in request_iterator:
             self.tokens_since_plan += report.tokens
             if self.replan_every_tokens and self.tokens_since_plan >= self.replan_every_tokens:
-                await self._publish(f"{self.tokens_since_plan} tokens since the last plan")
+                await self._publish("tokens", f"{self.tokens_since_plan} tokens since the last plan")
         return controller_pb2.ProgressAck()
 
     def _workers(self) -> list[controller_pb2.WorkerInfo]:

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -52,7 +52,6 @@ class MigrationReport:
     weights_skipped: int = 0  # moves whose destination already held the weights
     precopy_seconds: float = 0.0
     stall_seconds: float = 0.0  # steps were held back this long (delta pull + switch)
-    replies: list[worker_pb2.PullBlockReply] = field(default_factory=list)
 
 
 def moves_between(old: dict[BlockId, str], new: dict[BlockId, str]) -> list[Move]:
@@ -110,7 +109,6 @@ async def migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId
             finally:
                 report.stall_seconds = time.perf_counter() - held
         report.delta_bytes = sum(r.bytes for r in delta)
-        report.replies = pre + delta
     except (ClusterError, asyncio.TimeoutError) as err:
         await _unload(cluster, [(m.destination, m.block) for m in moves])
         raise MigrationError(f"migration to epoch {number} abandoned, epoch {old.number} stays: {err}") from None

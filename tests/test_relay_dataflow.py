@@ -14,11 +14,13 @@ from transformers import AutoModelForCausalLM
 from edgeheads.controller.spread import WorkerCapacity, round_robin, single, spread
 from edgeheads.headnode.engine import BlockEngine
 from edgeheads.headnode.head import HeadStage
+from edgeheads.headnode.relay_driver import program_request
 from edgeheads.headnode.relay_plan import HEAD_NODE, relay_plan
 from edgeheads.headnode.slicing import slice_checkpoint
 from edgeheads.headnode.stage_plan import compile_plan
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
 from edgeheads.worker.relay import ProgramCall, RelayExecutor, segments
+from edgeheads.worker.relay_service import program_from_proto
 from edgeheads.worker.runtime.wire import sha256_hex, weights_to_blob
 from tiny_configs import TINY_CONFIGS
 
@@ -32,18 +34,9 @@ def tiny_parts(name: str = "llama-odd-heads"):
 
 
 def programs_for(plan) -> dict[str, list[ProgramCall]]:
-    """What the worker builds from InstallProgramRequest (see relay_service.program_from_proto)."""
-    out = {}
-    for worker, calls in plan.programs.items():
-        program = []
-        for i, c in enumerate(calls):
-            later = {n for d in calls[i + 1:] for n in d.inputs}
-            routed = {n for _, names in c.routes for n in names}
-            program.append(ProgramCall([StageOpSpec(str(op.block), list(op.inputs), op.output) for op in c.ops],
-                                       list(c.inputs), [op.output for op in c.ops if op.output in later | routed],
-                                       {d: list(v) for d, v in c.routes}))
-        out[worker] = program
-    return out
+    """What each worker installs: the head node's InstallProgramRequest, parsed as the worker does."""
+    return {w: program_from_proto(program_request(1, plan, w, {peer: peer for peer in plan.programs}))
+            for w in plan.programs}
 
 
 class Cluster:

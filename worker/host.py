@@ -18,7 +18,7 @@ import torch
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
-from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape, block_flops_decode
+from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
 from edgeheads.worker.runtime.wire import WireError, blob_to_weights, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,7 @@ class BlockHost:
                         block.drop_session(session)
             raise HostError("INVALID_ARGUMENT", str(err)) from None
         self.compute_seconds += time.perf_counter() - start
-        tokens = next(iter(inputs.values())).shape[1] if inputs and next(iter(inputs.values())).dim() == 3 else 1
-        self.flops_done += sum(tokens * block_flops_decode(b.shape, b.block_id.kind, position + tokens) for b in blocks)
+        first = next(iter(values.values()), None)
+        tokens = first.shape[1] if first is not None and first.dim() == 3 else 1
+        self.flops_done += tokens * sum(b.flops_decode(position + tokens) for b in blocks)
         return {name: values[name] for name in returns}

@@ -18,20 +18,22 @@ log = logging.getLogger(__name__)
 
 
 class MigrationRpcs:
-    """Mixed into WorkerService; needs ``self.host``, ``self.grpc_settings`` and
-    ``self.max_payload_bytes``."""
+    """Mixed into WorkerService; needs ``self.host``, ``self.grpc_settings``,
+    ``self.max_payload_bytes`` and ``self.links``."""
+
+    def _init_migration(self) -> None:
+        self._sources: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
 
     def _source(self, address: str) -> worker_pb2_grpc.WorkerStub:
         """One channel per source, kept: a warm TCP connection (no handshake, no slow start)
         for every block after the first."""
-        sources = self.__dict__.setdefault("_sources", {})
-        if address not in sources:
+        if address not in self._sources:
             channel = grpc.aio.insecure_channel(address, options=self.grpc_settings.channel_options())
-            sources[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
-        return sources[address][1]
+            self._sources[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
+        return self._sources[address][1]
 
     def _drop_source(self, address: str) -> None:
-        entry = self.__dict__.get("_sources", {}).pop(address, None)
+        entry = self._sources.pop(address, None)
         if entry is not None:
             asyncio.ensure_future(entry[0].close())
 
@@ -69,7 +71,7 @@ class MigrationRpcs:
                 ("DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode[code], f"pulling {request.block_id}: {err}")
         seconds = time.perf_counter() - start
-        if getattr(self, "metrics", None) is not None:
+        if self.metrics is not None:
             self.metrics.pulled_bytes.inc(len(blob))
         if len(blob) >= 1 << 20:  # big enough to say something about the link
             self.links.record(request.source_address, len(blob) / seconds, None, "transfer")

@@ -93,8 +93,12 @@ class RelayRpcs:
             values = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in batch.values}
             for out, path in self.relay.deliver(batch.session, batch.epoch, batch.position, values,
                                                 batch.path_compute_seconds):
+                encoded: dict[str, tensor_pb2.NamedTensor] = {}  # a value sent to two places is encoded once
                 for dest, tensors in out:
-                    protos = [tensor_pb2.NamedTensor(name=n, tensor=tensor_to_proto(t)) for n, t in tensors.items()]
+                    for n, t in tensors.items():
+                        if n not in encoded:
+                            encoded[n] = tensor_pb2.NamedTensor(name=n, tensor=tensor_to_proto(t))
+                    protos = [encoded[n] for n in tensors]
                     if dest:
                         self.peers.send(dest, worker_pb2.ValueBatch(session=batch.session, epoch=batch.epoch,
                                                                     position=batch.position, values=protos,

@@ -38,6 +38,7 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         self.metrics = None  # WorkerMetrics, set by the daemon
         self.links = LinkTable()
         self._init_relay(self.grpc_settings)
+        self._init_migration()
 
     async def HasWeights(self, request, context):
         return worker_pb2.HasWeightsReply(present=self.host.has_weights(list(request.content_hashes)))

@@ -13,18 +13,20 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a huge number
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
+def _parse_int(text: str) -> int | None:
+    """A cgroup figure; None for "max", garbage, or v1's huge "unlimited"."""
     try:
         value = int(text)
     except ValueError:
         return None
     return None if value >= UNLIMITED else value
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return _parse_int(path.read_text().strip())
+    except OSError:
+        return None
 
 
 def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> tuple[str | None, str | None]:
@@ -64,7 +66,7 @@ def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgrou
         try:
             for line in (folder / "memory.stat").read_text().splitlines():
                 if line.startswith("hierarchical_memory_limit "):
-                    hierarchical = _read_int_text(line.split()[1])
+                    hierarchical = _parse_int(line.split()[1])
                     if hierarchical is not None:
                         limit = hierarchical if limit is None else min(limit, hierarchical)
         except OSError:
@@ -86,14 +88,6 @@ def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgrou
         if limits:
             return min(limits), _read_int(folder / "memory.current") or 0
     return None
-
-
-def _read_int_text(text: str) -> int | None:
-    try:
-        value = int(text)
-    except ValueError:
-        return None
-    return None if value >= UNLIMITED else value
 
 
 def memory_capacity_bytes(memory_limit_bytes: int | None = None, used_by_blocks_bytes: int = 0) -> int:
