@@ -130,5 +130,5 @@ def test_executor_rejects_bad_programs_and_values():
     with pytest.raises(HostError) as err:
         list(executor.deliver("s", 1, 5, {"x0": x0}))
     assert err.value.code == "NOT_FOUND" and not executor.steps
-    out = [o for o, _ in executor.deliver("s", 1, 0, {"x0": x0})]
+    out = [o.messages for o in executor.deliver("s", 1, 0, {"x0": x0})]
     assert out[-1][0][0] == HEAD_NODE

@@ -58,6 +58,15 @@ class StageOpSpec:
     output: str
 
 
+@dataclass
+class CompiledStage:
+    """Ops checked against the blocks held at ``version`` of the host's block table."""
+    ops: list[StageOpSpec]
+    returns: list[str]
+    blocks: list[Block]
+    version: int
+
+
 class BlockHost:
     def __init__(self, name: str, memory_limit_bytes: int | None = None, device: str = "cpu") -> None:
         self.name = name
@@ -68,6 +77,7 @@ class BlockHost:
         self.block_hash: dict[BlockId, str] = {}
         self.compute_seconds = 0.0
         self.flops_done = 0.0
+        self._version = 0  # bumped whenever self.blocks changes
 
     # ------------------------------------------------------------------ weights and blocks
     def has_weights(self, hashes: list[str]) -> list[str]:
@@ -97,6 +107,7 @@ class BlockHost:
             raise HostError("RESOURCE_EXHAUSTED", f"{block_id}: {block.weight_bytes} more bytes exceed "
                             f"{self.name}'s memory limit of {self.memory_limit_bytes}")
         self.blocks[block_id] = block
+        self._version += 1
         self.block_hash[block_id] = content_hash
         log.info("worker %s: loaded %s (%d bytes)", self.name, block_id, block.weight_bytes)
         return block
@@ -106,6 +117,7 @@ class BlockHost:
         for text in block_texts:
             block_id = parse_block_id(text)
             if self.blocks.pop(block_id, None) is not None:
+                self._version += 1
                 self.block_hash.pop(block_id)
                 done.append(text)
         live = set(self.block_hash.values())
@@ -140,15 +152,13 @@ class BlockHost:
             raise HostError("NOT_FOUND", f"block {block_id} is not on worker {self.name}")
         return block
 
-    def _validate(self, session: str, position: int, inputs: dict[str, torch.Tensor],
-                  ops: list[StageOpSpec], returns: list[str]) -> list[Block]:
-        """Check the whole request before running anything, so a bad one changes nothing."""
-        if not session:
-            raise HostError("INVALID_ARGUMENT", "empty session id")
+    def compile_stage(self, ops: list[StageOpSpec], input_names, returns: list[str]) -> CompiledStage:
+        """The checks that depend only on the ops and the blocks held: done once per
+        program segment in relay mode, per request otherwise."""
         if not ops:
             raise HostError("INVALID_ARGUMENT", "stage has no ops")
         blocks = [self._block(op.block_id) for op in ops]
-        known = set(inputs)
+        known = set(input_names)
         for op, block in zip(ops, blocks):
             for name in op.inputs:
                 if name not in known:
@@ -159,6 +169,21 @@ class BlockHost:
                 raise HostError("INVALID_ARGUMENT", f"{block.block_id} takes 1 input, got {len(op.inputs)}")
             if block.block_id.kind is BlockKind.PROJECTION and len(op.inputs) < 2:
                 raise HostError("INVALID_ARGUMENT", f"{block.block_id} takes the residual and the head outputs")
+            known.add(op.output)
+        for name in returns:
+            if name not in known:
+                raise HostError("INVALID_ARGUMENT", f"cannot return {name!r}: nothing produces it")
+        return CompiledStage(ops, returns, blocks, self._version)
+
+    def _check_request(self, session: str, position: int, inputs: dict[str, torch.Tensor],
+                       stage: CompiledStage) -> None:
+        """The per-request checks, all before anything runs, so a bad request changes nothing."""
+        if not session:
+            raise HostError("INVALID_ARGUMENT", "empty session id")
+        if stage.version != self._version:  # blocks were loaded or unloaded since it was compiled
+            stage.blocks = [self._block(op.block_id) for op in stage.ops]
+            stage.version = self._version
+        for block in stage.blocks:
             if isinstance(block, AttentionBlock):
                 cache = block.caches.get(session)
                 if cache is None and position > 0:
@@ -167,22 +192,22 @@ class BlockHost:
                 if have != position:
                     raise HostError("FAILED_PRECONDITION", f"{block.block_id}: session {session!r} has {have} "
                                     f"cached tokens, request is at position {position}")
-            known.add(op.output)
         lengths = {t.shape[1] if t.dim() == 3 else -1 for t in inputs.values()}
         if len(lengths) > 1:
             raise HostError("INVALID_ARGUMENT", "request inputs cover different numbers of tokens")
-        for name in returns:
-            if name not in known:
-                raise HostError("INVALID_ARGUMENT", f"cannot return {name!r}: nothing produces it")
-        return blocks
 
     def run_stage(self, session: str, position: int, inputs: dict[str, torch.Tensor], ops: list[StageOpSpec],
                   returns: list[str]) -> dict[str, torch.Tensor]:
         """Run ops in order over a value table seeded with ``inputs``; return ``returns``.
 
         Attention caches advance only if the whole stage succeeds."""
-        blocks = self._validate(session, position, inputs, ops, returns)
-        values = {k: v.to(self.device) for k, v in inputs.items()}
+        return self.run_compiled(session, position, inputs, self.compile_stage(ops, inputs, returns))
+
+    def run_compiled(self, session: str, position: int, inputs: dict[str, torch.Tensor],
+                     stage: CompiledStage) -> dict[str, torch.Tensor]:
+        self._check_request(session, position, inputs, stage)
+        ops, blocks, returns = stage.ops, stage.blocks, stage.returns
+        values = dict(inputs) if self.device.type == "cpu" else {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
         normed: dict[tuple, torch.Tensor] = {}  # groups of one layer here share one norm of their input
         start = time.perf_counter()

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
-from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.host import BlockHost, CompiledStage, HostError, StageOpSpec
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Segment:
     inputs: list[str]  # values it reads that it does not make
     returns: list[str]  # values later segments, later calls or routes need
     routes: list[tuple[str, list[str]]]  # routes complete after this segment
+    stage: CompiledStage | None = None  # set when the program is installed
 
 
 @dataclass
@@ -45,7 +47,9 @@ class _Step:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-Outgoing = tuple[list[tuple[str, dict[str, torch.Tensor]]], float]  # ((destination, values)..., path compute)
+class Outgoing(NamedTuple):
+    messages: list[tuple[str, dict[str, torch.Tensor]]]  # (destination, values); "" is the head node
+    path_compute: float  # compute seconds on the step's critical path so far
 
 
 def segments(call: ProgramCall) -> list[Segment]:
@@ -83,8 +87,6 @@ class RelayExecutor:
         for i, call in enumerate(calls):
             if not call.ops:
                 raise HostError("INVALID_ARGUMENT", f"epoch {epoch}: call {i} has no ops")
-            for op in call.ops:
-                self.host._block(op.block_id)  # NOT_FOUND if the block is not here
             outputs = {op.output for op in call.ops}
             for name in call.keep:
                 if name not in outputs:
@@ -97,7 +99,9 @@ class RelayExecutor:
                 if missing:
                     raise HostError("INVALID_ARGUMENT", f"epoch {epoch}: call {i} routes {missing} without "
                                     "keeping them")
-        self.programs[epoch] = [(call, segments(call)) for call in calls]
+        # NOT_FOUND if a block is not here; INVALID_ARGUMENT for an op that reads nothing known
+        self.programs[epoch] = [(call, [replace(seg, stage=self.host.compile_stage(seg.ops, seg.inputs, seg.returns))
+                                        for seg in segments(call)]) for call in calls]
         self.expected[epoch] = {n for c in calls for n in c.inputs}
         for old in sorted(self.programs)[:-self.epochs_kept]:
             del self.programs[old], self.expected[old]
@@ -132,11 +136,11 @@ class RelayExecutor:
                 for seg in program[step.next_call][1]:
                     inputs = {n: step.values[n] for n in seg.inputs}
                     t0 = time.perf_counter()
-                    step.values.update(self.host.run_stage(session, position, inputs, seg.ops, seg.returns))
+                    step.values.update(self.host.run_compiled(session, position, inputs, seg.stage))
                     step.path_compute += time.perf_counter() - t0
                     if seg.routes:
-                        yield [(dest, {n: step.values[n] for n in names}) for dest, names in seg.routes], \
-                            step.path_compute
+                        yield Outgoing([(dest, {n: step.values[n] for n in names}) for dest, names in seg.routes],
+                                       step.path_compute)
                 step.next_call += 1
         except BaseException:
             self.steps.pop(key, None)

@@ -13,7 +13,7 @@ from edgeheads.worker.host import HostError, StageOpSpec
 from edgeheads.worker.peers import PeerLinks
 from edgeheads.worker.relay import ProgramCall, RelayExecutor
 from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.wire import DataLossError, WireError, tensor_from_proto, tensor_to_proto
+from edgeheads.worker.runtime.wire import DataLossError, WireError, fill_tensor_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +93,23 @@ class RelayRpcs:
             values = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in batch.values}
             for out, path in self.relay.deliver(batch.session, batch.epoch, batch.position, values,
                                                 batch.path_compute_seconds):
-                encoded: dict[str, tensor_pb2.NamedTensor] = {}  # a value sent to two places is encoded once
+                made: dict[str, tensor_pb2.NamedTensor] = {}  # a value sent to two places is encoded once
                 for dest, tensors in out:
+                    message = worker_pb2.ValueBatch(session=batch.session, epoch=batch.epoch,
+                                                    position=batch.position, path_compute_seconds=path)
                     for n, t in tensors.items():
-                        if n not in encoded:
-                            encoded[n] = tensor_pb2.NamedTensor(name=n, tensor=tensor_to_proto(t))
-                    protos = [encoded[n] for n in tensors]
+                        nt = message.values.add(name=n)
+                        if n in made:
+                            nt.CopyFrom(made[n])
+                        else:
+                            fill_tensor_proto(nt.tensor, t)
+                            made[n] = nt
                     if dest:
-                        self.peers.send(dest, worker_pb2.ValueBatch(session=batch.session, epoch=batch.epoch,
-                                                                    position=batch.position, values=protos,
-                                                                    path_compute_seconds=path))
+                        self.peers.send(dest, message)
                     else:
                         self._to_head(batch.epoch, worker_pb2.DriveReply(
-                            session=batch.session, epoch=batch.epoch, position=batch.position, values=protos,
-                            path_compute_seconds=path))
+                            session=message.session, epoch=message.epoch, position=message.position,
+                            values=message.values, path_compute_seconds=path))
                 await asyncio.sleep(0)  # let the sends start before computing on
         except (HostError, WireError) as err:
             log.warning("worker %s: relay step of session %s failed: %s", self.host.name, batch.session, err)

@@ -38,11 +38,27 @@ class DataLossError(WireError):
 
 
 def tensor_to_proto(t: torch.Tensor) -> tensor_pb2.Tensor:
-    if t.dtype not in DTYPE_NAMES:
+    msg = tensor_pb2.Tensor()
+    fill_tensor_proto(msg, t)
+    return msg
+
+
+def fill_tensor_proto(msg: tensor_pb2.Tensor, t: torch.Tensor) -> None:
+    """Write ``t`` into an empty Tensor message in place (building a message inside its
+    parent avoids protobuf copying it in; this runs once per value per relay hop)."""
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
         raise WireError(f"dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
-    t = t.detach().contiguous().cpu()
-    return tensor_pb2.Tensor(dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
-                             data=t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.contiguous().cpu()
+    msg.dtype = name
+    msg.shape.extend(t.shape)
+    # numpy has no bfloat16: those go through a byte view (the same little-endian bytes)
+    msg.data = (t.numpy() if t.dtype is not torch.bfloat16 else t.reshape(-1).view(torch.uint8).numpy()).tobytes()
+
+
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 
 def tensor_from_proto(p: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
@@ -50,18 +66,19 @@ def tensor_from_proto(p: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tenso
     dtype = DTYPES.get(p.dtype)
     if dtype is None:
         raise WireError(f"{name}: unknown dtype {p.dtype!r}; supported: {sorted(DTYPES)}")
-    if any(d < 0 for d in p.shape):
-        raise WireError(f"{name}: negative dimension in shape {list(p.shape)}")
+    shape = tuple(p.shape)
     numel = 1
-    for d in p.shape:
+    for d in shape:
+        if d < 0:
+            raise WireError(f"{name}: negative dimension in shape {list(shape)}")
         numel *= d
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(p.data) != numel * itemsize:
-        raise WireError(f"{name}: shape {list(p.shape)} of {p.dtype} needs {numel * itemsize} bytes, "
-                        f"got {len(p.data)}")
+    data = p.data
+    if len(data) != numel * _ITEMSIZE[p.dtype]:
+        raise WireError(f"{name}: shape {list(shape)} of {p.dtype} needs {numel * _ITEMSIZE[p.dtype]} bytes, "
+                        f"got {len(data)}")
     if numel == 0:
-        return torch.empty(tuple(p.shape), dtype=dtype)
-    return torch.frombuffer(bytearray(p.data), dtype=torch.uint8).view(dtype).reshape(tuple(p.shape))
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
 
 
 def sha256_hex(blob: bytes) -> str:
