@@ -1,11 +1,7 @@
 """The head node's long-lived link to the controller: report decoding progress (so the
 controller can re-plan every N tokens) and follow its placement epochs, migrating to
 each new one. Migrations run one at a time; when several epochs arrive during one,
-only the newest is applied next.
-
-Progress goes out at most every PROGRESS_INTERVAL_SECONDS, summed per epoch: a message
-per decoded token would wake the controller ~10 times a second for nothing (it only
-counts tokens), and on a board that wake-up competes with the step it reports."""
+only the newest is applied next."""
 
 from __future__ import annotations
 
@@ -21,8 +17,6 @@ from edgeheads.worker.blocks.spec import BlockId
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_SECONDS = 0.25
-
 
 class ControllerLink:
     def __init__(self, cluster: ClusterExecutor, stub: controller_pb2_grpc.ControllerStub,
@@ -30,8 +24,7 @@ class ControllerLink:
         self.cluster = cluster
         self.stub = stub
         self.migration_timeout_seconds = migration_timeout_seconds
-        self.progress: list[controller_pb2.ProgressReport] = []  # not yet sent; the last one still grows
-        self._progress_ready = asyncio.Event()
+        self.progress: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         self.reports: list[MigrationReport] = []
         self.failures: list[str] = []
         self._tasks: list[asyncio.Task] = []
@@ -46,25 +39,15 @@ class ControllerLink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _on_step(self, tokens: int, seconds: float, epoch: int) -> None:
-        last = self.progress[-1] if self.progress else None
-        if last is None or last.epoch != epoch:
-            if len(self.progress) >= 1000:  # the controller is not keeping up; progress is advisory
-                return
-            last = controller_pb2.ProgressReport(epoch=epoch)
-            self.progress.append(last)
-        last.tokens += tokens
-        last.step_seconds += seconds
-        self._progress_ready.set()
+        try:
+            self.progress.put_nowait(controller_pb2.ProgressReport(tokens=tokens, step_seconds=seconds, epoch=epoch))
+        except asyncio.QueueFull:  # the controller is not keeping up; progress is advisory
+            pass
 
     async def _report_progress(self) -> None:
         async def reports():
             while True:
-                await self._progress_ready.wait()
-                self._progress_ready.clear()
-                batch, self.progress = self.progress, []
-                for report in batch:
-                    yield report
-                await asyncio.sleep(PROGRESS_INTERVAL_SECONDS)
+                yield await self.progress.get()
         while True:
             try:
                 await self.stub.ReportProgress(reports())
