@@ -19,7 +19,7 @@ from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
 from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
-from edgeheads.worker.runtime.wire import WireError, blob_to_weights, sha256_hex
+from edgeheads.worker.runtime.wire import DataLossError, WireError, blob_to_weights, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ class HostError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def status_name(err: Exception) -> str:
+    """The grpc.StatusCode name for a HostError or a wire error."""
+    if isinstance(err, HostError):
+        return err.code
+    return "DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from edgeheads.v1 import worker_pb2, worker_pb2_grpc
+from edgeheads.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.runtime.config import GrpcSettings
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ class LinkTable:
             link.latency_seconds = latency
         link.source, link.measured_at = source, time.time()
 
-    def reports(self) -> list:
-        from edgeheads.v1 import controller_pb2
+    def reports(self) -> list[controller_pb2.LinkReport]:
         return [controller_pb2.LinkReport(peer=p, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
                                           latency_seconds=link.latency_seconds, source=link.source)
                 for p, link in sorted(self.links.items())]

@@ -10,9 +10,9 @@ import time
 import grpc
 
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
-from edgeheads.worker.host import HostError
+from edgeheads.worker.host import HostError, status_name
 from edgeheads.worker.migration import cache_lengths, export_state, import_state
-from edgeheads.worker.runtime.wire import ChunkAssembler, DataLossError, WireError, chunks
+from edgeheads.worker.runtime.wire import ChunkAssembler, WireError, chunks
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ class MigrationRpcs:
             await context.abort(code, f"pulling {request.block_id} from {request.source_address}: "
                                 f"{err.code().name}: {err.details()}")
         except (HostError, WireError) as err:
-            code = err.code if isinstance(err, HostError) else \
-                ("DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode[code], f"pulling {request.block_id}: {err}")
+            await context.abort(grpc.StatusCode[status_name(err)], f"pulling {request.block_id}: {err}")
         seconds = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.pulled_bytes.inc(len(blob))

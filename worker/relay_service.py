@@ -9,11 +9,11 @@ import logging
 import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2
-from edgeheads.worker.host import HostError, StageOpSpec
+from edgeheads.worker.host import HostError, StageOpSpec, status_name
 from edgeheads.worker.peers import PeerLinks
 from edgeheads.worker.relay import ProgramCall, RelayExecutor
 from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.wire import DataLossError, WireError, fill_tensor_proto, tensor_from_proto
+from edgeheads.worker.runtime.wire import WireError, fill_tensor_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,6 @@ def program_from_proto(request: worker_pb2.InstallProgramRequest) -> list[Progra
             inputs=list(call.inputs), keep=[op.output for op in call.ops if op.output in later | routed],
             routes={r.destination: list(r.values) for r in call.routes}))
     return program
-
-
-def status_name(err: Exception) -> str:
-    if isinstance(err, HostError):
-        return err.code
-    return "DATA_LOSS" if isinstance(err, DataLossError) else "INVALID_ARGUMENT"
 
 
 class RelayRpcs:
@@ -95,8 +89,10 @@ class RelayRpcs:
                                                 batch.path_compute_seconds):
                 made: dict[str, tensor_pb2.NamedTensor] = {}  # a value sent to two places is encoded once
                 for dest, tensors in out:
-                    message = worker_pb2.ValueBatch(session=batch.session, epoch=batch.epoch,
-                                                    position=batch.position, path_compute_seconds=path)
+                    # the same fields either way: a ValueBatch to a peer, a DriveReply to the head node
+                    kind = worker_pb2.ValueBatch if dest else worker_pb2.DriveReply
+                    message = kind(session=batch.session, epoch=batch.epoch, position=batch.position,
+                                   path_compute_seconds=path)
                     for n, t in tensors.items():
                         nt = message.values.add(name=n)
                         if n in made:
@@ -107,9 +103,7 @@ class RelayRpcs:
                     if dest:
                         self.peers.send(dest, message)
                     else:
-                        self._to_head(batch.epoch, worker_pb2.DriveReply(
-                            session=message.session, epoch=message.epoch, position=message.position,
-                            values=message.values, path_compute_seconds=path))
+                        self._to_head(batch.epoch, message)
                 await asyncio.sleep(0)  # let the sends start before computing on
         except (HostError, WireError) as err:
             log.warning("worker %s: relay step of session %s failed: %s", self.host.name, batch.session, err)

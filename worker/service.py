@@ -9,24 +9,18 @@ from collections.abc import AsyncIterator
 import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.host import BlockHost, HostError, StageOpSpec, status_name
 from edgeheads.worker.links import LinkTable
 from edgeheads.worker.migration_service import MigrationRpcs
 from edgeheads.worker.relay_service import RelayRpcs
 from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.wire import ChunkAssembler, DataLossError, WireError, tensor_from_proto, tensor_to_proto
+from edgeheads.worker.runtime.wire import ChunkAssembler, WireError, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
 
 async def abort_for(context: grpc.aio.ServicerContext, err: Exception) -> None:
-    if isinstance(err, HostError):
-        code = grpc.StatusCode[err.code]
-    elif isinstance(err, DataLossError):
-        code = grpc.StatusCode.DATA_LOSS
-    else:
-        code = grpc.StatusCode.INVALID_ARGUMENT
-    await context.abort(code, str(err))
+    await context.abort(grpc.StatusCode[status_name(err)], str(err))
 
 
 class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):

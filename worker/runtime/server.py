@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from edgeheads.worker.runtime import metrics
 from edgeheads.worker.runtime.config import GrpcSettings
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ def write_ready_file(path: str, address: str) -> None:
 def serve_metrics(listen: str | None, registry, ready_file: str | None) -> str | None:
     """Start the daemon's Prometheus exporter; with a ready file, write the bound address to
     ``READY.metrics`` first (launchers read it once the ready file appears)."""
-    from edgeheads.worker.runtime import metrics
-
     bound = metrics.serve(listen, registry)
     if bound and ready_file:
         write_ready_file(f"{ready_file}.metrics", bound)

@@ -58,9 +58,6 @@ def fill_tensor_proto(msg: tensor_pb2.Tensor, t: torch.Tensor) -> None:
     msg.data = (t.numpy() if t.dtype is not torch.bfloat16 else t.reshape(-1).view(torch.uint8).numpy()).tobytes()
 
 
-_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
-
-
 def tensor_from_proto(p: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     """Decode and validate: known dtype, non-negative shape, byte count matching the shape."""
     dtype = DTYPES.get(p.dtype)
@@ -73,8 +70,8 @@ def tensor_from_proto(p: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tenso
             raise WireError(f"{name}: negative dimension in shape {list(shape)}")
         numel *= d
     data = p.data
-    if len(data) != numel * _ITEMSIZE[p.dtype]:
-        raise WireError(f"{name}: shape {list(shape)} of {p.dtype} needs {numel * _ITEMSIZE[p.dtype]} bytes, "
+    if len(data) != numel * dtype.itemsize:
+        raise WireError(f"{name}: shape {list(shape)} of {p.dtype} needs {numel * dtype.itemsize} bytes, "
                         f"got {len(data)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
