@@ -1,11 +1,13 @@
 """Decode tokens/s of a 3-worker loopback cluster vs the in-process engine, same run.
 
     python benchmarks/cluster_vs_local.py [--model smollm2-135m] [--new-tokens 128] [--workers 3]
-                                          [--configs relay:spread,head:spread,relay:round-robin,head:round-robin]
+                                          [--configs relay:spread,relay/grpc:spread,head:spread,...]
                                           [--repeats 3]
 
-Each config is DATAFLOW:POLICY: relay (workers pass activations to each other) or
-head (every phase is a round trip through the head node), and a placement policy.
+Each config is DATAFLOW[/TRANSPORT]:POLICY: relay (workers pass activations to each
+other) or head (every phase is a round trip through the head node); for relay, how the
+activations travel: tcp (the default, frames on the workers' relay ports) or grpc
+(gRPC streams); and a placement policy.
 The first config is the default one, the headline figure; the others are an ablation.
 The in-process engine runs before and after the clusters and the ratio uses the mean
 of the two, since this machine's speed drifts. Each config runs --repeats times
@@ -40,8 +42,11 @@ def run_local(model, prompt_ids, params):
     return local.generate_ids(prompt_ids, params)
 
 
-def run_cluster(args, prompt_ids, dataflow: str, policy: str):
-    env = {"EDGEHEADS_HEADNODE__DATAFLOW": dataflow, "EDGEHEADS_CONTROLLER__POLICY": policy}
+def run_cluster(args, prompt_ids, config: str):
+    flow, policy = config.split(":")
+    dataflow, _, transport = flow.partition("/")
+    env = {"EDGEHEADS_HEADNODE__DATAFLOW": dataflow, "EDGEHEADS_CONTROLLER__POLICY": policy,
+           "EDGEHEADS_HEADNODE__RELAY_TRANSPORT": transport or "tcp"}
     with LocalCluster(args.model, workers=args.workers, progress=False, extra_env=env) as cluster:
         client = Client(cluster.address)
         stub = client._stub
@@ -65,7 +70,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--workers", type=int, default=3)
-    ap.add_argument("--configs", default="relay:spread,head:spread,relay:round-robin,head:round-robin")
+    ap.add_argument("--configs", default="relay:spread,relay/grpc:spread,head:spread,relay:round-robin,"
+                                         "head:round-robin")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each config (the table shows the median)")
     args = ap.parse_args()
     set_threads()
@@ -76,15 +82,14 @@ def main() -> None:
     runs: dict[str, list[tuple]] = {c: [] for c in configs}
     for _ in range(args.repeats):
         for config in configs:
-            dataflow, policy = config.split(":")
-            runs[config].append(run_cluster(args, prompt_ids, dataflow, policy))
+            runs[config].append(run_cluster(args, prompt_ids, config))
     ref_after = run_local(args.model, prompt_ids, params)
     local_rate = (ref.decode_tokens_per_second + ref_after.decode_tokens_per_second) / 2
     print(f"model {args.model}, fp32, {len(prompt_ids)} prompt tokens, {args.new_tokens} new tokens, "
           f"{args.workers} workers on loopback")
     print(f"in-process engine: {ref.decode_tokens_per_second:.2f} decode tokens/s before the clusters, "
           f"{ref_after.decode_tokens_per_second:.2f} after, mean {local_rate:.2f}")
-    print(f"{'dataflow:policy':24s} {'tok/s':>7s} {'ratio':>7s} {'phases':>7s} {'phase us':>9s} "
+    print(f"{'dataflow/transport:policy':26s} {'tok/s':>7s} {'ratio':>7s} {'phases':>7s} {'phase us':>9s} "
           f"{'network us':>11s}  identical  every run's ratio")
     medians = {}
     for config in configs:
@@ -92,7 +97,7 @@ def main() -> None:
         tokens, rate, phases, mean_phase, mean_compute = medians[config] = ordered[len(ordered) // 2]
         same = all(r[0] == ref.token_ids[:len(r[0])] and len(r[0]) == args.new_tokens for r in runs[config])
         every = ", ".join(f"{r[1] / local_rate:.3f}" for r in runs[config])
-        print(f"{config:24s} {rate:7.2f} {rate / local_rate:6.3f}x {phases:7d} {mean_phase * 1e6:9.0f} "
+        print(f"{config:26s} {rate:7.2f} {rate / local_rate:6.3f}x {phases:7d} {mean_phase * 1e6:9.0f} "
               f"{(mean_phase - mean_compute) * 1e6:11.0f}  {str(same):9s}  {every}")
     rate = medians[configs[0]][1]
     print(f"headline ({configs[0]}, median of {args.repeats}): cluster/in-process = {rate / local_rate:.3f}x "

@@ -43,6 +43,8 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--advertise", default=None, help="HOST:PORT others should dial, if not the listen address")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core)")
+    p.add_argument("--relay-port", type=int, default=None,
+                   help="TCP port for relay activations, on the listen host (default: any free port)")
     _common(p)
     p.set_defaults(func=_cmd_worker)
 
@@ -54,6 +56,9 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataflow", choices=["relay", "head"], default=None,
                    help="relay (default): workers pass activations to each other; head: every phase "
                         "goes through the head node")
+    p.add_argument("--relay-transport", choices=["tcp", "grpc"], default=None,
+                   help="how relay activations travel: tcp (default) frames on each worker's relay port; "
+                        "grpc streams, when only the workers' gRPC ports are reachable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
     p.set_defaults(func=_cmd_headnode)
@@ -78,7 +83,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     cfg = _config(args, "worker", {"listen": args.listen, "controller": args.controller, "name": args.name,
                                    "memory_limit_bytes": args.memory_limit, "device": args.device,
-                                   "advertise": args.advertise, "torch_threads": args.threads})
+                                   "advertise": args.advertise, "torch_threads": args.threads,
+                                   "relay_port": args.relay_port})
     asyncio.run(run_worker(cfg.worker, cfg.grpc, args.ready_file))
     return 0
 
@@ -88,7 +94,8 @@ def _cmd_headnode(args: argparse.Namespace) -> int:
     from edgeheads.headnode.local import set_threads
 
     cfg = _config(args, "headnode", {"listen": args.listen, "controller": args.controller, "model": args.model,
-                                     "min_workers": args.min_workers, "dataflow": args.dataflow})
+                                     "min_workers": args.min_workers, "dataflow": args.dataflow,
+                                     "relay_transport": args.relay_transport})
     set_threads()
     asyncio.run(run_headnode(cfg.headnode, cfg.grpc, args.ready_file, progress=not args.quiet))
     return 0

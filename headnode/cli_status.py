@@ -88,7 +88,8 @@ def render(status: dict, decisions: int) -> str:
                      f"[{spread}]  because: {d['reason']}")
     head = status.get("headnode")
     if head:
-        lines += ["", f"head node: epoch {head['epoch']}, {head['active_sessions']} active sessions, "
+        lines += ["", f"head node: epoch {head['epoch']} ({head['dataflow']} dataflow), "
+                      f"{head['active_sessions']} active sessions, "
                       f"{head['migrations']} migrations ({_mib(head['migrated_bytes'])} moved, longest hold "
                       f"{head['max_stall_seconds'] * 1e3:.0f} ms), {head['migration_failures']} abandoned, "
                       f"{head['phases_per_token']} phases/token, mean {head['mean_phase_seconds'] * 1e6:.0f} us each"]

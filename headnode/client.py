@@ -110,4 +110,4 @@ class Client:
                 "mean_phase_compute_seconds": reply.mean_phase_compute_seconds,
                 "migrations": reply.migrations, "migration_failures": reply.migration_failures,
                 "migrated_bytes": reply.migrated_bytes, "max_stall_seconds": reply.max_stall_seconds,
-                "last_migration_error": reply.last_migration_error}
+                "last_migration_error": reply.last_migration_error, "dataflow": reply.dataflow}

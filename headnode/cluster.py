@@ -48,11 +48,14 @@ class SessionStreams:
 
 class ClusterExecutor:
     def __init__(self, parts: ModelParts, grpc_settings: GrpcSettings | None = None, dataflow: str = "relay",
-                 step_timeout_seconds: float = 60.0, metrics: HeadnodeMetrics | None = None) -> None:
+                 step_timeout_seconds: float = 60.0, metrics: HeadnodeMetrics | None = None,
+                 relay_transport: str = "tcp") -> None:
         self.metrics = metrics
         if dataflow not in ("relay", "head"):
             raise ValueError(f"dataflow must be 'relay' or 'head', not {dataflow!r}")
         self.dataflow = dataflow
+        self.relay_transport = relay_transport
+        self.dataflow_name = f"relay/{relay_transport}" if dataflow == "relay" else dataflow
         self.step_timeout_seconds = step_timeout_seconds
         self.relay: RelayDriver | None = None
         self.gate = StepGate()
@@ -144,7 +147,8 @@ class ClusterExecutor:
         epoch = Epoch(number, dict(placement), dict(addresses), compile_plan(self.shape, placement))
         driver = None
         if self.dataflow == "relay":
-            driver = RelayDriver(number, relay_plan(epoch.plan), self.stubs, self.step_timeout_seconds)
+            driver = RelayDriver(number, relay_plan(epoch.plan), self.stubs, self.step_timeout_seconds,
+                                 self.relay_transport, self.grpc_settings.max_message_bytes)
             try:
                 await driver.start(addresses)
             except BaseException:

@@ -50,7 +50,8 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
     serve_metrics(settings.metrics_listen, registry, ready_file)
     model = await asyncio.to_thread(load_model, settings.model, progress=progress)
     cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
-                              step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics)
+                              step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics,
+                              relay_transport=settings.relay_transport)
     async with grpc.aio.insecure_channel(settings.controller,
                                          options=grpc_settings.channel_options()) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)

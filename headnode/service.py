@@ -71,7 +71,7 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
             mean_phase_seconds=self.cluster.phase_seconds_total / max(1, self.cluster.phases_run),
             phases_per_token=len(epoch.plan.phases) if epoch else 0,
             mean_phase_compute_seconds=self.cluster.phase_compute_seconds_total / max(1, self.cluster.phases_run),
-            **self._migration_status())
+            dataflow=self.cluster.dataflow_name, **self._migration_status())
 
     def _migration_status(self) -> dict:
         if self.link is None:

@@ -95,17 +95,22 @@ def test_bad_generate_request_is_invalid_argument(smol_cluster):
             client.generate("")
 
 
-@pytest.mark.parametrize("dataflow,policy", [("relay", "spread"), ("head", "round-robin")])
+@pytest.mark.parametrize("dataflow,policy", [("relay/tcp", "spread"), ("relay/grpc", "spread"),
+                                             ("head", "round-robin")])
 def test_gpt2_cluster_is_token_identical_to_in_process(save_tiny_model, dataflow, policy):
     path = save_tiny_model(TINY_CONFIGS["gpt2"], "gpt2-cluster", seed=4)
     local = LocalGenerator(load_model(str(path), progress=False))
     prompt = "Edge devices"
     expected = local.generate(prompt, SamplingParams(max_new_tokens=20)).token_ids
-    env = {"EDGEHEADS_HEADNODE__DATAFLOW": dataflow, "EDGEHEADS_CONTROLLER__POLICY": policy}
+    flow, _, transport = dataflow.partition("/")
+    env = {"EDGEHEADS_HEADNODE__DATAFLOW": flow, "EDGEHEADS_CONTROLLER__POLICY": policy}
+    if transport:
+        env["EDGEHEADS_HEADNODE__RELAY_TRANSPORT"] = transport
     with LocalCluster(str(path), workers=3, progress=False, extra_env=env) as cluster, \
             Client(cluster.address) as client:
         got = client.generate_full(prompt, max_new_tokens=20)
         status = client.status()
+    assert status["dataflow"] == dataflow
     assert got.token_ids == expected
     assert_heads_spread(status)
     layers = TINY_CONFIGS["gpt2"].n_layer

@@ -4,6 +4,7 @@ and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.sampling import SamplingParams
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.worker.runtime.relay_wire import HEADER, Kind, encode, encode_message, read_frame
 from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_to_proto, weights_to_blob
 from tiny_configs import TINY_CONFIGS
 
@@ -78,6 +80,21 @@ def install(stub, block: str, routes: list[worker_pb2.Route]) -> grpc.RpcError |
         return stub.InstallProgram(worker_pb2.InstallProgramRequest(epoch=99, calls=[call]), timeout=10)
     except grpc.RpcError as err:
         return err
+
+
+def relay_port_exchange(address: str, port: int, data: bytes) -> list[tuple[Kind, worker_pb2.DriveReply]]:
+    """Send raw bytes to a worker's relay TCP port, close our side, and read every frame back."""
+    async def go():
+        reader, writer = await asyncio.open_connection(address.rsplit(":", 1)[0], port)
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        frames = []
+        while (frame := await asyncio.wait_for(read_frame(reader, 1 << 20), 10)) is not None:
+            frames.append((frame[0], worker_pb2.DriveReply.FromString(frame[1])))
+        writer.close()
+        return frames
+    return asyncio.run(go())
 
 
 def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cluster, tiny):
@@ -145,7 +162,30 @@ def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cl
             block_id=block, model_shape_json='{"arch": "bert"}', content_hash=digest)]), "INVALID_ARGUMENT",
          "model shape"),
     ]
+    # the same values sent to the relay TCP port (the tcp relay transport) as frames
+    port = stub.RelayEndpoint(worker_pb2.RelayEndpointRequest()).port
+    hello = encode_message(Kind.HELLO_FORWARD, worker_pb2.ValueBatch(epoch=99))
+    corrupt_batch = encode_message(Kind.BATCH, worker_pb2.ValueBatch(
+        session="s1", epoch=99, position=0, values=[tensor_pb2.NamedTensor(name="x0", tensor=bad_bytes)]))
+    flipped = encode_message(Kind.BATCH, worker_pb2.ValueBatch(session="s1", epoch=99))
+    flipped = flipped[:-1] + bytes([flipped[-1] ^ 0x40])
+    relay_cases = [
+        ("not a relay frame", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "INVALID_ARGUMENT", "not an edgeheads relay"),
+        ("no hello", corrupt_batch, "INVALID_ARGUMENT", "must open with a hello"),
+        ("corrupt relay frame", hello + flipped, "DATA_LOSS", "checksum mismatch"),
+        ("truncated relay frame", hello + corrupt_batch[:-5], "DATA_LOSS", "ended"),
+        ("oversized relay frame", hello + HEADER.pack(b"EHR1", Kind.BATCH, 1 << 40 >> 10, 0), "RESOURCE_EXHAUSTED",
+         "exceeds the limit"),
+        ("not a ValueBatch", hello + encode(Kind.BATCH, b"\xff" * 9), "INVALID_ARGUMENT", "not a valid ValueBatch"),
+        ("malformed tensor in a relay frame", hello + corrupt_batch, "INVALID_ARGUMENT", "bytes"),
+    ]
+    relay_got = [(name, relay_port_exchange(cluster.addresses[worker], port, data), code, message)
+                 for name, data, code, message in relay_cases]
     thread.join(timeout=300)
+    for name, frames, code, message in relay_got:
+        assert [k for k, _ in frames] == [Kind.ERROR], f"{name}: {frames}"
+        assert frames[0][1].error_code == code, f"{name}: {frames[0][1]}"
+        assert message in frames[0][1].error_message, f"{name}: {frames[0][1].error_message}"
     for name, got, code, message in cases:
         assert isinstance(got, grpc.RpcError), f"{name}: accepted"
         assert got.code().name == code, f"{name}: {got.code().name} {got.details()}"

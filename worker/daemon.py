@@ -15,6 +15,7 @@ from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2_grpc
 from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
 from edgeheads.worker.links import probe_loop
+from edgeheads.worker.relay_port import RelayPort
 from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings
 from edgeheads.worker.runtime.metrics import WorkerMetrics
 from edgeheads.worker.runtime.server import Daemon, serve_metrics, write_ready_file
@@ -88,6 +89,10 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     serve_metrics(settings.metrics_listen, registry, ready_file)
     bound = await daemon.start()
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
+    service.relay_port = RelayPort(service, grpc_settings.max_message_bytes)
+    relay_port = await service.relay_port.start(settings.listen.rsplit(":", 1)[0], settings.relay_port)
+    daemon.on_stop.append(service.relay_port.close)
+    log.info("worker %s: relay activations on TCP port %d", name, relay_port)
     flops = telemetry.measure_matmul_flops()
     service.metrics.compute_flops.set(flops)
     log.info("worker %s: %.1f GFLOP/s measured, memory limit %s", name, flops / 1e9, settings.memory_limit_bytes)

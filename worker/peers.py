@@ -1,9 +1,10 @@
-"""Outgoing relay links: one long-lived Forward stream to each peer worker.
+"""Outgoing relay links: one long-lived link to each peer worker, over the epoch's relay
+transport: a gRPC Forward stream, or a TCP connection to the peer's relay port.
 
-Each peer has a queue and one sender task, so the worker never waits on the network
-while it computes, and writes to one stream never overlap. A failed send is reported
-through ``on_error`` with the batch that could not go, so the head node learns which
-session broke and why.
+The worker never waits on the network while it computes: ``send`` only queues or
+writes. Writes to one link never interleave. A link that breaks reports, through
+``on_error``, the batches it could not send, so the head node learns which session
+broke and why; the next send opens a new link.
 """
 
 from __future__ import annotations
@@ -16,72 +17,144 @@ import grpc
 
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.runtime.config import GrpcSettings
+from edgeheads.worker.runtime.relay_wire import FrameError, Kind, RelayConnection, parse
 
 log = logging.getLogger(__name__)
 
 ErrorHandler = Callable[[worker_pb2.ValueBatch, str], None]
 
 
+class _Link:
+    def __init__(self, links: PeerLinks, peer: str) -> None:
+        self.links = links
+        self.peer = peer
+        self.address = links.addresses[peer]
+        self.queue: list[worker_pb2.ValueBatch] = []
+        self.task = asyncio.create_task(self.run())
+
+    def close(self) -> None:
+        self.task.cancel()
+
+    def _broken(self, reason: str, failed: list[worker_pb2.ValueBatch]) -> None:
+        message = f"relay to peer {self.peer} at {self.address} failed: {reason}"
+        log.warning(message)
+        self.links._drop(self)
+        for batch in failed:
+            self.links.on_error(batch, message)
+
+
+class _GrpcLink(_Link):
+    """A Forward stream fed by one pump task."""
+
+    def __init__(self, links: PeerLinks, peer: str) -> None:
+        self.ready = asyncio.Event()
+        super().__init__(links, peer)
+
+    def send(self, batch: worker_pb2.ValueBatch) -> None:
+        self.queue.append(batch)
+        self.ready.set()
+
+    async def run(self) -> None:
+        settings = self.links.grpc_settings
+        async with grpc.aio.insecure_channel(self.address, options=settings.channel_options()) as channel:
+            call = worker_pb2_grpc.WorkerStub(channel).Forward()
+            batch = None
+            try:
+                while True:
+                    await self.ready.wait()
+                    self.ready.clear()
+                    while self.queue:
+                        batch = self.queue.pop(0)
+                        await call.write(batch)
+                        batch = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the stream broke: report this batch and everything queued behind it
+                code = getattr(err, "code", lambda: None)()
+                self._broken(code.name if code else repr(err), ([batch] if batch else []) + self.queue)
+
+
+class _TcpLink(_Link):
+    """A connection to the peer's relay port: batches queue only until it is open."""
+
+    conn: RelayConnection | None = None
+
+    def send(self, batch: worker_pb2.ValueBatch) -> None:
+        if self.conn is None:
+            self.queue.append(batch)
+            return
+        try:
+            self.conn.send(Kind.BATCH, batch)
+        except ConnectionError as err:
+            self.close()
+            self._broken(str(err), [batch])
+
+    async def run(self) -> None:
+        settings = self.links.grpc_settings
+        try:
+            async with grpc.aio.insecure_channel(self.address, options=settings.channel_options()) as channel:
+                port = (await worker_pb2_grpc.WorkerStub(channel).RelayEndpoint(
+                    worker_pb2.RelayEndpointRequest(), timeout=10)).port
+            self.conn = await RelayConnection.open(self.address, port, Kind.HELLO_FORWARD, 0,
+                                                   settings.max_message_bytes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            code = getattr(err, "code", lambda: None)()
+            self._broken(code.name if code else repr(err), self.queue)
+            return
+        queued, self.queue = self.queue, []
+        for batch in queued:
+            self.send(batch)
+        try:  # a peer writes only to refuse: one ERROR frame, then it closes
+            while (frame := await self.conn.receive()) is not None:
+                reply = parse(worker_pb2.DriveReply, frame[1])
+                log.warning("relay to peer %s refused: %s: %s", self.peer, reply.error_code, reply.error_message)
+            self._broken("the peer closed the connection", [])
+        except (FrameError, ConnectionError) as err:
+            self._broken(str(err), [])
+        finally:
+            self.conn.close()
+
+
 class PeerLinks:
     def __init__(self, grpc_settings: GrpcSettings, on_error: ErrorHandler) -> None:
         self.grpc_settings = grpc_settings
         self.on_error = on_error
+        self.transport = "grpc"
         self.addresses: dict[str, str] = {}
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._links: dict[str, _Link] = {}
 
-    def update(self, addresses: dict[str, str]) -> None:
-        """New peer addresses (from a program); a peer whose address changed gets a new link."""
+    def update(self, addresses: dict[str, str], transport: str = "grpc") -> None:
+        """New peer addresses and transport (from a program); a link whose address or
+        transport changed is replaced on its next send."""
+        if transport != self.transport:
+            for peer in list(self._links):
+                self._close_link(peer)
+            self.transport = transport
         for name, address in addresses.items():
             if self.addresses.get(name) not in (None, address):
                 self._close_link(name)
             self.addresses[name] = address
 
     def send(self, peer: str, batch: worker_pb2.ValueBatch) -> None:
-        if peer not in self.addresses:
-            self.on_error(batch, f"no address for peer worker {peer!r}")
-            return
-        if peer not in self._queues:
-            self._queues[peer] = asyncio.Queue()
-            self._tasks[peer] = asyncio.create_task(self._pump(peer, self._queues[peer]))
-        self._queues[peer].put_nowait(batch)
+        link = self._links.get(peer)
+        if link is None:
+            if peer not in self.addresses:
+                self.on_error(batch, f"no address for peer worker {peer!r}")
+                return
+            link = self._links[peer] = (_TcpLink if self.transport == "tcp" else _GrpcLink)(self, peer)
+        link.send(batch)
 
-    async def _pump(self, peer: str, queue: asyncio.Queue) -> None:
-        channel = grpc.aio.insecure_channel(self.addresses[peer], options=self.grpc_settings.channel_options())
-        self._channels[peer] = channel
-        call = worker_pb2_grpc.WorkerStub(channel).Forward()
-        batch = None
-        try:
-            while True:
-                batch = await queue.get()
-                await call.write(batch)
-                batch = None
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # the stream broke: report this batch and everything queued behind it
-            reason = getattr(err, "code", lambda: None)()
-            message = f"relay to peer {peer} at {self.addresses[peer]} failed: {reason.name if reason else err}"
-            log.warning(message)
-            failed = [batch] if batch is not None else []
-            while not queue.empty():
-                failed.append(queue.get_nowait())
-            self._queues.pop(peer, None)
-            self._tasks.pop(peer, None)
-            self._channels.pop(peer, None)
-            await channel.close()
-            for b in failed:
-                self.on_error(b, message)
+    def _drop(self, link: _Link) -> None:
+        if self._links.get(link.peer) is link:
+            del self._links[link.peer]
 
     def _close_link(self, peer: str) -> None:
-        task = self._tasks.pop(peer, None)
-        if task is not None:
-            task.cancel()
-        self._queues.pop(peer, None)
-        channel = self._channels.pop(peer, None)
-        if channel is not None:
-            asyncio.ensure_future(channel.close())
+        link = self._links.pop(peer, None)
+        if link is not None:
+            link.close()
 
     async def close(self) -> None:
-        for peer in list(self._tasks):
+        for peer in list(self._links):
             self._close_link(peer)

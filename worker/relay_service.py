@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -38,24 +39,35 @@ class RelayRpcs:
     def _init_relay(self, grpc_settings: GrpcSettings) -> None:
         self.relay = RelayExecutor(self.host)
         self.peers = PeerLinks(grpc_settings, lambda batch, message: self._report(batch, "UNAVAILABLE", message))
-        self.drives: dict[int, asyncio.Queue] = {}  # epoch -> reply queue of the head node's Drive stream
+        # epoch -> where replies for the head node go: its Drive stream or its relay TCP connection
+        self.drives: dict[int, Callable[[worker_pb2.DriveReply], None]] = {}
+        self.relay_port = None  # a RelayPort, started by the daemon
 
     async def InstallProgram(self, request, context):
         try:
             self.relay.install(request.epoch, program_from_proto(request))
         except HostError as err:
             await context.abort(grpc.StatusCode[err.code], str(err))
-        self.peers.update(dict(request.peers))
+        if request.transport not in ("", "grpc", "tcp"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown relay transport {request.transport!r} (tcp or grpc)")
+        self.peers.update(dict(request.peers), request.transport or "grpc")
         return worker_pb2.InstallProgramReply(calls=len(request.calls))
+
+    async def RelayEndpoint(self, request, context):
+        if self.relay_port is None or not self.relay_port.port:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.host.name} has no relay port open")
+        return worker_pb2.RelayEndpointReply(port=self.relay_port.port)
 
     async def Drive(self, request_iterator, context):
         replies: asyncio.Queue = asyncio.Queue()
+        sink = replies.put_nowait
 
         async def read() -> None:
             try:
                 async for batch in request_iterator:
                     if not batch.session:  # the opening message: this stream drives batch.epoch
-                        self.drives[batch.epoch] = replies
+                        self.drives[batch.epoch] = sink
                     else:
                         await self._deliver(batch)
             except Exception as err:  # the head node went away; its sessions end with it
@@ -69,7 +81,7 @@ class RelayRpcs:
                 yield reply
         finally:
             reader.cancel()
-            for epoch in [e for e, q in self.drives.items() if q is replies]:
+            for epoch in [e for e, s in self.drives.items() if s is sink]:
                 del self.drives[epoch]
 
     async def Forward(self, request_iterator, context):
@@ -117,9 +129,9 @@ class RelayRpcs:
             error_message=f"worker {self.host.name}: {message}"))
 
     def _to_head(self, epoch: int, reply: worker_pb2.DriveReply) -> None:
-        queue = self.drives.get(epoch)
-        if queue is None:
+        sink = self.drives.get(epoch)
+        if sink is None:
             log.warning("worker %s: no head node drives epoch %d; dropped a reply for session %s",
                         self.host.name, epoch, reply.session)
             return
-        queue.put_nowait(reply)
+        sink(reply)

@@ -205,6 +205,9 @@ class WorkerSettings(_Section):
     # probe the links to peer workers this often (a few hundred KiB each); 0: only measure real transfers
     link_probe_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
     torch_threads: Annotated[int, Field(ge=1)] | None = None
+    # the TCP port for relay activations (tcp relay transport), on the host of ``listen``;
+    # 0: any free port (peers ask for it over gRPC). Open it in firewalls next to ``listen``.
+    relay_port: Annotated[int, Field(ge=0, le=65535)] = 0
 
     def advertise_address(self, bound_port: int | None = None) -> str:
         """The address other processes should dial to reach this worker.
@@ -253,6 +256,9 @@ class HeadnodeSettings(_Section):
     # relay: workers pass activations to each other (one network hop per phase);
     # head: every phase goes through the head node (a round trip per phase)
     dataflow: Literal["relay", "head"] = "relay"
+    # how relay activations travel: tcp (frames on each worker's relay port; fastest) or
+    # grpc (Drive/Forward streams; only the gRPC port needs to be reachable)
+    relay_transport: Literal["tcp", "grpc"] = "tcp"
     step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
     # give up a migration (and keep the old placement) after this many seconds
     migration_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0

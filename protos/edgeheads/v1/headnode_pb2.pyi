@@ -49,7 +49,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("model", "epoch", "workers", "active_sessions", "placement_json", "phases_run", "mean_phase_seconds", "phases_per_token", "mean_phase_compute_seconds", "migrations", "migration_failures", "migrated_bytes", "max_stall_seconds", "last_migration_error")
+    __slots__ = ("model", "epoch", "workers", "active_sessions", "placement_json", "phases_run", "mean_phase_seconds", "phases_per_token", "mean_phase_compute_seconds", "migrations", "migration_failures", "migrated_bytes", "max_stall_seconds", "last_migration_error", "dataflow")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class StatusReply(_message.Message):
     MIGRATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_MIGRATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DATAFLOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     workers: _containers.RepeatedScalarFieldContainer[str]
@@ -78,4 +79,5 @@ class StatusReply(_message.Message):
     migrated_bytes: int
     max_stall_seconds: float
     last_migration_error: str
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., active_sessions: _Optional[int] = ..., placement_json: _Optional[str] = ..., phases_run: _Optional[int] = ..., mean_phase_seconds: _Optional[float] = ..., phases_per_token: _Optional[int] = ..., mean_phase_compute_seconds: _Optional[float] = ..., migrations: _Optional[int] = ..., migration_failures: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., max_stall_seconds: _Optional[float] = ..., last_migration_error: _Optional[str] = ...) -> None: ...
+    dataflow: str
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., active_sessions: _Optional[int] = ..., placement_json: _Optional[str] = ..., phases_run: _Optional[int] = ..., mean_phase_seconds: _Optional[float] = ..., phases_per_token: _Optional[int] = ..., mean_phase_compute_seconds: _Optional[float] = ..., migrations: _Optional[int] = ..., migration_failures: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., max_stall_seconds: _Optional[float] = ..., last_migration_error: _Optional[str] = ..., dataflow: _Optional[str] = ...) -> None: ...

@@ -126,7 +126,7 @@ class ProgramCall(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[StageOp, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class InstallProgramRequest(_message.Message):
-    __slots__ = ("epoch", "calls", "peers")
+    __slots__ = ("epoch", "calls", "peers", "transport")
     class PeersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,16 +137,28 @@ class InstallProgramRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     calls: _containers.RepeatedCompositeFieldContainer[ProgramCall]
     peers: _containers.ScalarMap[str, str]
-    def __init__(self, epoch: _Optional[int] = ..., calls: _Optional[_Iterable[_Union[ProgramCall, _Mapping]]] = ..., peers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    transport: str
+    def __init__(self, epoch: _Optional[int] = ..., calls: _Optional[_Iterable[_Union[ProgramCall, _Mapping]]] = ..., peers: _Optional[_Mapping[str, str]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class InstallProgramReply(_message.Message):
     __slots__ = ("calls",)
     CALLS_FIELD_NUMBER: _ClassVar[int]
     calls: int
     def __init__(self, calls: _Optional[int] = ...) -> None: ...
+
+class RelayEndpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RelayEndpointReply(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
 
 class ValueBatch(_message.Message):
     __slots__ = ("session", "epoch", "position", "values", "path_compute_seconds")

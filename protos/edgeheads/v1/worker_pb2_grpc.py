@@ -75,6 +75,11 @@ class WorkerStub:
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.ValueBatch.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_worker__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.RelayEndpoint = channel.unary_unary(
+                '/edgeheads.v1.Worker/RelayEndpoint',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.RelayEndpointRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.RelayEndpointReply.FromString,
+                _registered_method=True)
         self.ExportBlockState = channel.unary_stream(
                 '/edgeheads.v1.Worker/ExportBlockState',
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.ExportBlockStateRequest.SerializeToString,
@@ -160,6 +165,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayEndpoint(self, request, context):
+        """With the tcp relay transport, Drive and Forward travel as frames on a plain TCP port
+        instead (edgeheads/worker/runtime/relay_wire.py); this says which port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportBlockState(self, request, context):
         """Migration. The destination pulls a block's state (weights unless it holds them,
         and every session's K/V cache) straight from the source's ExportBlockState, in
@@ -239,6 +252,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ValueBatch.FromString,
                     response_serializer=edgeheads_dot_v1_dot_worker__pb2.ForwardReply.SerializeToString,
+            ),
+            'RelayEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelayEndpoint,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.RelayEndpointRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.RelayEndpointReply.SerializeToString,
             ),
             'ExportBlockState': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportBlockState,
@@ -482,6 +500,33 @@ class Worker:
             '/edgeheads.v1.Worker/Forward',
             edgeheads_dot_v1_dot_worker__pb2.ValueBatch.SerializeToString,
             edgeheads_dot_v1_dot_worker__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeheads.v1.Worker/RelayEndpoint',
+            edgeheads_dot_v1_dot_worker__pb2.RelayEndpointRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.RelayEndpointReply.FromString,
             options,
             channel_credentials,
             insecure,

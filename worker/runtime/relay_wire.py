@@ -1,0 +1,149 @@
+"""The relay data plane's wire: length-prefixed, checksummed frames over plain TCP.
+
+Relay activations are small (a few KiB) and frequent (two sequential hops per layer per
+token), and on small boards a gRPC message costs several times a raw TCP write (see
+docs/decisions.md). So with ``relay_transport: tcp`` they travel as frames on one TCP
+connection per (sender, receiver) pair; everything else stays on gRPC.
+
+A frame is a 16-byte header and a payload::
+
+    magic "EHR1" | kind u8 | 3 zero bytes | payload length u32 LE | crc32(payload) u32 LE
+
+The payload is a serialized protobuf (ValueBatch or DriveReply, the same messages the
+gRPC transport sends), so tensors are still {dtype, shape, raw bytes} and nothing is
+ever unpickled. A connection opens with a HELLO_DRIVE (the head node) or HELLO_FORWARD
+(a peer worker) frame; the receiver answers a bad frame with one ERROR frame carrying a
+DriveReply whose error_code is a gRPC status name, then closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import struct
+import zlib
+
+from edgeheads.v1 import worker_pb2
+
+MAGIC = b"EHR1"
+HEADER = struct.Struct("<4sB3xII")
+HELLO_TIMEOUT_SECONDS = 10.0
+
+
+class Kind(enum.IntEnum):
+    HELLO_DRIVE = 1    # ValueBatch naming the epoch; the head node's connection
+    HELLO_FORWARD = 2  # ValueBatch naming the epoch; a peer worker's connection
+    BATCH = 3          # ValueBatch
+    REPLY = 4          # DriveReply, worker -> head node
+    ERROR = 5          # DriveReply with error_code set, then the sender closes
+
+
+class FrameError(Exception):
+    """A bad frame. ``code`` is the gRPC status name it maps to."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def encode(kind: Kind, payload: bytes) -> bytes:
+    return HEADER.pack(MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
+
+
+def encode_message(kind: Kind, message) -> bytes:
+    return encode(kind, message.SerializeToString())
+
+
+def parse_header(header: bytes, max_bytes: int) -> tuple[Kind, int, int]:
+    """(kind, payload length, crc) of a 16-byte header."""
+    magic, kind, length, crc = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise FrameError("INVALID_ARGUMENT", f"not an edgeheads relay frame (magic {magic!r})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise FrameError("INVALID_ARGUMENT", f"unknown relay frame kind {kind}") from None
+    if length > max_bytes:
+        raise FrameError("RESOURCE_EXHAUSTED", f"relay frame of {length} bytes exceeds the limit of {max_bytes}")
+    return kind, length, crc
+
+
+def check_payload(payload: bytes, crc: int) -> None:
+    if zlib.crc32(payload) != crc:
+        raise FrameError("DATA_LOSS", "relay frame checksum mismatch")
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[Kind, bytes] | None:
+    """The next frame, or None at a clean end of stream (between frames)."""
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as err:
+        if not err.partial:
+            return None
+        raise FrameError("DATA_LOSS", f"relay stream ended inside a frame header ({len(err.partial)} bytes)") from None
+    kind, length, crc = parse_header(header, max_bytes)
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as err:
+        raise FrameError("DATA_LOSS", f"relay stream ended {len(err.partial)} bytes into a "
+                                      f"{length}-byte frame") from None
+    check_payload(payload, crc)
+    return kind, payload
+
+
+def parse(message_type, payload: bytes):
+    try:
+        return message_type.FromString(payload)
+    except Exception:  # protobuf's DecodeError; anything it raises is the same verdict
+        raise FrameError("INVALID_ARGUMENT", f"relay frame is not a valid {message_type.__name__}") from None
+
+
+def error_frame(code: str, message: str, batch: worker_pb2.ValueBatch | None = None) -> bytes:
+    reply = worker_pb2.DriveReply(error_code=code, error_message=message)
+    if batch is not None:
+        reply.session, reply.epoch, reply.position = batch.session, batch.epoch, batch.position
+    return encode_message(Kind.ERROR, reply)
+
+
+def tune(writer: asyncio.StreamWriter) -> None:
+    """No Nagle delay: every frame is a whole message someone is waiting for."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def relay_address(grpc_address: str, port: int) -> tuple[str, int]:
+    """Dial the relay port on the host the gRPC address names."""
+    host = grpc_address.rsplit(":", 1)[0]
+    return host.strip("[]"), port
+
+
+class RelayConnection:
+    """An outgoing relay connection: frames out; replies, or one ERROR frame, in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.max_bytes = max_bytes
+
+    @classmethod
+    async def open(cls, grpc_address: str, port: int, hello: Kind, epoch: int, max_bytes: int) -> RelayConnection:
+        """Connect to the relay ``port`` of the worker serving gRPC at ``grpc_address``."""
+        host, port = relay_address(grpc_address, port)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HELLO_TIMEOUT_SECONDS)
+        tune(writer)
+        conn = cls(reader, writer, max_bytes)
+        conn.send(hello, worker_pb2.ValueBatch(epoch=epoch))
+        return conn
+
+    def send(self, kind: Kind, message) -> None:
+        if self.writer.is_closing():
+            raise ConnectionError("relay connection is closed")
+        self.writer.write(encode_message(kind, message))
+
+    async def receive(self) -> tuple[Kind, bytes] | None:
+        return await read_frame(self.reader, self.max_bytes)
+
+    def close(self) -> None:
+        self.writer.close()
