@@ -58,6 +58,7 @@ class ClusterExecutor:
         self.dataflow_name = f"relay/{relay_transport}" if dataflow == "relay" else dataflow
         self.step_timeout_seconds = step_timeout_seconds
         self.relay: RelayDriver | None = None
+        self._reopening = asyncio.Lock()
         self.gate = StepGate()
         self.on_step: Callable[[int, float, int], None] | None = None  # (tokens, seconds, epoch) after a step
         self.parts = parts
@@ -267,8 +268,29 @@ class ClusterExecutor:
         streams.position += len(token_ids)
         return self.head.logits(final)
 
+    async def _reopen_relay(self) -> None:
+        """A drive of this epoch broke (its steps in flight failed): install the epoch's
+        programs again over fresh drives. If that fails too, this step fails and the next
+        one tries again, until the controller publishes a new epoch."""
+        async with self._reopening:
+            old = self.relay
+            if old is None or not old.broken or self.epoch is None:
+                return
+            log.warning("epoch %d: reopening the relay drives (%s)", old.epoch, old.broken)
+            driver = RelayDriver(old.epoch, old.plan, self.stubs, self.step_timeout_seconds, self.relay_transport,
+                                 self.grpc_settings.max_message_bytes)
+            try:
+                await driver.start(self.epoch.addresses)
+            except BaseException:
+                await driver.close()
+                raise
+            self.relay = driver
+            await old.close()
+
     async def _relay_step(self, session: str, token_ids: list[int]) -> torch.Tensor:
         assert self.epoch is not None and self.relay is not None
+        if self.relay.broken:
+            await self._reopen_relay()
         streams = self.sessions.get(session)
         if streams is None:  # relay sessions keep no streams; the entry holds the position
             streams = self.sessions[session] = SessionStreams(self.epoch.number)

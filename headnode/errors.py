@@ -10,4 +10,4 @@ from edgeheads.worker.blocks.base import BlockShapeError
 from edgeheads.worker.runtime.config import ConfigError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, ModelFetchError, UnsupportedModelError, BlockShapeError,
-                                            ConfigError, ValueError)
+                                            ConfigError, ValueError, OSError)  # OSError: cannot listen, ...

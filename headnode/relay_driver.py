@@ -19,7 +19,7 @@ import grpc
 from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.relay_plan import RelayPlan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.runtime.relay_wire import FrameError, Kind, RelayConnection, parse
+from edgeheads.worker.runtime.relay_wire import Kind, RelayConnection, parse
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class RelayDriver:
         self.drives: dict[str, _GrpcDrive | _TcpDrive] = {}
         self.readers: list[asyncio.Task] = []
         self.pending: dict[tuple[str, int], asyncio.Future] = {}
+        self.broken = ""  # why a drive ended: every later step of this epoch fails at once
 
     async def start(self, addresses: dict[str, str]) -> None:
         """Install every program, then open the drives."""
@@ -121,9 +122,11 @@ class RelayDriver:
         try:
             async for kind, reply in drive.replies():
                 if reply.error_code and not reply.session:  # a relay connection broke: steps in flight are lost
-                    self._fail_all(f"worker {worker}: {reply.error_code}: {reply.error_message}")
+                    message = f"worker {worker}: {reply.error_code}: {reply.error_message}"
                     if kind is Kind.ERROR:  # ... this one: the worker closes it
+                        self._end(message)
                         return
+                    self._fail_all(message)
                     continue
                 future = self.pending.pop((reply.session, reply.position), None)
                 if future is None or future.done():
@@ -135,11 +138,17 @@ class RelayDriver:
             reason = "closed its drive stream"
         except grpc.aio.AioRpcError as err:
             reason = f"{err.code().name}: {err.details()}"
-        except (FrameError, ConnectionError) as err:
-            reason = f"broke its relay connection: {err}"
         except asyncio.CancelledError:
             return
-        self._fail_all(f"worker {worker} {reason}")
+        except Exception as err:  # FrameError, a reset, an unreachable host...
+            reason = f"broke its relay connection: {err!r}"
+        self._end(f"worker {worker} {reason}")
+
+    def _end(self, message: str) -> None:
+        self.broken = self.broken or message
+        for drive in self.drives.values():
+            asyncio.ensure_future(drive.close())
+        self._fail_all(message)
 
     def _fail_all(self, message: str) -> None:
         for future in self.pending.values():
@@ -150,6 +159,8 @@ class RelayDriver:
     async def step(self, session: str, position: int, x0: tensor_pb2.Tensor) -> tuple[tensor_pb2.Tensor, float]:
         """The final value, and the compute seconds on the step's critical path."""
         key = (session, position)
+        if self.broken:
+            raise ClusterError(f"epoch {self.epoch} can no longer run steps: {self.broken}")
         if key in self.pending:
             raise ClusterError(f"session {session} already has a step at position {position} in flight")
         future = self.pending[key] = asyncio.get_running_loop().create_future()
@@ -164,7 +175,7 @@ class RelayDriver:
                                f"(position {position})") from None
         except grpc.aio.AioRpcError as err:
             raise ClusterError(f"session {session}: sending the step failed: {err.code().name}") from None
-        except ConnectionError as err:
+        except (ConnectionError, ValueError) as err:
             raise ClusterError(f"session {session}: sending the step failed: {err}") from None
         finally:
             self.pending.pop(key, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import grpc
 import pytest
 
 from edgeheads.headnode import Client
@@ -13,6 +14,7 @@ from edgeheads.headnode.embedded import LocalCluster
 from edgeheads.headnode.loading import from_transformers, load_model
 from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.sampling import SamplingParams
+from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.blocks.spec import BlockId, BlockKind
 from tiny_configs import TINY_CONFIGS
 
@@ -110,7 +112,14 @@ def test_gpt2_cluster_is_token_identical_to_in_process(save_tiny_model, dataflow
             Client(cluster.address) as client:
         got = client.generate_full(prompt, max_new_tokens=20)
         status = client.status()
+        frames = {}
+        for worker in status["workers"]:
+            with grpc.insecure_channel(cluster.addresses[worker]) as channel:
+                frames[worker] = worker_pb2_grpc.WorkerStub(channel).GetTelemetry(
+                    worker_pb2.TelemetryRequest(), timeout=10).relay_frames_received
     assert status["dataflow"] == dataflow
+    # the activations took the configured way: frames on the relay ports only with tcp
+    assert (sum(frames.values()) > 0) == (dataflow == "relay/tcp"), frames
     assert got.token_ids == expected
     assert_heads_spread(status)
     layers = TINY_CONFIGS["gpt2"].n_layer

@@ -174,7 +174,7 @@ def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cl
         ("no hello", corrupt_batch, "INVALID_ARGUMENT", "must open with a hello"),
         ("corrupt relay frame", hello + flipped, "DATA_LOSS", "checksum mismatch"),
         ("truncated relay frame", hello + corrupt_batch[:-5], "DATA_LOSS", "ended"),
-        ("oversized relay frame", hello + HEADER.pack(b"EHR1", Kind.BATCH, 1 << 40 >> 10, 0), "RESOURCE_EXHAUSTED",
+        ("oversized relay frame", hello + HEADER.pack(b"EHR1", Kind.BATCH, bytes(3), 1 << 30, 0), "RESOURCE_EXHAUSTED",
          "exceeds the limit"),
         ("not a ValueBatch", hello + encode(Kind.BATCH, b"\xff" * 9), "INVALID_ARGUMENT", "not a valid ValueBatch"),
         ("malformed tensor in a relay frame", hello + corrupt_batch, "INVALID_ARGUMENT", "bytes"),

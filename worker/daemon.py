@@ -90,7 +90,11 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     bound = await daemon.start()
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
     service.relay_port = RelayPort(service, grpc_settings.max_message_bytes)
-    relay_port = await service.relay_port.start(settings.listen.rsplit(":", 1)[0], settings.relay_port)
+    try:
+        relay_port = await service.relay_port.start(settings.listen.rsplit(":", 1)[0], settings.relay_port)
+    except OSError:
+        await daemon.server.stop(0)
+        raise
     daemon.on_stop.append(service.relay_port.close)
     log.info("worker %s: relay activations on TCP port %d", name, relay_port)
     flops = telemetry.measure_matmul_flops()

@@ -4,7 +4,9 @@ transport: a gRPC Forward stream, or a TCP connection to the peer's relay port.
 The worker never waits on the network while it computes: ``send`` only queues or
 writes. Writes to one link never interleave. A link that breaks reports, through
 ``on_error``, the batches it could not send, so the head node learns which session
-broke and why; the next send opens a new link.
+broke and why. A TCP link cannot know which written batches the peer never read, so
+it also reports the epoch of the last one without a session: the head node then fails
+that epoch's steps in flight at once. The next send opens a new link.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import grpc
 
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.relay_wire import FrameError, Kind, RelayConnection, parse
+from edgeheads.worker.runtime.relay_wire import Kind, RelayConnection, parse
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,17 @@ class _Link:
     def close(self) -> None:
         self.task.cancel()
 
-    def _broken(self, reason: str, failed: list[worker_pb2.ValueBatch]) -> None:
+    def _broken(self, reason: str, failed: list[worker_pb2.ValueBatch], lost_epoch: int | None = None) -> None:
+        """Report the batches that did not go; with ``lost_epoch``, also that batches already
+        written may be lost (a report without a session: the head node fails the epoch's
+        steps in flight)."""
         message = f"relay to peer {self.peer} at {self.address} failed: {reason}"
         log.warning(message)
         self.links._drop(self)
         for batch in failed:
             self.links.on_error(batch, message)
+        if lost_epoch is not None:
+            self.links.on_error(worker_pb2.ValueBatch(epoch=lost_epoch), message)
 
 
 class _GrpcLink(_Link):
@@ -78,6 +85,7 @@ class _TcpLink(_Link):
     """A connection to the peer's relay port: batches queue only until it is open."""
 
     conn: RelayConnection | None = None
+    sent_epoch: int | None = None  # of the latest batch written
 
     def send(self, batch: worker_pb2.ValueBatch) -> None:
         if self.conn is None:
@@ -85,9 +93,12 @@ class _TcpLink(_Link):
             return
         try:
             self.conn.send(Kind.BATCH, batch)
+            self.sent_epoch = batch.epoch
+        except ValueError as err:  # too large: only this step fails
+            self.links.on_error(batch, str(err))
         except ConnectionError as err:
             self.close()
-            self._broken(str(err), [batch])
+            self._broken(str(err), [batch], self.sent_epoch)
 
     async def run(self) -> None:
         settings = self.links.grpc_settings
@@ -95,7 +106,8 @@ class _TcpLink(_Link):
             async with grpc.aio.insecure_channel(self.address, options=settings.channel_options()) as channel:
                 port = (await worker_pb2_grpc.WorkerStub(channel).RelayEndpoint(
                     worker_pb2.RelayEndpointRequest(), timeout=10)).port
-            self.conn = await RelayConnection.open(self.address, port, Kind.HELLO_FORWARD, 0,
+            first_epoch = self.queue[0].epoch if self.queue else 0
+            self.conn = await RelayConnection.open(self.address, port, Kind.HELLO_FORWARD, first_epoch,
                                                    settings.max_message_bytes)
         except asyncio.CancelledError:
             raise
@@ -106,15 +118,20 @@ class _TcpLink(_Link):
         queued, self.queue = self.queue, []
         for batch in queued:
             self.send(batch)
-        try:  # a peer writes only to refuse: one ERROR frame, then it closes
+        try:  # the peer writes only to refuse: an ERROR frame per refused step, or one before it closes
             while (frame := await self.conn.receive()) is not None:
                 reply = parse(worker_pb2.DriveReply, frame[1])
-                log.warning("relay to peer %s refused: %s: %s", self.peer, reply.error_code, reply.error_message)
-            self._broken("the peer closed the connection", [])
-        except (FrameError, ConnectionError) as err:
-            self._broken(str(err), [])
+                log.warning("relay to peer %s: refused%s: %s: %s", self.peer,
+                            f" session {reply.session}" if reply.session else "", reply.error_code,
+                            reply.error_message)
+            reason = "the peer closed the connection"
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # FrameError, a reset, an unreachable host...
+            reason = repr(err)
         finally:
             self.conn.close()
+        self._broken(reason, [], self.sent_epoch)
 
 
 class PeerLinks:

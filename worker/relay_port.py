@@ -3,27 +3,51 @@ RPCs, over the frames of runtime/relay_wire.py.
 
 - A HELLO_DRIVE connection is the head node's: BATCH frames in (step inputs), REPLY
   frames out (results and per-session errors), as on a Drive stream.
-- A HELLO_FORWARD connection is a peer worker's: BATCH frames in, nothing out unless it
-  breaks, as on a Forward stream.
-- A bad frame gets one ERROR frame with a gRPC status name and the connection closes.
-  When the frame cannot be tied to a session and the connection had delivered batches,
-  the head node of the latest epoch on it is told, so the steps in flight fail at once
-  instead of timing out.
-  Other connections and sessions are not touched.
+- A HELLO_FORWARD connection is a peer worker's: BATCH frames in; out only ERROR frames.
+- A well-formed batch that cannot run (bad values, unknown session) fails only its step:
+  the head node is told, the sender gets an ERROR frame naming the step, and the
+  connection goes on.
+- A broken frame (or no hello within HELLO_TIMEOUT_SECONDS) gets one ERROR frame and the
+  connection closes. If that connection was a live peer link (it had delivered batches),
+  anything on its way through it is lost, so the head node of its latest epoch is told at
+  once and fails that epoch's steps in flight rather than waiting for its step timeout.
+  That can include other sessions' steps; connections of other epochs are not touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from edgeheads.v1 import worker_pb2
 from edgeheads.worker.host import status_name
 from edgeheads.worker.runtime.relay_wire import (
     HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode_message, error_frame, parse, read_frame, tune)
-from edgeheads.worker.runtime.wire import WireError
 
 log = logging.getLogger(__name__)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """One listening socket, so there is one port to report: a dual-stack one for ``::``,
+    else the first address ``host`` resolves to ('' and 0.0.0.0: every IPv4 address)."""
+    host = host.strip("[]")
+    if host == "::":
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = ("::", port)
+    else:
+        family, kind, proto, _, address = socket.getaddrinfo(host or "0.0.0.0", port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 class RelayPort:
@@ -33,15 +57,16 @@ class RelayPort:
         self.max_bytes = max_bytes
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
+        self.frames_received = 0
         self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> int:
-        host = None if host in ("", "0.0.0.0", "[::]", "::") else host.strip("[]")
         try:
-            self.server = await asyncio.start_server(self._handle, host, port)
+            sock = listening_socket(host, port)
         except OSError as err:
-            raise OSError(f"cannot listen for relay traffic on {host or '*'}:{port}: {err.strerror}") from None
-        self.port = self.server.sockets[0].getsockname()[1]
+            raise OSError(f"cannot listen for relay traffic on {host or '*'}:{port}: {err.strerror or err}") from None
+        self.server = await asyncio.start_server(self._handle, sock=sock)
+        self.port = sock.getsockname()[1]
         return self.port
 
     async def close(self) -> None:
@@ -55,30 +80,40 @@ class RelayPort:
         tune(writer)
         self._connections.add(writer)
         peer = writer.get_extra_info("peername")
-        seen: list[int] = []  # the epoch of the latest batch a peer connection delivered
+        live: list[int] = []  # the epoch of the latest batch a peer connection delivered
+        name = self.service.host.name
         try:
-            first = await asyncio.wait_for(read_frame(reader, self.max_bytes), HELLO_TIMEOUT_SECONDS)
+            try:
+                first = await asyncio.wait_for(read_frame(reader, self.max_bytes), HELLO_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                raise FrameError("DEADLINE_EXCEEDED", f"no hello frame within {HELLO_TIMEOUT_SECONDS:.0f} s") from None
             if first is None:
                 return
             kind, payload = first
             if kind not in (Kind.HELLO_DRIVE, Kind.HELLO_FORWARD):
                 raise FrameError("INVALID_ARGUMENT", f"a relay connection must open with a hello frame, not {kind.name}")
-            epoch = parse(worker_pb2.ValueBatch, payload).epoch
-            if kind is Kind.HELLO_DRIVE:  # the head node reads the ERROR frame itself
-                await self._drive(epoch, reader, writer)
+            hello = parse(worker_pb2.ValueBatch, payload)
+            if kind is Kind.HELLO_DRIVE:  # the head node reads any ERROR frame itself
+                await self._drive(hello.epoch, reader, writer)
             else:
-                await self._forward(seen, reader, writer)
+                await self._forward(live, reader, writer)
         except FrameError as err:
-            log.warning("worker %s: relay connection from %s: %s: %s", self.service.host.name, peer, err.code, err)
-            self._send_error(writer, err.code, str(err))
-            if seen:  # a live peer link broke: whatever was on its way through it is lost
-                self.service._report(worker_pb2.ValueBatch(epoch=seen[-1]), err.code,
-                                     f"relay connection from {peer}: {err}")
-        except (asyncio.TimeoutError, ConnectionError) as err:
-            log.info("worker %s: relay connection from %s ended: %r", self.service.host.name, peer, err)
+            log.warning("worker %s: relay connection from %s: %s: %s", name, peer, err.code, err)
+            self._broken(writer, live, err.code, f"relay connection from {peer}: {err}")
+        except ConnectionError as err:
+            log.info("worker %s: relay connection from %s ended: %r", name, peer, err)
+            self._broken(writer, live, "UNAVAILABLE", f"relay connection from {peer} broke: {err!r}")
+        except Exception as err:  # a bug or the machine (e.g. out of memory): still fail fast, keep serving
+            log.exception("worker %s: relay connection from %s failed", name, peer)
+            self._broken(writer, live, "INTERNAL", f"relay connection from {peer}: {err!r}")
         finally:
             self._connections.discard(writer)
             writer.close()
+
+    def _broken(self, writer: asyncio.StreamWriter, live: list[int], code: str, message: str) -> None:
+        self._send_error(writer, code, message)
+        if live:
+            self.service._report(worker_pb2.ValueBatch(epoch=live[-1]), code, message)
 
     async def _drive(self, epoch: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def sink(reply: worker_pb2.DriveReply) -> None:
@@ -87,25 +122,36 @@ class RelayPort:
         self.service.drives[epoch] = sink
         try:
             while (frame := await read_frame(reader, self.max_bytes)) is not None:
-                await self._run(frame)  # a failed step was reported on this connection already
+                await self._run(frame, None)  # a failed step is reported on this connection already
         finally:
             if self.service.drives.get(epoch) is sink:
                 del self.service.drives[epoch]
 
-    async def _forward(self, seen: list[int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _forward(self, live: list[int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (frame := await read_frame(reader, self.max_bytes)) is not None:
-            batch, err = await self._run(frame)
-            seen[:] = [batch.epoch]
-            if isinstance(err, WireError):  # as a Forward stream is aborted (the session was told)
-                self._send_error(writer, status_name(err), str(err), batch)
-                return
+            batch = await self._run(frame, writer)
+            if batch is not None:
+                live[:] = [batch.epoch]
 
-    async def _run(self, frame: tuple[Kind, bytes]) -> tuple[worker_pb2.ValueBatch, Exception | None]:
+    async def _run(self, frame: tuple[Kind, bytes], writer: asyncio.StreamWriter | None) -> worker_pb2.ValueBatch | None:
+        """Run one BATCH frame; the batch if it was accepted. A refused one gets an ERROR
+        frame naming its step when ``writer`` is given."""
         kind, payload = frame
+        self.frames_received += 1
         if kind is not Kind.BATCH:
             raise FrameError("INVALID_ARGUMENT", f"expected a BATCH relay frame, got {kind.name}")
         batch = parse(worker_pb2.ValueBatch, payload)
-        return batch, await self.service._deliver(batch)
+        if not batch.session:
+            err: Exception | None = ValueError("a relay batch must name its session")
+            code = "INVALID_ARGUMENT"
+        else:
+            err = await self.service._deliver(batch)
+            code = status_name(err) if err is not None else ""
+        if err is None:
+            return batch
+        if writer is not None:
+            self._send_error(writer, code, str(err), batch)
+        return None
 
     @staticmethod
     def _send_error(writer: asyncio.StreamWriter, code: str, message: str,

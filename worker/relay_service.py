@@ -44,13 +44,13 @@ class RelayRpcs:
         self.relay_port = None  # a RelayPort, started by the daemon
 
     async def InstallProgram(self, request, context):
+        if request.transport not in ("", "grpc", "tcp"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown relay transport {request.transport!r} (tcp or grpc)")
         try:
             self.relay.install(request.epoch, program_from_proto(request))
         except HostError as err:
             await context.abort(grpc.StatusCode[err.code], str(err))
-        if request.transport not in ("", "grpc", "tcp"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown relay transport {request.transport!r} (tcp or grpc)")
         self.peers.update(dict(request.peers), request.transport or "grpc")
         return worker_pb2.InstallProgramReply(calls=len(request.calls))
 

@@ -100,4 +100,5 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerTelemetry(
             name=self.host.name, memory_available_bytes=self.host.memory_limit_bytes or 0,
             memory_used_bytes=self.host.memory_used_bytes(), blocks=sorted(map(str, self.host.blocks)),
-            sessions=len(self.host.sessions()))
+            sessions=len(self.host.sessions()),
+            relay_frames_received=self.relay_port.frames_received if self.relay_port is not None else 0)

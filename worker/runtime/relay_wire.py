@@ -12,8 +12,10 @@ A frame is a 16-byte header and a payload::
 The payload is a serialized protobuf (ValueBatch or DriveReply, the same messages the
 gRPC transport sends), so tensors are still {dtype, shape, raw bytes} and nothing is
 ever unpickled. A connection opens with a HELLO_DRIVE (the head node) or HELLO_FORWARD
-(a peer worker) frame; the receiver answers a bad frame with one ERROR frame carrying a
-DriveReply whose error_code is a gRPC status name, then closes the connection.
+(a peer worker) frame. The receiver answers bad input with an ERROR frame carrying a
+DriveReply whose error_code is a gRPC status name: a broken frame (magic, kind, size,
+checksum, truncation) also closes the connection, since nothing after it can be trusted;
+a well-formed batch with bad values names its step and the connection goes on.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import zlib
 from edgeheads.v1 import worker_pb2
 
 MAGIC = b"EHR1"
-HEADER = struct.Struct("<4sB3xII")
+HEADER = struct.Struct("<4sB3sII")
+RESERVED = bytes(3)
 HELLO_TIMEOUT_SECONDS = 10.0
 
 
 class Kind(enum.IntEnum):
-    HELLO_DRIVE = 1    # ValueBatch naming the epoch; the head node's connection
-    HELLO_FORWARD = 2  # ValueBatch naming the epoch; a peer worker's connection
+    HELLO_DRIVE = 1    # ValueBatch naming the epoch it drives; the head node's connection
+    HELLO_FORWARD = 2  # ValueBatch (the epoch of the first batch); a peer worker's connection
     BATCH = 3          # ValueBatch
     REPLY = 4          # DriveReply, worker -> head node
     ERROR = 5          # DriveReply with error_code set, then the sender closes
@@ -48,7 +51,7 @@ class FrameError(Exception):
 
 
 def encode(kind: Kind, payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
+    return HEADER.pack(MAGIC, kind, RESERVED, len(payload), zlib.crc32(payload)) + payload
 
 
 def encode_message(kind: Kind, message) -> bytes:
@@ -57,9 +60,11 @@ def encode_message(kind: Kind, message) -> bytes:
 
 def parse_header(header: bytes, max_bytes: int) -> tuple[Kind, int, int]:
     """(kind, payload length, crc) of a 16-byte header."""
-    magic, kind, length, crc = HEADER.unpack(header)
+    magic, kind, reserved, length, crc = HEADER.unpack(header)
     if magic != MAGIC:
         raise FrameError("INVALID_ARGUMENT", f"not an edgeheads relay frame (magic {magic!r})")
+    if reserved != RESERVED:
+        raise FrameError("INVALID_ARGUMENT", f"relay frame header has non-zero reserved bytes {reserved!r}")
     try:
         kind = Kind(kind)
     except ValueError:
@@ -126,6 +131,7 @@ class RelayConnection:
         self.reader = reader
         self.writer = writer
         self.max_bytes = max_bytes
+        self.closed = False
 
     @classmethod
     async def open(cls, grpc_address: str, port: int, hello: Kind, epoch: int, max_bytes: int) -> RelayConnection:
@@ -138,12 +144,28 @@ class RelayConnection:
         return conn
 
     def send(self, kind: Kind, message) -> None:
-        if self.writer.is_closing():
+        """Queue one frame. ConnectionError once the connection is known closed; ValueError
+        for a message over the size limit (the receiver would refuse it and close)."""
+        if self.closed or self.writer.is_closing():
             raise ConnectionError("relay connection is closed")
-        self.writer.write(encode_message(kind, message))
+        payload = message.SerializeToString()
+        if len(payload) > self.max_bytes:
+            raise ValueError(f"relay message of {len(payload)} bytes exceeds the limit of {self.max_bytes} "
+                             "(grpc.max_message_bytes)")
+        self.writer.write(encode(kind, payload))
 
     async def receive(self) -> tuple[Kind, bytes] | None:
-        return await read_frame(self.reader, self.max_bytes)
+        """The next frame; None at the end. Either way a failure marks the connection closed
+        (asyncio would otherwise accept writes to a socket the peer has closed)."""
+        try:
+            frame = await read_frame(self.reader, self.max_bytes)
+        except BaseException:
+            self.closed = True
+            raise
+        if frame is None:
+            self.closed = True
+        return frame
 
     def close(self) -> None:
+        self.closed = True
         self.writer.close()

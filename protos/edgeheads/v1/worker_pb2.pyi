@@ -262,17 +262,19 @@ class TelemetryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerTelemetry(_message.Message):
-    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "blocks", "sessions")
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "blocks", "sessions", "relay_frames_received")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_available_bytes: int
     memory_used_bytes: int
     compute_flops: float
     blocks: _containers.RepeatedScalarFieldContainer[str]
     sessions: int
-    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., blocks: _Optional[_Iterable[str]] = ..., sessions: _Optional[int] = ...) -> None: ...
+    relay_frames_received: int
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., blocks: _Optional[_Iterable[str]] = ..., sessions: _Optional[int] = ..., relay_frames_received: _Optional[int] = ...) -> None: ...
