@@ -116,7 +116,8 @@ class RelayRpcs:
                         self.peers.send(dest, message)
                     else:
                         self._to_head(batch.epoch, message)
-                await asyncio.sleep(0)  # let the sends start before computing on
+                if self.peers.transport != "tcp":  # tcp writes go out at once; a gRPC send needs its pump
+                    await asyncio.sleep(0)  # to run before computing on
         except (HostError, WireError) as err:
             log.warning("worker %s: relay step of session %s failed: %s", self.host.name, batch.session, err)
             self._report(batch, status_name(err), str(err))
