@@ -18,7 +18,7 @@ from tqdm import tqdm
 from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.head import HeadStage
 from edgeheads.headnode.relay_driver import RelayDriver
-from edgeheads.headnode.relay_plan import relay_plan
+from edgeheads.headnode.relay_plan import RelayPlan, relay_plan
 from edgeheads.headnode.step_gate import StepGate
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.headnode.stage_plan import StagePlan, compile_plan
@@ -148,8 +148,7 @@ class ClusterExecutor:
         epoch = Epoch(number, dict(placement), dict(addresses), compile_plan(self.shape, placement))
         driver = None
         if self.dataflow == "relay":
-            driver = RelayDriver(number, relay_plan(epoch.plan), self.stubs, self.step_timeout_seconds,
-                                 self.relay_transport, self.grpc_settings.max_message_bytes)
+            driver = self._relay_driver(number, relay_plan(epoch.plan))
             try:
                 await driver.start(addresses)
             except BaseException:
@@ -268,6 +267,10 @@ class ClusterExecutor:
         streams.position += len(token_ids)
         return self.head.logits(final)
 
+    def _relay_driver(self, number: int, plan: RelayPlan) -> RelayDriver:
+        return RelayDriver(number, plan, self.stubs, self.step_timeout_seconds, self.relay_transport,
+                           self.grpc_settings.max_message_bytes)
+
     async def _reopen_relay(self) -> None:
         """A drive of this epoch broke (its steps in flight failed): install the epoch's
         programs again over fresh drives. If that fails too, this step fails and the next
@@ -277,8 +280,7 @@ class ClusterExecutor:
             if old is None or not old.broken or self.epoch is None:
                 return
             log.warning("epoch %d: reopening the relay drives (%s)", old.epoch, old.broken)
-            driver = RelayDriver(old.epoch, old.plan, self.stubs, self.step_timeout_seconds, self.relay_transport,
-                                 self.grpc_settings.max_message_bytes)
+            driver = self._relay_driver(old.epoch, old.plan)
             try:
                 await driver.start(self.epoch.addresses)
             except BaseException:

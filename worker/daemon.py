@@ -16,7 +16,7 @@ from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
 from edgeheads.worker.links import probe_loop
 from edgeheads.worker.relay_port import RelayPort
-from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings
+from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings, split_host_port
 from edgeheads.worker.runtime.metrics import WorkerMetrics
 from edgeheads.worker.runtime.server import Daemon, serve_metrics, write_ready_file
 from edgeheads.worker.service import WorkerService
@@ -91,7 +91,7 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
     service.relay_port = RelayPort(service, grpc_settings.max_message_bytes)
     try:
-        relay_port = await service.relay_port.start(settings.listen.rsplit(":", 1)[0], settings.relay_port)
+        relay_port = await service.relay_port.start(split_host_port(settings.listen)[0], settings.relay_port)
     except OSError:
         await daemon.server.stop(0)
         raise

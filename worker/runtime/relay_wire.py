@@ -27,6 +27,7 @@ import struct
 import zlib
 
 from edgeheads.v1 import worker_pb2
+from edgeheads.worker.runtime.config import split_host_port
 
 MAGIC = b"EHR1"
 HEADER = struct.Struct("<4sB3sII")
@@ -39,7 +40,7 @@ class Kind(enum.IntEnum):
     HELLO_FORWARD = 2  # ValueBatch (the epoch of the first batch); a peer worker's connection
     BATCH = 3          # ValueBatch
     REPLY = 4          # DriveReply, worker -> head node
-    ERROR = 5          # DriveReply with error_code set, then the sender closes
+    ERROR = 5          # DriveReply with error_code set (without a step: the sender then closes)
 
 
 class FrameError(Exception):
@@ -120,8 +121,7 @@ def tune(writer: asyncio.StreamWriter) -> None:
 
 def relay_address(grpc_address: str, port: int) -> tuple[str, int]:
     """Dial the relay port on the host the gRPC address names."""
-    host = grpc_address.rsplit(":", 1)[0]
-    return host.strip("[]"), port
+    return split_host_port(grpc_address)[0], port
 
 
 class RelayConnection:
