@@ -36,7 +36,7 @@ from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.engine import BlockEngine
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.migrate import migrate
-from edgeheads.worker.blocks.spec import BlockKind
+from edgeheads.common.spec import BlockKind
 
 BRIDGE, SUBNET = "eh-br0", "10.77.0"
 NAMESPACES = {"a": f"{SUBNET}.2", "b": f"{SUBNET}.3"}

@@ -33,7 +33,7 @@ from edgeheads.controller.resource_aware import ResourceAware
 from edgeheads.controller.scenario import generate, materialize, parse_scenario
 from edgeheads.controller.simulate_cli import plot_runs
 from edgeheads.controller.simulator import simulate
-from edgeheads.worker.blocks.spec import LLAMA2_7B, SMOLLM2_135M, ModelShape
+from edgeheads.common.spec import LLAMA2_7B, SMOLLM2_135M, ModelShape
 
 
 def _plt():

@@ -10,9 +10,10 @@ from prometheus_client import CollectorRegistry
 from edgeheads.controller.membership import ClusterState
 from edgeheads.controller.service import ControllerService
 from edgeheads.v1 import controller_pb2_grpc
-from edgeheads.worker.runtime.config import ControllerSettings, GrpcSettings
-from edgeheads.worker.runtime.metrics import ControllerMetrics
-from edgeheads.worker.runtime.server import Daemon, serve_metrics
+from edgeheads.common.config import GrpcSettings
+from edgeheads.controller.config import ControllerSettings
+from edgeheads.controller.metrics import ControllerMetrics
+from edgeheads.common.server import Daemon, serve_metrics
 
 log = logging.getLogger(__name__)
 

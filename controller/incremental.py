@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeheads.controller.problem import Problem
-from edgeheads.worker.blocks.spec import BlockKind
+from edgeheads.common.spec import BlockKind
 
 _NEG_INF = -np.inf
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeheads.controller.problem import Cluster, Device, ModelDemand, Placement, Problem, synthetic_blocks
-from edgeheads.worker.blocks.spec import BlockKind, ModelShape
+from edgeheads.common.spec import BlockKind, ModelShape
 
 
 def random_cluster(

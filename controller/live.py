@@ -17,7 +17,7 @@ from edgeheads.controller.algorithms import make_algorithm
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Cluster, Device, Infeasible, ModelDemand, Placement, Problem
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity
-from edgeheads.worker.blocks.spec import BlockId, ModelShape
+from edgeheads.common.spec import BlockId, ModelShape
 
 DEFAULT_BANDWIDTH_BYTES_PER_SECOND = 100e6 / 8
 DEFAULT_LATENCY_SECONDS = 1e-3

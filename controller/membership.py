@@ -10,7 +10,7 @@ from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller.live import AlgorithmPolicy, LiveWorker, predicted_token_seconds
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import POLICIES, InfeasiblePlacement, Placement, WorkerCapacity
-from edgeheads.worker.blocks.spec import ModelShape
+from edgeheads.common.spec import ModelShape
 
 log = logging.getLogger(__name__)
 

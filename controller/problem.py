@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from edgeheads.worker.blocks.spec import (
+from edgeheads.common.spec import (
     BlockId,
     BlockKind,
     ModelShape,
@@ -135,7 +135,7 @@ class ModelDemand:
 
     @classmethod
     def from_shape(cls, shape: ModelShape) -> "ModelDemand":
-        """Table I figures (worker/blocks/spec.py) for every block of ``shape``."""
+        """Table I figures (protos/edgeheads/common/spec.py) for every block of ``shape``."""
         ids = tuple(shape.block_ids())
         f0 = np.array([block_flops_decode(shape, b.kind, 0) for b in ids], dtype=float)
         f1 = np.array([block_flops_decode(shape, b.kind, 1) for b in ids], dtype=float)

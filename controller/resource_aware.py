@@ -38,7 +38,7 @@ from edgeheads.controller.incremental import SearchState
 from edgeheads.controller.local_search import Budget, OutOfBudget, improve, kick, objective_with_migration
 from edgeheads.controller.problem import Decision, Infeasible, Placement, Problem
 from edgeheads.controller.sharding import layer_chain
-from edgeheads.worker.blocks.spec import BlockKind
+from edgeheads.common.spec import BlockKind
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeheads.controller.problem import Cluster, Device, ModelDemand
-from edgeheads.worker.blocks.spec import GPT2_SMALL, LLAMA2_7B, SMOLLM2_135M, ModelShape
+from edgeheads.common.spec import GPT2_SMALL, LLAMA2_7B, SMOLLM2_135M, ModelShape
 
 NAMED_SHAPES: dict[str, ModelShape] = {"smollm2-135m": SMOLLM2_135M, "llama2-7b": LLAMA2_7B, "gpt2-small": GPT2_SMALL}
 

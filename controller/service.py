@@ -11,7 +11,7 @@ import grpc
 
 from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
-from edgeheads.worker.blocks.spec import ModelShape
+from edgeheads.common.spec import ModelShape
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from edgeheads.controller.spread import InfeasiblePlacement, Placement, WorkerCapacity, spread
-from edgeheads.worker.blocks.spec import ModelShape, block_memory_bytes
+from edgeheads.common.spec import ModelShape, block_memory_bytes
 
 
 class Shuffle:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape, block_memory_bytes
+from edgeheads.common.spec import BlockId, BlockKind, ModelShape, block_memory_bytes
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
-from edgeheads.worker.runtime.config import ConfigError, EdgeheadsConfig, load_config, parse_bytes
+from edgeheads.common.config import ConfigError, DaemonConfig, load_config, parse_bytes
+
+C = TypeVar("C", bound=DaemonConfig)
 
 
 def _bytes(text: str) -> int:
@@ -18,8 +20,8 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _config(args: argparse.Namespace, section: str, overrides: dict[str, Any]) -> EdgeheadsConfig:
-    return load_config(args.config, {section: overrides})
+def _config(args: argparse.Namespace, config_cls: type[C], section: str, overrides: dict[str, Any]) -> C:
+    return load_config(config_cls, args.config, {section: overrides})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,17 +73,19 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
+    from edgeheads.controller.config import ControllerConfig
     from edgeheads.controller.daemon import run_controller
 
-    cfg = _config(args, "controller", {"listen": args.listen, "policy": args.policy})
+    cfg = _config(args, ControllerConfig, "controller", {"listen": args.listen, "policy": args.policy})
     asyncio.run(run_controller(cfg.controller, cfg.grpc, args.ready_file))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from edgeheads.worker.config import WorkerConfig
     from edgeheads.worker.daemon import run_worker
 
-    cfg = _config(args, "worker", {"listen": args.listen, "controller": args.controller, "name": args.name,
+    cfg = _config(args, WorkerConfig, "worker", {"listen": args.listen, "controller": args.controller, "name": args.name,
                                    "memory_limit_bytes": args.memory_limit, "device": args.device,
                                    "advertise": args.advertise, "torch_threads": args.threads,
                                    "relay_port": args.relay_port})
@@ -90,10 +94,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_headnode(args: argparse.Namespace) -> int:
+    from edgeheads.headnode.config import HeadnodeConfig
     from edgeheads.headnode.daemon import run_headnode
     from edgeheads.headnode.local import set_threads
 
-    cfg = _config(args, "headnode", {"listen": args.listen, "controller": args.controller, "model": args.model,
+    cfg = _config(args, HeadnodeConfig, "headnode", {"listen": args.listen, "controller": args.controller, "model": args.model,
                                      "min_workers": args.min_workers, "dataflow": args.dataflow,
                                      "relay_transport": args.relay_transport})
     set_threads()

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from edgeheads.v1 import headnode_pb2, headnode_pb2_grpc
-from edgeheads.worker.runtime.config import GrpcSettings
+from edgeheads.common.config import GrpcSettings
 
 
 class ClientError(RuntimeError):

@@ -23,10 +23,10 @@ from edgeheads.headnode.step_gate import StepGate
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.headnode.stage_plan import StagePlan, compile_plan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.blocks.spec import BlockId
-from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.metrics import HeadnodeMetrics
-from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_from_proto, tensor_to_proto, weights_to_blob
+from edgeheads.common.spec import BlockId
+from edgeheads.common.config import GrpcSettings
+from edgeheads.headnode.metrics import HeadnodeMetrics
+from edgeheads.common.wire import chunks, sha256_hex, tensor_from_proto, tensor_to_proto, weights_to_blob
 
 log = logging.getLogger(__name__)
 

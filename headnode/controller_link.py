@@ -13,7 +13,7 @@ import grpc
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.migrate import MigrationError, MigrationReport, migrate
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
-from edgeheads.worker.blocks.spec import BlockId
+from edgeheads.common.spec import BlockId
 
 log = logging.getLogger(__name__)
 

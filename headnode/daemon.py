@@ -15,10 +15,11 @@ from edgeheads.headnode.controller_link import ControllerLink
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
-from edgeheads.worker.blocks.spec import BlockId
-from edgeheads.worker.runtime.config import GrpcSettings, HeadnodeSettings
-from edgeheads.worker.runtime.metrics import HeadnodeMetrics
-from edgeheads.worker.runtime.server import Daemon, serve_metrics
+from edgeheads.common.spec import BlockId
+from edgeheads.common.config import GrpcSettings
+from edgeheads.headnode.config import HeadnodeSettings
+from edgeheads.headnode.metrics import HeadnodeMetrics
+from edgeheads.common.server import Daemon, serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.factory import make_block
 from edgeheads.worker.blocks.ffn import FeedForwardBlock
 from edgeheads.worker.blocks.projection import ProjectionBlock
-from edgeheads.worker.blocks.spec import BlockId, BlockKind
+from edgeheads.common.spec import BlockId, BlockKind
 
 
 @dataclass

@@ -7,7 +7,7 @@ from edgeheads.headnode.loading import ModelLoadError
 from edgeheads.headnode.model_cache import ModelFetchError
 from edgeheads.headnode.slicing import UnsupportedModelError
 from edgeheads.worker.blocks.base import BlockShapeError
-from edgeheads.worker.runtime.config import ConfigError
+from edgeheads.common.config import ConfigError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, ModelFetchError, UnsupportedModelError, BlockShapeError,
                                             ConfigError, ValueError, OSError)  # OSError: cannot listen, ...

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeheads.worker.blocks.functional import layer_norm, rms_norm
-from edgeheads.worker.blocks.spec import ModelShape
+from edgeheads.common.spec import ModelShape
 
 
 class HeadStage:

@@ -19,7 +19,7 @@ import torch
 
 from edgeheads.headnode import model_cache
 from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, slice_checkpoint, unsupported_message
-from edgeheads.worker.blocks.spec import SUPPORTED_ARCHITECTURES
+from edgeheads.common.spec import SUPPORTED_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 

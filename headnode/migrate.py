@@ -24,7 +24,7 @@ import grpc
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.v1 import worker_pb2
-from edgeheads.worker.blocks.spec import BlockId
+from edgeheads.common.spec import BlockId
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ the activations go from worker to worker, and the worker holding the last block
 sends the final value back on its Drive stream. An error anywhere comes back the same
 way, naming the worker, and fails only that session's step. With the ``tcp`` relay
 transport (the default) a Drive stream is a TCP connection to the worker's relay port,
-carrying the same messages in frames (edgeheads/worker/runtime/relay_wire.py).
+carrying the same messages in frames (protos/edgeheads/common/relay_wire.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.relay_plan import RelayPlan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.runtime.relay_wire import Kind, RelayConnection, parse
+from edgeheads.common.relay_wire import Kind, RelayConnection, parse
 
 log = logging.getLogger(__name__)
 

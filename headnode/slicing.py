@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from edgeheads.worker.blocks.spec import SUPPORTED_ARCHITECTURES, BlockId, BlockKind, ModelShape
+from edgeheads.common.spec import SUPPORTED_ARCHITECTURES, BlockId, BlockKind, ModelShape
 
 Weights = dict[str, torch.Tensor]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
+from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 
 HEAD = "<head>"
 

@@ -1,4 +1,4 @@
-"""The Table-I formulas (worker/blocks/spec.py) against real parameter counts, real
+"""The Table-I formulas (protos/edgeheads/common/spec.py) against real parameter counts, real
 K/V tensor sizes and FLOPs counted by torch's FlopCounterMode."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from edgeheads.headnode.engine import BlockEngine
 from edgeheads.headnode.slicing import slice_checkpoint
-from edgeheads.worker.blocks import spec
-from edgeheads.worker.blocks.spec import BlockKind
+from edgeheads.common import spec
+from edgeheads.common.spec import BlockKind
 from tiny_configs import TINY_CONFIGS
 
 CONTEXT = 23

@@ -15,7 +15,7 @@ from edgeheads.headnode.loading import from_transformers, load_model
 from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.sampling import SamplingParams
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
-from edgeheads.worker.blocks.spec import BlockId, BlockKind
+from edgeheads.common.spec import BlockId, BlockKind
 from tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.system

@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from edgeheads.worker.runtime.config import (
-    ConfigError,
-    ControllerSettings,
-    EdgeheadsConfig,
-    GrpcSettings,
-    HeadnodeSettings,
-    WorkerSettings,
-    load_config,
-    parse_bytes,
-    split_host_port,
-)
+import functools
+
+from edgeheads.common import config as common_config
+from edgeheads.common.config import ConfigError, GrpcSettings, parse_bytes, split_host_port
+from edgeheads.controller.config import ControllerSettings
+from edgeheads.headnode.config import ClusterConfig as EdgeheadsConfig
+from edgeheads.headnode.config import HeadnodeSettings
+from edgeheads.worker.config import WorkerConfig, WorkerSettings
+
+load_config = functools.partial(common_config.load_config, EdgeheadsConfig)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "edgeheads.example.yaml"
 MiB, GiB = 1 << 20, 1 << 30
@@ -308,3 +307,14 @@ def test_out_of_range_values(section, field, value):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_a_daemon_reads_only_its_own_sections(tmp_path):
+    """One file configures the cluster: the worker ignores the other daemons' sections,
+    but a misspelt section is still an error."""
+    path = write(tmp_path, "worker:\n  listen: 127.0.0.1:7001\nheadnode:\n  model: x\n")
+    cfg = common_config.load_config(WorkerConfig, path)
+    assert cfg.worker.listen == "127.0.0.1:7001"
+    assert not hasattr(cfg, "headnode")
+    with pytest.raises(ConfigError, match="wroker"):
+        common_config.load_config(WorkerConfig, write(tmp_path, "wroker:\n  listen: 127.0.0.1:7001\n", "b.yaml"))

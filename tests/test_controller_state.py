@@ -8,7 +8,7 @@ import pytest
 from edgeheads.controller.membership import ClusterState, WorkerRecord
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, spread
-from edgeheads.worker.blocks.spec import SMOLLM2_135M, block_memory_bytes
+from edgeheads.common.spec import SMOLLM2_135M, block_memory_bytes
 
 GiB = 1 << 30
 

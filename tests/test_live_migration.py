@@ -24,7 +24,7 @@ from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.migrate import MigrationError, migrate
 from edgeheads.headnode.sampling import SamplingParams
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
-from edgeheads.worker.blocks.spec import BlockKind
+from edgeheads.common.spec import BlockKind
 from test_cli_generate import run_cli
 from tiny_configs import TINY_CONFIGS
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from edgeheads.headnode.slicing import slice_checkpoint
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
 from edgeheads.worker.migration import cache_lengths, export_state, import_state, parse_state
-from edgeheads.worker.runtime.wire import sha256_hex, weights_to_blob
+from edgeheads.common.wire import sha256_hex, weights_to_blob
 from tiny_configs import TINY_CONFIGS
 
 BLOCK = "attn(1,1)"

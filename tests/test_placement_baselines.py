@@ -11,7 +11,7 @@ from edgeheads.controller.instances import model_problem, perturbed, random_smal
 from edgeheads.controller.problem import Placement
 from edgeheads.controller.resource_aware import ResourceAware
 from edgeheads.controller.sharding import by_compute, layer_chain
-from edgeheads.worker.blocks.spec import LLAMA2_7B, SMOLLM2_135M
+from edgeheads.common.spec import LLAMA2_7B, SMOLLM2_135M
 
 
 def layer_devices(pr, placement):

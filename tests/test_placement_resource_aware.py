@@ -7,7 +7,7 @@ from edgeheads.controller import costmodel
 from edgeheads.controller.instances import model_problem, perturbed, random_small_problem
 from edgeheads.controller.problem import Cluster, Infeasible, Placement, Problem
 from edgeheads.controller.resource_aware import ResourceAware, ResourceAwareConfig, demand_order
-from edgeheads.worker.blocks.spec import SMOLLM2_135M
+from edgeheads.common.spec import SMOLLM2_135M
 
 
 def test_demand_order_puts_heavy_blocks_first():

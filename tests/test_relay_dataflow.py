@@ -21,7 +21,7 @@ from edgeheads.headnode.stage_plan import compile_plan
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
 from edgeheads.worker.relay import ProgramCall, RelayExecutor, segments
 from edgeheads.worker.relay_service import program_from_proto
-from edgeheads.worker.runtime.wire import sha256_hex, weights_to_blob
+from edgeheads.common.wire import sha256_hex, weights_to_blob
 from tiny_configs import TINY_CONFIGS
 
 WORKERS = [WorkerCapacity(f"w{i}", 1 << 40) for i in range(3)]

@@ -16,8 +16,8 @@ from edgeheads.headnode.relay_driver import RelayDriver
 from edgeheads.v1 import tensor_pb2, worker_pb2
 from edgeheads.worker import relay_port as relay_port_module
 from edgeheads.worker.relay_port import RelayPort, listening_socket
-from edgeheads.worker.runtime.relay_wire import Kind, encode, encode_message, read_frame
-from edgeheads.worker.runtime.wire import WireError, tensor_to_proto
+from edgeheads.common.relay_wire import Kind, encode, encode_message, read_frame
+from edgeheads.common.wire import WireError, tensor_to_proto
 
 LIMIT = 1 << 20
 

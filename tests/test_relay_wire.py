@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from edgeheads.v1 import tensor_pb2, worker_pb2
-from edgeheads.worker.runtime.relay_wire import (
+from edgeheads.common.relay_wire import (
     HEADER, FrameError, Kind, encode, encode_message, error_frame, parse, read_frame, relay_address)
-from edgeheads.worker.runtime.wire import tensor_from_proto, tensor_to_proto
+from edgeheads.common.wire import tensor_from_proto, tensor_to_proto
 
 LIMIT = 1 << 20
 

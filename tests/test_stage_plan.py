@@ -6,7 +6,7 @@ import pytest
 
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, round_robin, single, spread
 from edgeheads.headnode.stage_plan import compile_plan
-from edgeheads.worker.blocks.spec import GPT2_SMALL, SMOLLM2_135M, BlockId, BlockKind, block_memory_bytes
+from edgeheads.common.spec import GPT2_SMALL, SMOLLM2_135M, BlockId, BlockKind, block_memory_bytes
 
 WORKERS = [WorkerCapacity(f"w{i}", 1 << 40) for i in range(3)]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edgeheads.v1 import tensor_pb2, worker_pb2
-from edgeheads.worker.runtime.wire import WireError, fill_tensor_proto, tensor_from_proto, tensor_to_proto
+from edgeheads.common.wire import WireError, fill_tensor_proto, tensor_from_proto, tensor_to_proto
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])

@@ -24,8 +24,8 @@ from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.sampling import SamplingParams
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.runtime.relay_wire import HEADER, Kind, encode, encode_message, read_frame
-from edgeheads.worker.runtime.wire import chunks, sha256_hex, tensor_to_proto, weights_to_blob
+from edgeheads.common.relay_wire import HEADER, Kind, encode, encode_message, read_frame
+from edgeheads.common.wire import chunks, sha256_hex, tensor_to_proto, weights_to_blob
 from tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.system

@@ -16,9 +16,10 @@ from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
 from edgeheads.worker.links import probe_loop
 from edgeheads.worker.relay_port import RelayPort
-from edgeheads.worker.runtime.config import GrpcSettings, WorkerSettings, split_host_port
-from edgeheads.worker.runtime.metrics import WorkerMetrics
-from edgeheads.worker.runtime.server import Daemon, serve_metrics, write_ready_file
+from edgeheads.common.config import GrpcSettings, split_host_port
+from edgeheads.worker.config import WorkerSettings
+from edgeheads.worker.metrics import WorkerMetrics
+from edgeheads.common.server import Daemon, serve_metrics, write_ready_file
 from edgeheads.worker.service import WorkerService
 
 log = logging.getLogger(__name__)

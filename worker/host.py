@@ -18,8 +18,8 @@ import torch
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
-from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
-from edgeheads.worker.runtime.wire import DataLossError, WireError, blob_to_weights, sha256_hex
+from edgeheads.common.spec import BlockId, BlockKind, ModelShape
+from edgeheads.common.wire import DataLossError, WireError, blob_to_weights, sha256_hex
 
 log = logging.getLogger(__name__)
 

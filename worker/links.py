@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from edgeheads.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.runtime.config import GrpcSettings
+from edgeheads.common.config import GrpcSettings
 
 log = logging.getLogger(__name__)
 

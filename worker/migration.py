@@ -3,7 +3,7 @@ weights (optional) and its K/V cache rows into one safetensors payload, and impo
 such a payload on the destination.
 
 The payload holds ``w.<name>`` weight tensors, ``k.<session>`` and ``v.<session>``
-cache rows from a per-session start position, and JSON metadata naming the block,
+cache rows from a per-session start position, and JSON metadata (UTF-8 bytes in the ``meta`` uint8 tensor) naming the block,
 its content hash, the rows it carries per session, and every session the source
 holds (so the destination forgets sessions the source has dropped). A pre-copy
 sends everything; the delta at the switch sends only rows added since.
@@ -19,7 +19,9 @@ from safetensors.torch import save as st_save
 
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.host import BlockHost, HostError, parse_block_id
-from edgeheads.worker.runtime.wire import weights_to_blob
+from edgeheads.common.wire import weights_to_blob
+
+META = "meta"  # the uint8 tensor holding the JSON metadata; other names start with w., k. or v.
 
 
 def export_state(host: BlockHost, block_text: str, include_weights: bool,
@@ -43,15 +45,15 @@ def export_state(host: BlockHost, block_text: str, include_weights: bool,
             rows[session] = [start, cache.length]
     meta = {"block_id": str(block.block_id), "content_hash": host.block_hash[block.block_id],
             "weights": include_weights, "rows": rows, "sessions": sessions}
-    return st_save({k: t.contiguous() for k, t in tensors.items()}, metadata={"state": json.dumps(meta)})
+    tensors[META] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    return st_save({k: t.contiguous() for k, t in tensors.items()})
 
 
 def parse_state(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of an export payload; INVALID_ARGUMENT when it is not one."""
     try:
         tensors = st_load(blob)  # validates the header and the byte ranges
-        header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(json.loads(blob[8:8 + header_len])["__metadata__"]["state"])
+        meta = json.loads(tensors.pop(META).numpy().tobytes())
         if not isinstance(meta.get("rows"), dict) or not isinstance(meta.get("sessions"), list):
             raise ValueError("rows or sessions missing")
     except Exception as err:  # safetensors and json raise their own types

@@ -12,7 +12,7 @@ import grpc
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import HostError, status_name
 from edgeheads.worker.migration import cache_lengths, export_state, import_state
-from edgeheads.worker.runtime.wire import ChunkAssembler, WireError, chunks
+from edgeheads.common.wire import ChunkAssembler, WireError, chunks
 
 log = logging.getLogger(__name__)
 

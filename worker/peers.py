@@ -18,8 +18,8 @@ from collections.abc import Callable
 import grpc
 
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
-from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.relay_wire import Kind, RelayConnection, parse
+from edgeheads.common.config import GrpcSettings
+from edgeheads.common.relay_wire import Kind, RelayConnection, parse
 
 log = logging.getLogger(__name__)
 

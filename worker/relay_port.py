@@ -22,7 +22,7 @@ import socket
 
 from edgeheads.v1 import worker_pb2
 from edgeheads.worker.host import status_name
-from edgeheads.worker.runtime.relay_wire import (
+from edgeheads.common.relay_wire import (
     HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode_message, error_frame, parse, read_frame, tune)
 
 log = logging.getLogger(__name__)

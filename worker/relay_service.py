@@ -13,8 +13,8 @@ from edgeheads.v1 import tensor_pb2, worker_pb2
 from edgeheads.worker.host import HostError, StageOpSpec, status_name
 from edgeheads.worker.peers import PeerLinks
 from edgeheads.worker.relay import ProgramCall, RelayExecutor
-from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.wire import WireError, fill_tensor_proto, tensor_from_proto
+from edgeheads.common.config import GrpcSettings
+from edgeheads.common.wire import WireError, fill_tensor_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from edgeheads.worker.host import BlockHost, HostError, StageOpSpec, status_name
 from edgeheads.worker.links import LinkTable
 from edgeheads.worker.migration_service import MigrationRpcs
 from edgeheads.worker.relay_service import RelayRpcs
-from edgeheads.worker.runtime.config import GrpcSettings
-from edgeheads.worker.runtime.wire import ChunkAssembler, WireError, tensor_from_proto, tensor_to_proto
+from edgeheads.common.config import GrpcSettings
+from edgeheads.common.wire import ChunkAssembler, WireError, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from edgeheads.worker.blocks import spec
-from edgeheads.worker.blocks.spec import BlockId, ModelShape
+from edgeheads.common import spec
+from edgeheads.common.spec import BlockId, ModelShape
 
 
 class BlockShapeError(ValueError):

@@ -8,7 +8,7 @@ from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block
 from edgeheads.worker.blocks.ffn import FeedForwardBlock
 from edgeheads.worker.blocks.projection import ProjectionBlock
-from edgeheads.worker.blocks.spec import BlockId, BlockKind, ModelShape
+from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 
 _CLASSES: dict[BlockKind, type[Block]] = {
     BlockKind.ATTENTION: AttentionBlock,

@@ -167,7 +167,7 @@ class WorkerServicer:
 
     def RelayEndpoint(self, request, context):
         """With the tcp relay transport, Drive and Forward travel as frames on a plain TCP port
-        instead (edgeheads/worker/runtime/relay_wire.py); this says which port.
+        instead (protos/edgeheads/common/relay_wire.py); this says which port.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

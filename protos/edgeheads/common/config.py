@@ -1,4 +1,4 @@
-"""One typed config for all three daemons (worker, controller, head node).
+"""The config machinery every daemon shares; each daemon defines its own sections.
 
 Sources, lowest precedence first:
 
@@ -20,11 +20,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import socket
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -32,15 +31,15 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 from pydantic_settings.exceptions import SettingsError
 
 __all__ = [
-    "ConfigError", "GrpcSettings", "WorkerSettings", "ControllerSettings", "HeadnodeSettings",
-    "EdgeheadsConfig", "load_config", "parse_bytes", "split_host_port",
+    "Bytes", "ConfigError", "DaemonConfig", "DialAddress", "GrpcSettings", "ListenAddress", "Seconds", "Section",
+    "load_config", "parse_bytes", "split_host_port",
 ]
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ENV_PREFIX = "EDGEHEADS_"
 ENV_DELIMITER = "__"
 _GRPC_INT_MAX = (1 << 31) - 1  # gRPC channel arguments are C ints
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 
 
 class ConfigError(ValueError):
@@ -123,13 +122,13 @@ def _dial_address(value: str) -> str:
     host, port = split_host_port(value)
     if port == 0:
         raise ValueError(f"{value!r}: port 0 means 'pick a free one' and only makes sense for listen addresses")
-    if host in _WILDCARD_HOSTS:
+    if host in WILDCARD_HOSTS:
         raise ValueError(f"{value!r}: {host or 'an empty host'} is a listen-on-everything address; "
                          "give a host name or IP address that other machines can reach")
     return value.strip()
 
 
-def _lower(value: Any) -> Any:
+def lower_str(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
@@ -145,13 +144,13 @@ _GrpcSeconds = Annotated[float, Field(gt=0, le=_GRPC_INT_MAX / 1000, allow_inf_n
 
 # ---------------------------------------------------------------- sections
 
-class _Section(BaseModel):
+class Section(BaseModel):
     """Common settings of every section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class GrpcSettings(_Section):
+class GrpcSettings(Section):
     """Transport settings shared by every daemon and the client."""
 
     max_message_bytes: Annotated[Bytes, Field(gt=0, le=_GRPC_INT_MAX)] = 64 * MiB
@@ -190,108 +189,18 @@ class GrpcSettings(_Section):
                                          ("grpc.http2.max_ping_strikes", 0)]
 
 
-class WorkerSettings(_Section):
-    """A worker: runs blocks for the head node, registers with the controller."""
-
-    listen: ListenAddress = "0.0.0.0:50061"
-    # Prometheus metrics over HTTP (null: none)
-    metrics_listen: ListenAddress | None = "0.0.0.0:9161"
-    advertise: DialAddress | None = None
-    controller: DialAddress = "127.0.0.1:50051"
-    name: Annotated[str, Field(min_length=1)] | None = None
-    memory_limit_bytes: Annotated[Bytes, Field(gt=0)] | None = None
-    device: Annotated[Literal["cpu", "cuda"], BeforeValidator(_lower)] = "cpu"
-    telemetry_period_seconds: Seconds = 1.0
-    # probe the links to peer workers this often (a few hundred KiB each); 0: only measure real transfers
-    link_probe_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
-    torch_threads: Annotated[int, Field(ge=1)] | None = None
-    # the TCP port for relay activations (tcp relay transport), on the host of ``listen``;
-    # 0: any free port (peers ask for it over gRPC). Open it in firewalls next to ``listen``.
-    relay_port: Annotated[int, Field(ge=0, le=65535)] = 0
-
-    def advertise_address(self, bound_port: int | None = None) -> str:
-        """The address other processes should dial to reach this worker.
-
-        ``advertise`` if set; otherwise ``listen`` with a wildcard host replaced by 127.0.0.1 when
-        the controller is on this machine, else by the local IP address used to reach the
-        controller; and port 0 replaced by ``bound_port`` (the port the server actually bound).
-        """
-        if self.advertise is not None:
-            return self.advertise
-        host, port = split_host_port(self.listen)
-        if port == 0:
-            if not bound_port:
-                raise ValueError("listen port is 0: pass the port the server bound as bound_port")
-            port = bound_port
-        if host in _WILDCARD_HOSTS:
-            host = _local_ip_towards(split_host_port(self.controller)[0])
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class ControllerSettings(_Section):
-    """The controller: tracks workers by heartbeat and serves placements."""
-
-    listen: ListenAddress = "0.0.0.0:50051"
-    metrics_listen: ListenAddress | None = "0.0.0.0:9151"
-    heartbeat_timeout_seconds: Seconds = 5.0
-    policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "spread"
-    # re-plan after this many decoded tokens (0: only on membership changes)
-    replan_every_tokens: Annotated[int, Field(ge=0)] = 16
-    # ... and at least this often in seconds (0: no timer), so a change in load is noticed while idle
-    replan_every_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    # the "shuffle" test policy moves this many random blocks per re-plan, from this seed
-    shuffle_moves: Annotated[int, Field(ge=1)] = 2
-    shuffle_seed: int = 0
-
-
-class HeadnodeSettings(_Section):
-    """The head node: loads the model, ships blocks, drives decoding, serves ``Generate``."""
-
-    listen: ListenAddress = "0.0.0.0:50050"
-    metrics_listen: ListenAddress | None = "0.0.0.0:9150"
-    controller: DialAddress = "127.0.0.1:50051"
-    model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
-    min_workers: Annotated[int, Field(ge=1)] = 1
-    worker_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
-    # relay: workers pass activations to each other (one network hop per phase);
-    # head: every phase goes through the head node (a round trip per phase)
-    dataflow: Literal["relay", "head"] = "relay"
-    # how relay activations travel: tcp (frames on each worker's relay port; fastest) or
-    # grpc (Drive/Forward streams; only the gRPC port needs to be reachable)
-    relay_transport: Literal["tcp", "grpc"] = "tcp"
-    step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
-    # give up a migration (and keep the old placement) after this many seconds
-    migration_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
-
-
-def _local_ip_towards(host: str) -> str:
-    """The local IP address the OS would use to reach ``host`` (no packet is sent); 127.0.0.1 on failure."""
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return "127.0.0.1"
-    except ValueError:
-        if host == "localhost":
-            return "127.0.0.1"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect((host, 9))  # UDP connect only picks a route
-            return sock.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 # ---------------------------------------------------------------- the whole config
 
-class EdgeheadsConfig(BaseSettings):
-    """All sections. ``EdgeheadsConfig()`` reads defaults and ``EDGEHEADS_*``; use :func:`load_config`."""
+class DaemonConfig(BaseSettings):
+    """Base of each daemon's config: its own sections as fields (``grpc`` plus the daemon's).
+
+    Each daemon package defines its subclass next to its settings (``edgeheads.worker.config``,
+    ``edgeheads.controller.config``, ``edgeheads.headnode.config``). ``DaemonConfig()`` reads
+    defaults and ``EDGEHEADS_*``; use :func:`load_config` for the file and flags as well.
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER,
                                       extra="forbid", validate_assignment=True)
-
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    controller: ControllerSettings = Field(default_factory=ControllerSettings)
-    headnode: HeadnodeSettings = Field(default_factory=HeadnodeSettings)
-    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -301,7 +210,11 @@ class EdgeheadsConfig(BaseSettings):
         return init_settings, env_settings
 
 
-SECTIONS = tuple(EdgeheadsConfig.model_fields)
+SECTIONS = ("grpc", "worker", "controller", "headnode")
+"""Every section a config file may hold. One file can configure a whole cluster: each daemon
+validates its own sections and ignores the others' (a misspelt section name is still an error)."""
+
+C = TypeVar("C", bound=DaemonConfig)
 
 
 def _read_yaml(path: Path, label: str) -> dict[str, Any]:
@@ -327,9 +240,9 @@ def _read_yaml(path: Path, label: str) -> dict[str, Any]:
     return {key: ({} if value is None else value) for key, value in data.items()}
 
 
-def _env_values() -> dict[str, Any]:
+def _env_values(config_cls: type[DaemonConfig]) -> dict[str, Any]:
     try:
-        return EnvSettingsSource(EdgeheadsConfig)()
+        return EnvSettingsSource(config_cls)()
     except SettingsError as err:  # a whole section given as bad JSON, e.g. EDGEHEADS_WORKER='{oops'
         match = re.search(r'field "(\w+)"', str(err))
         section = match.group(1) if match else "?"
@@ -387,35 +300,40 @@ def _origin(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> s
                       for h in holders)
 
 
-def _format_error(err: dict[str, Any], layers: list[tuple[str, dict[str, Any]]]) -> str:
+def _format_error(err: dict[str, Any], layers: list[tuple[str, dict[str, Any]]],
+                  config_cls: type[DaemonConfig]) -> str:
     loc = tuple(str(part) for part in err["loc"])
     message = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key" if len(loc) > 1 else f"unknown section (known: {', '.join(SECTIONS)})"
         if len(loc) > 1:
-            model = EdgeheadsConfig.model_fields[loc[0]].annotation
+            model = config_cls.model_fields[loc[0]].annotation
             message += f" (known: {', '.join(model.model_fields)})"  # type: ignore[union-attr]
     elif err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
         message += f" (got {err['input']!r})"
     return f"{_origin(loc, layers)}: {'.'.join(loc) or '<top level>'}: {message}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                overrides: dict[str, dict[str, Any]] | None = None) -> EdgeheadsConfig:
-    """Build the config: defaults < YAML file ``path`` < ``EDGEHEADS_*`` env vars < ``overrides``.
+def load_config(config_cls: type[C], path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> C:
+    """Build a daemon's config: defaults < YAML file ``path`` < ``EDGEHEADS_*`` env vars < ``overrides``.
 
-    ``overrides`` holds the command-line flags by section, e.g. ``{"worker": {"listen": "..."}}``;
-    ``None`` values (flags not given) are skipped. Raises :class:`ConfigError` on any problem.
+    ``config_cls`` is the daemon's :class:`DaemonConfig` subclass. ``overrides`` holds the
+    command-line flags by section, e.g. ``{"worker": {"listen": "..."}}``; ``None`` values (flags
+    not given) are skipped. Sections of other daemons in the file are skipped; unknown sections
+    are errors. Raises :class:`ConfigError` on any problem.
     """
+    own = set(config_cls.model_fields)
     layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
-        layers.append((os.fspath(path), _read_yaml(Path(path), os.fspath(path))))
-    layers.append(("environment", _env_values()))
+        data = _read_yaml(Path(path), os.fspath(path))
+        layers.append((os.fspath(path), {k: v for k, v in data.items() if k in own or k not in SECTIONS}))
+    layers.append(("environment", _env_values(config_cls)))
     layers.append(("command-line flags", _clean_overrides(overrides)))
     merged = _deep_merge(*(data for _, data in layers))
     try:
-        return EdgeheadsConfig(**merged)
+        return config_cls(**merged)
     except ValidationError as err:
-        raise ConfigError("\n".join(_format_error(e, layers) for e in err.errors())) from None
+        raise ConfigError("\n".join(_format_error(e, layers, config_cls) for e in err.errors())) from None
     except TypeError as err:  # e.g. an override dict with non-string keys
         raise ConfigError(f"command-line flags: {err}") from None

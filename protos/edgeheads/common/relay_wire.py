@@ -27,7 +27,7 @@ import struct
 import zlib
 
 from edgeheads.v1 import worker_pb2
-from edgeheads.worker.runtime.config import split_host_port
+from edgeheads.common.config import split_host_port
 
 MAGIC = b"EHR1"
 HEADER = struct.Struct("<4sB3sII")

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from edgeheads.worker.runtime import metrics
-from edgeheads.worker.runtime.config import GrpcSettings
+from edgeheads.common import metrics
+from edgeheads.common.config import GrpcSettings
 
 log = logging.getLogger(__name__)
 

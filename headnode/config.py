@@ -1,0 +1,50 @@
+"""The head node's settings, and the whole-cluster config that ``edgeheads up`` and the
+example file use (the head node is the top of the import order, so it may name every section)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from edgeheads.common.config import DaemonConfig, DialAddress, GrpcSettings, ListenAddress, Section
+
+
+from edgeheads.controller.config import ControllerSettings
+from edgeheads.worker.config import WorkerSettings
+
+
+class HeadnodeSettings(Section):
+    """The head node: loads the model, ships blocks, drives decoding, serves ``Generate``."""
+
+    listen: ListenAddress = "0.0.0.0:50050"
+    metrics_listen: ListenAddress | None = "0.0.0.0:9150"
+    controller: DialAddress = "127.0.0.1:50051"
+    model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
+    min_workers: Annotated[int, Field(ge=1)] = 1
+    worker_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
+    # relay: workers pass activations to each other (one network hop per phase);
+    # head: every phase goes through the head node (a round trip per phase)
+    dataflow: Literal["relay", "head"] = "relay"
+    # how relay activations travel: tcp (frames on each worker's relay port; fastest) or
+    # grpc (Drive/Forward streams; only the gRPC port needs to be reachable)
+    relay_transport: Literal["tcp", "grpc"] = "tcp"
+    step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
+    # give up a migration (and keep the old placement) after this many seconds
+    migration_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+
+
+class HeadnodeConfig(DaemonConfig):
+    """What ``edgeheads headnode`` reads (see edgeheads.common.config.load_config)."""
+
+    headnode: HeadnodeSettings = Field(default_factory=HeadnodeSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+
+
+class ClusterConfig(DaemonConfig):
+    """Every section: one file that configures a whole cluster (deploy/edgeheads.example.yaml)."""
+
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    headnode: HeadnodeSettings = Field(default_factory=HeadnodeSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
