@@ -78,7 +78,7 @@ async def migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId
         stub = cluster.stub(move.destination, all_addresses[move.destination])
         request = worker_pb2.PullBlockRequest(
             block_id=str(move.block), source_address=old.addresses[move.source], model_shape_json=shape_json,
-            content_hash=cluster.blob(move.block)[0], delta=delta, timeout_seconds=timeout_seconds)
+            content_hash=cluster.weights.content_hash(move.block), delta=delta, timeout_seconds=timeout_seconds)
         try:
             return await stub.PullBlock(request, timeout=timeout_seconds + 5)
         except grpc.aio.AioRpcError as err:

@@ -1,0 +1,93 @@
+"""Placement epochs and decoding sessions, with the one way a session ends.
+
+A session is one generation: its K/V caches live on the workers holding attention
+blocks, one cache per block it has run on. However a session ends (it finished, a
+step of it failed in either dataflow, its client went away, the head node closes),
+``SessionTable.end`` forgets it and drops its caches on every worker that may hold
+them: every worker of every epoch it ran under, and of the epoch in use now (a
+migration may have moved its caches to a worker it never ran on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from edgeheads.common.spec import BlockId
+from edgeheads.headnode.stage_plan import StagePlan
+from edgeheads.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DROP_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass
+class Epoch:
+    number: int
+    placement: dict[BlockId, str]  # block -> worker name
+    addresses: dict[str, str]  # worker name -> host:port
+    plan: StagePlan
+
+
+@dataclass
+class Session:
+    name: str
+    position: int = 0  # tokens already fed: the next step's first position
+    epoch: int = -1  # the epoch of its last step
+    workers: set[str] = field(default_factory=set)  # every worker that may hold its caches
+
+
+class SessionTable:
+    """The live sessions. ``forget`` is the dataflow's hook to close what it keeps per
+    session (streams); it runs before the caches are dropped."""
+
+    def __init__(self, stubs: dict[str, worker_pb2_grpc.WorkerStub],
+                 forget: Callable[[str], Awaitable[None]]) -> None:
+        self.stubs = stubs
+        self.forget = forget
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sessions
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._sessions))
+
+    def get(self, name: str) -> Session | None:
+        return self._sessions.get(name)
+
+    def open(self, name: str, epoch: Epoch) -> Session:
+        """The session ``name`` (new at its first step), about to run a step under ``epoch``."""
+        session = self._sessions.get(name)
+        if session is None:
+            session = self._sessions[name] = Session(name)
+        if session.epoch != epoch.number:
+            session.epoch = epoch.number
+            session.workers.update(epoch.plan.workers)
+        return session
+
+    async def end(self, name: str, current: Epoch | None) -> None:
+        """The one cleanup path. A no-op for a session already ended (or never started)."""
+        session = self._sessions.pop(name, None)
+        if session is None:
+            return
+        workers = session.workers | set(current.plan.workers if current is not None else ())
+        try:
+            await self.forget(name)
+        finally:
+            await asyncio.gather(*[self._drop(w, name) for w in sorted(workers) if w in self.stubs])
+
+    async def _drop(self, worker: str, session: str) -> None:
+        try:
+            await self.stubs[worker].DropSession(worker_pb2.DropSessionRequest(session=session),
+                                                 timeout=DROP_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as err:  # a worker that is gone holds nothing any more
+            log.warning("session %s: could not drop its caches on %s: %s", session, worker, err.code().name)
