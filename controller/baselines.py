@@ -2,7 +2,8 @@
 
 - greedy: first-fit decreasing by memory, devices by available compute; fresh every
   interval, blind to latency and migration.
-- round-robin: blocks in execution order dealt to devices cyclically (skipping full ones).
+- block-round-robin: blocks in execution order dealt to devices cyclically (skipping full ones);
+  the paper's round-robin, named apart from the runtime's ``round-robin`` policy (spread.py).
 - static: the resource-aware placement of the first interval, never moved.
 - dynamic-layer: re-placed every interval like resource-aware, but a whole layer is one unit.
 - edgeshard: contiguous layer shards on devices, by dynamic programming; static.
@@ -45,8 +46,11 @@ class Greedy:
         return Placement.of(assign)
 
 
-class RoundRobin:
-    name = "round-robin"
+class BlockRoundRobin:
+    """Block b to device b mod n, the next with room if that one is full. Not the runtime's
+    ``round-robin`` policy (controller/spread.py), which deals only KV groups, per layer."""
+
+    name = "block-round-robin"
 
     def place(self, problem: Problem, previous: Placement | None) -> Decision:
         n = problem.n_devices
@@ -60,7 +64,7 @@ class RoundRobin:
                     free[d] -= problem.memory_bytes[b]
                     break
             else:
-                return Infeasible(f"round-robin: no device has room for {problem.blocks[b]}")
+                return Infeasible(f"block-round-robin: no device has room for {problem.blocks[b]}")
         return Placement.of(assign)
 
 

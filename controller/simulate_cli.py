@@ -3,7 +3,9 @@
     edgeheads simulate SCENARIO.yaml [--algorithms a,b,...] [--json] [--plot DIR]
     edgeheads simulate --generate FAMILY [--count N] [--seed S] --out DIR
 
-The head node's CLI calls ``register(subparsers)``; nothing here starts a daemon.
+``edgeheads.controller.cli`` calls ``register(subparsers)``; nothing here starts a daemon.
+Registering imports only the algorithm names; running needs the ``controller`` extra (numpy),
+``--plot`` the ``plots`` extra (matplotlib) and ``exact`` the ``solver`` extra (OR-Tools).
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from edgeheads.common.cli import import_extra
+from edgeheads.controller.algorithms import ALGORITHMS, DEFAULT_ALGORITHMS, make_algorithm, unknown_algorithm_message
 
-from edgeheads.controller.algorithms import ALGORITHMS, DEFAULT_ALGORITHMS, make_algorithm
-from edgeheads.controller.scenario import FAMILIES, ScenarioError, generate, load_scenario, materialize
-from edgeheads.controller.simulator import RunResult, simulate
+if TYPE_CHECKING:
+    from edgeheads.controller.simulator import RunResult
 
 
 def register(subparsers: Any) -> None:
@@ -37,7 +39,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the figures per algorithm as JSON")
     p.add_argument("--plot", metavar="DIR", help="write latency and memory plots (PNG) into DIR")
-    p.add_argument("--generate", metavar="FAMILY", choices=FAMILIES, help="write random scenarios of a family instead")
+    p.add_argument("--generate", metavar="FAMILY",
+                   help="write random scenarios of a family instead (see docs/placement.md)")
     p.add_argument("--count", type=int, default=1, help="with --generate: how many scenarios (default 1)")
     p.add_argument("--seed", type=int, default=0, help="with --generate: first seed (default 0)")
     p.add_argument("--out", metavar="DIR", help="with --generate: where to write them")
@@ -58,12 +61,19 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown or not names:
-        return _fail(f"unknown algorithm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALGORITHMS)}")
+        return _fail(unknown_algorithm_message(unknown))
+    from edgeheads.controller.scenario import ScenarioError, load_scenario, materialize
+    from edgeheads.controller.simulator import simulate
+
+    # a missing extra fails before any run
+    algorithms = {name: make_algorithm(name) for name in names}
+    if args.plot:
+        import_extra("matplotlib", "--plot")
     try:
         setup = materialize(load_scenario(args.scenario))
     except ScenarioError as err:
         return _fail(str(err))
-    results = {name: simulate(setup, make_algorithm(name)) for name in names}
+    results = {name: simulate(setup, algorithm) for name, algorithm in algorithms.items()}
     if args.json:
         print(json.dumps(_as_json(setup.scenario.name, results), indent=2))
     else:
@@ -75,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from edgeheads.controller.scenario import FAMILIES, generate
+
+    if args.generate not in FAMILIES:
+        return _fail(f"unknown scenario family {args.generate!r}; choose from {', '.join(FAMILIES)}")
     if not args.out:
         return _fail("--generate needs --out DIR")
     out = Path(args.out)
@@ -123,8 +139,7 @@ def _print_table(name: str, results: dict[str, RunResult]) -> None:
 
 def plot_runs(results: dict[str, RunResult], out: Path, title: str) -> list[Path]:
     """latency_vs_step.png and memory_vs_step.png in ``out``."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -69,7 +69,10 @@ def spread(shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int
 def round_robin(shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int) -> Placement:
     """Heads of layer l round-robin over the workers other than p(l) = l mod n, which
     holds proj(l) + ffn(l). Two phases per layer (attention, then projection + FFN);
-    the groups that land on p(l-1) ride in the call of ffn(l-1)."""
+    the groups that land on p(l-1) ride in the call of ffn(l-1).
+
+    Not the simulator's ``block-round-robin`` (baselines.py), which deals every block in
+    execution order over all devices."""
     n, placement, put = _placer(shape, workers, context_tokens)
     for layer in range(shape.n_layers):
         proj = layer % n

@@ -1,4 +1,11 @@
-"""The ``edgeheads`` command line."""
+"""The ``edgeheads`` command line: the dispatcher (the console script) and ``generate``.
+
+Each daemon owns its subcommands: ``worker`` (edgeheads.worker.cli), ``controller`` and
+``simulate`` (edgeheads.controller.cli), ``headnode`` and ``up`` (cli_daemons), ``status``
+(cli_status). This module assembles them. It imports nothing at module level beyond the plain
+(worker) install, so ``edgeheads worker`` runs on a board without transformers; a subcommand
+that needs an extra says which one.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +15,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edgeheads.common.cli import CliError, missing_extra_message
+
+__all__ = ["CliError", "build_parser", "main"]
+
 log = logging.getLogger(__name__)
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _int_at_least(low: int, what: str):
@@ -139,20 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      "across edge devices.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from edgeheads.controller import cli as controller_cli
+    from edgeheads.headnode import cli_daemons, cli_status
+    from edgeheads.worker import cli as worker_cli
+
     _add_generate(sub)
-    from edgeheads.headnode.cli_daemons import add_daemon_commands
-
-    add_daemon_commands(sub)
-    from edgeheads.headnode import cli_status
-
+    controller_cli.register(sub)  # controller, simulate
+    worker_cli.register(sub)
+    cli_daemons.register(sub)  # headnode, up
     cli_status.register(sub)
-    try:
-        from edgeheads.controller import simulate_cli
-    except ImportError:  # placement library not present in this build
-        simulate_cli = None
-    if simulate_cli is not None:
-        simulate_cli.register(sub)
     return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions printed as one line. The head node's (model loading) when its extra is
+    installed; a worker-only install has the config and OS errors."""
+    try:
+        from edgeheads.headnode.errors import USER_ERRORS
+    except ImportError:
+        from edgeheads.common.config import ConfigError
+
+        return (ConfigError, ValueError, OSError)
+    return USER_ERRORS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,14 +171,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from edgeheads.headnode.errors import USER_ERRORS
-
     try:
         return int(args.func(args) or 0)
     except CliError as err:
         print(f"edgeheads: error: {err}", file=sys.stderr)
         return err.code
-    except USER_ERRORS as err:
+    except ModuleNotFoundError as err:
+        message = missing_extra_message(err)
+        if message is None:
+            raise
+        print(f"edgeheads {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"edgeheads: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

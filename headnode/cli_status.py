@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def gather(controller: str, headnode: str | None) -> dict:
-    from edgeheads.headnode.cli import CliError
+    from edgeheads.common.cli import CliError
     try:
         with grpc.insecure_channel(controller) as channel:
             reply = controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),

@@ -9,22 +9,77 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class LaunchError(RuntimeError):
     pass
 
 
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGHUP) arrived; a BaseException like KeyboardInterrupt, so that
+    only the code that asked for it catches it."""
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within: the first SIGTERM or SIGHUP raises Stopped, the first SIGINT KeyboardInterrupt,
+    in the main thread; later ones are ignored, so the stop they started runs to its end.
+
+    The daemons run in sessions of their own (a terminal's Ctrl-C reaches only this process)
+    and Python's default SIGTERM exits without cleanup; without this, ``kill``, ``docker stop``
+    (this process as PID 1 ignores SIGTERM unless it handles it) and systemd leave them running."""
+    fired = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal fired
+        if fired:
+            log.info("%s while stopping: ignored, the stop goes on", signal.Signals(signum).name)
+            return
+        fired = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(f"{signal.Signals(signum).name} received")
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Stop signals ignored (main thread only; elsewhere signals never run Python code)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class LocalCluster:
     def __init__(self, model: str | None = None, workers: int = 3, host: str = "127.0.0.1",
                  progress: bool = True, worker_memory_limit_bytes: int | None = None,
                  startup_timeout_seconds: float = 600, extra_env: dict[str, str] | None = None,
-                 with_headnode: bool = True) -> None:
+                 with_headnode: bool = True, worker_command: list[str] | None = None) -> None:
         self.with_headnode = with_headnode
+        # how a worker process runs the CLI; tests run workers as a worker-only install would
+        self.cli_command = [sys.executable, "-m", "edgeheads.headnode.cli"]
+        self.worker_command = worker_command or self.cli_command
         self.model = model
         self.n_workers = workers
         self.host = host
@@ -48,11 +103,12 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False) -> None:
-        log_file = open(self.dir / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "edgeheads.headnode.cli", *args, "--ready-file", str(self.dir / f"{name}.ready")],
-            stdout=log_file, stderr=None if show_stderr else subprocess.STDOUT, env=self.env,
-            start_new_session=True)
+        command = self.worker_command if args[0] == "worker" else self.cli_command
+        with open(self.dir / f"{name}.log", "wb") as log_file:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(
+                [*command, *args, "--ready-file", str(self.dir / f"{name}.ready")],
+                stdout=log_file, stderr=None if show_stderr else subprocess.STDOUT, env=self.env,
+                start_new_session=True)
 
     def _wait_ready(self, names: list[str]) -> None:
         deadline = time.monotonic() + self.startup_timeout_seconds
@@ -111,18 +167,33 @@ class LocalCluster:
         return self.addresses["headnode"]
 
     def stop(self, timeout_seconds: float = 10) -> None:
-        """SIGTERM everything (head node first), then SIGKILL what is left."""
-        for name in sorted(self.procs, key=lambda n: (n != "headnode", n == "controller")):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_seconds
-        for proc in self.procs.values():
+        """SIGTERM every daemon (head node first), wait up to ``timeout_seconds`` for them to
+        stop gracefully, then SIGKILL what is left, with anything it started (each daemon leads
+        its own process group). Stop signals are ignored meanwhile; safe to call twice."""
+        with _signals_ignored():
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                for name in sorted(self.procs, key=lambda n: (n != "headnode", n == "controller")):
+                    proc = self.procs[name]
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + timeout_seconds
+                for name, proc in self.procs.items():
+                    try:
+                        proc.wait(max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        log.warning("%s did not stop within %.0f s of SIGTERM; killing it", name, timeout_seconds)
+            finally:
+                for proc in self.procs.values():
+                    self._kill_group(proc)
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen) -> None:
+        """SIGKILL the process group ``proc`` leads (it and what it started), then reap it."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is empty: everything in it has exited
+        proc.wait()
 
     def __enter__(self) -> "LocalCluster":
         self.start()

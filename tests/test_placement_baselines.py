@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeheads.controller import costmodel
-from edgeheads.controller.baselines import DynamicLayer, EdgeShard, Galaxy, Greedy, RoundRobin, Static
+from edgeheads.controller.baselines import BlockRoundRobin, DynamicLayer, EdgeShard, Galaxy, Greedy, Static
 from edgeheads.controller.instances import model_problem, perturbed, random_small_problem
 from edgeheads.controller.problem import Placement
 from edgeheads.controller.resource_aware import ResourceAware
@@ -24,9 +24,9 @@ def layer_devices(pr, placement):
     return out
 
 
-def test_round_robin_deals_blocks_in_order():
+def test_block_round_robin_deals_blocks_in_order():
     pr = random_small_problem(0, 3, 2, 2, memory_use=0.2)
-    assert RoundRobin().place(pr, None).device_of_block == tuple(b % 3 for b in range(pr.n_blocks))
+    assert BlockRoundRobin().place(pr, None).device_of_block == tuple(b % 3 for b in range(pr.n_blocks))
 
 
 def test_greedy_fills_the_fastest_device_first():

@@ -51,7 +51,7 @@ def test_warm_decisions_fit_and_never_beat_the_optimum(spec, memory_scale, noise
         return
     nxt = perturbed(pr, noise_seed, memory_scale=memory_scale)
     exact = cpsat(nxt, first, time_limit_seconds=30)
-    for name in ("resource-aware", "dynamic-layer", "greedy", "round-robin"):
+    for name in ("resource-aware", "dynamic-layer", "greedy", "block-round-robin"):
         decision = make_algorithm(name).place(nxt, first)
         if exact.status == "INFEASIBLE":
             assert isinstance(decision, Infeasible), name
