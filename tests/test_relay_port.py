@@ -15,36 +15,44 @@ from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.relay_driver import RelayDriver
 from edgeheads.v1 import tensor_pb2, worker_pb2
 from edgeheads.worker import relay_port as relay_port_module
+from edgeheads.worker.relay_endpoint import RelayEndpoint
 from edgeheads.worker.relay_port import RelayPort, listening_socket
+from edgeheads.common.config import GrpcSettings
 from edgeheads.common.relay_wire import Kind, encode, encode_message, read_frame
 from edgeheads.common.wire import WireError, tensor_to_proto
 
 LIMIT = 1 << 20
 
 
-class Runner:
-    """What RelayPort needs of the WorkerService: a final value goes back to the head node
-    on the epoch's drive; session "bad" has malformed values."""
+class Endpoint(RelayEndpoint):
+    """A worker's relay endpoint with a stand-in for its block runner: a final value goes
+    back to the head node on the epoch's drive; session "bad" has malformed values."""
 
     def __init__(self) -> None:
-        self.host = SimpleNamespace(name="w0")
-        self.drives: dict = {}
+        super().__init__(SimpleNamespace(name="w0"), GrpcSettings())
         self.delivered: list[tuple[str, int]] = []
         self.reports: list[tuple[int, str, str]] = []
+        self.detached = asyncio.Event()
 
-    async def _deliver(self, batch: worker_pb2.ValueBatch) -> Exception | None:
+    async def deliver(self, batch: worker_pb2.ValueBatch) -> Exception | None:
+        if not batch.session:
+            return await super().deliver(batch)  # refused as the real one does
         if batch.session == "bad":
-            self._report(batch, "INVALID_ARGUMENT", "tensor x0: 3 bytes do not match")
+            self.report(batch, "INVALID_ARGUMENT", "tensor x0: 3 bytes do not match")
             return WireError("tensor x0: 3 bytes do not match")
         self.delivered.append((batch.session, batch.position))
-        sink = self.drives.get(batch.epoch)
-        if sink is not None:
-            sink(worker_pb2.DriveReply(session=batch.session, epoch=batch.epoch, position=batch.position,
-                                       values=[tensor_pb2.NamedTensor(name="x1", tensor=batch.values[0].tensor)]))
+        self.to_head(batch.epoch, worker_pb2.DriveReply(
+            session=batch.session, epoch=batch.epoch, position=batch.position,
+            values=[tensor_pb2.NamedTensor(name="x1", tensor=batch.values[0].tensor)]))
         return None
 
-    def _report(self, batch: worker_pb2.ValueBatch, code: str, message: str) -> None:
+    def report(self, batch: worker_pb2.ValueBatch, code: str, message: str) -> None:
         self.reports.append((batch.epoch, batch.session, code))
+        super().report(batch, code, message)
+
+    def detach_drive(self, sink) -> None:
+        super().detach_drive(sink)
+        self.detached.set()
 
 
 def batch(session: str, epoch: int = 7, position: int = 0) -> worker_pb2.ValueBatch:
@@ -68,7 +76,7 @@ async def exchange(port: int, data: bytes, close: bool = True) -> list[tuple[Kin
 
 def with_port(test):
     async def go():
-        runner = Runner()
+        runner = Endpoint()
         port = RelayPort(runner, LIMIT)
         await port.start("127.0.0.1", 0)
         try:
@@ -134,13 +142,10 @@ def test_a_drive_connection_carries_replies_and_unregisters_when_it_ends():
         kind, payload = await asyncio.wait_for(read_frame(reader, LIMIT), 10)
         reply = worker_pb2.DriveReply.FromString(payload)
         assert (kind, reply.session, reply.position, reply.values[0].name) == (Kind.REPLY, "s", 5, "x1")
-        assert 7 in runner.drives
+        assert runner.has_drive(7)
         writer.close()
-        for _ in range(100):
-            if 7 not in runner.drives:
-                break
-            await asyncio.sleep(0.01)
-        assert 7 not in runner.drives
+        await asyncio.wait_for(runner.detached.wait(), 10)
+        assert not runner.has_drive(7)
     with_port(test)
 
 
@@ -182,10 +187,8 @@ def test_the_driver_runs_steps_and_fails_fast_once_its_drive_broke():
         final, _ = await driver.step("s", 0, x0)
         assert final == x0
         await port.close()  # the worker goes away
-        for _ in range(100):
-            if driver.broken:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*driver.readers), 10)  # a reader ends once its drive broke
+        assert driver.broken
         with pytest.raises(ClusterError, match="can no longer run steps"):
             await driver.step("s", 1, x0)
         with pytest.raises(ClusterError, match="exceeds the limit"):

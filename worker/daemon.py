@@ -90,7 +90,7 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     serve_metrics(settings.metrics_listen, registry, ready_file)
     bound = await daemon.start()
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
-    service.relay_port = RelayPort(service, grpc_settings.max_message_bytes)
+    service.relay_port = RelayPort(service.relay, grpc_settings.max_message_bytes)
     try:
         relay_port = await service.relay_port.start(split_host_port(settings.listen)[0], settings.relay_port)
     except OSError:
@@ -108,7 +108,7 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
         registered))
     probing = None
     if settings.link_probe_seconds:
-        probing = asyncio.create_task(probe_loop(service.links, lambda: service.peers.addresses.values(),
+        probing = asyncio.create_task(probe_loop(service.links, service.relay.peer_addresses,
                                                  grpc_settings, settings.link_probe_seconds))
     if ready_file:
         await registered.wait()
@@ -117,4 +117,4 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     task.cancel()
     if probing is not None:
         probing.cancel()
-    await service.peers.close()
+    await service.relay.close()

@@ -1,5 +1,6 @@
 """The worker's relay TCP port: the ``tcp`` transport's form of the Drive and Forward
-RPCs, over the frames of runtime/relay_wire.py.
+RPCs, over the frames of common/relay_wire.py; a thin adapter over the worker's
+RelayEndpoint, as the gRPC servicer is (the dialling side is common/relay_transport.py).
 
 - A HELLO_DRIVE connection is the head node's: BATCH frames in (step inputs), REPLY
   frames out (results and per-session errors), as on a Drive stream.
@@ -22,6 +23,7 @@ import socket
 
 from edgeheads.v1 import worker_pb2
 from edgeheads.worker.host import status_name
+from edgeheads.worker.relay_endpoint import RelayEndpoint
 from edgeheads.common.relay_wire import (
     HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode_message, error_frame, parse, read_frame, tune)
 
@@ -51,9 +53,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class RelayPort:
-    def __init__(self, service, max_bytes: int) -> None:
-        """``service`` is the WorkerService (its RelayRpcs half does the work)."""
-        self.service = service
+    def __init__(self, endpoint: RelayEndpoint, max_bytes: int) -> None:
+        self.endpoint = endpoint
         self.max_bytes = max_bytes
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -81,7 +82,7 @@ class RelayPort:
         self._connections.add(writer)
         peer = writer.get_extra_info("peername")
         live: list[int] = []  # the epoch of the latest batch a peer connection delivered
-        name = self.service.host.name
+        name = self.endpoint.name
         try:
             try:
                 first = await asyncio.wait_for(read_frame(reader, self.max_bytes), HELLO_TIMEOUT_SECONDS)
@@ -113,19 +114,18 @@ class RelayPort:
     def _broken(self, writer: asyncio.StreamWriter, live: list[int], code: str, message: str) -> None:
         self._send_error(writer, code, message)
         if live:
-            self.service._report(worker_pb2.ValueBatch(epoch=live[-1]), code, message)
+            self.endpoint.report(worker_pb2.ValueBatch(epoch=live[-1]), code, message)
 
     async def _drive(self, epoch: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def sink(reply: worker_pb2.DriveReply) -> None:
             if not writer.is_closing():
                 writer.write(encode_message(Kind.REPLY, reply))
-        self.service.drives[epoch] = sink
+        self.endpoint.attach_drive(epoch, sink)
         try:
             while (frame := await read_frame(reader, self.max_bytes)) is not None:
                 await self._run(frame, None)  # a failed step is reported on this connection already
         finally:
-            if self.service.drives.get(epoch) is sink:
-                del self.service.drives[epoch]
+            self.endpoint.detach_drive(sink)
 
     async def _forward(self, live: list[int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (frame := await read_frame(reader, self.max_bytes)) is not None:
@@ -141,16 +141,11 @@ class RelayPort:
         if kind is not Kind.BATCH:
             raise FrameError("INVALID_ARGUMENT", f"expected a BATCH relay frame, got {kind.name}")
         batch = parse(worker_pb2.ValueBatch, payload)
-        if not batch.session:
-            err: Exception | None = ValueError("a relay batch must name its session")
-            code = "INVALID_ARGUMENT"
-        else:
-            err = await self.service._deliver(batch)
-            code = status_name(err) if err is not None else ""
+        err = await self.endpoint.deliver(batch)
         if err is None:
             return batch
         if writer is not None:
-            self._send_error(writer, code, str(err), batch)
+            self._send_error(writer, status_name(err), str(err), batch)
         return None
 
     @staticmethod

@@ -1,20 +1,19 @@
-"""The relay-mode RPCs of the Worker service (InstallProgram, Drive, Forward): thin
-adapters between protos, the RelayExecutor and the peer links."""
+"""The relay-mode RPCs of the Worker service (InstallProgram, RelayEndpoint, Drive,
+Forward): a thin gRPC adapter over the worker's RelayEndpoint (relay_endpoint.py), as
+the relay TCP port (relay_port.py) is for frames."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import grpc
 
-from edgeheads.v1 import tensor_pb2, worker_pb2
+from edgeheads.v1 import worker_pb2
 from edgeheads.worker.host import HostError, StageOpSpec, status_name
-from edgeheads.worker.peers import PeerLinks
-from edgeheads.worker.relay import ProgramCall, RelayExecutor
-from edgeheads.common.config import GrpcSettings
-from edgeheads.common.wire import WireError, fill_tensor_proto, tensor_from_proto
+from edgeheads.worker.relay import ProgramCall
+from edgeheads.worker.relay_port import RelayPort
+from edgeheads.common.wire import WireError
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +33,21 @@ def program_from_proto(request: worker_pb2.InstallProgramRequest) -> list[Progra
 
 
 class RelayRpcs:
-    """Mixed into WorkerService; needs ``self.host``."""
+    """Mixed into WorkerService; needs ``self.relay`` (the RelayEndpoint) and ``self.relay_port``
+    (the RelayPort, or None until the daemon opens it)."""
 
-    def _init_relay(self, grpc_settings: GrpcSettings) -> None:
-        self.relay = RelayExecutor(self.host)
-        self.peers = PeerLinks(grpc_settings, lambda batch, message: self._report(batch, "UNAVAILABLE", message))
-        # epoch -> where replies for the head node go: its Drive stream or its relay TCP connection
-        self.drives: dict[int, Callable[[worker_pb2.DriveReply], None]] = {}
-        self.relay_port = None  # a RelayPort, started by the daemon
+    relay_port: RelayPort | None = None
 
     async def InstallProgram(self, request, context):
-        if request.transport not in ("", "grpc", "tcp"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown relay transport {request.transport!r} (tcp or grpc)")
         try:
-            self.relay.install(request.epoch, program_from_proto(request))
+            self.relay.install(request.epoch, program_from_proto(request), dict(request.peers), request.transport)
         except HostError as err:
             await context.abort(grpc.StatusCode[err.code], str(err))
-        self.peers.update(dict(request.peers), request.transport or "grpc")
         return worker_pb2.InstallProgramReply(calls=len(request.calls))
 
     async def RelayEndpoint(self, request, context):
         if self.relay_port is None or not self.relay_port.port:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.host.name} has no relay port open")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.relay.name} has no relay port open")
         return worker_pb2.RelayEndpointReply(port=self.relay_port.port)
 
     async def Drive(self, request_iterator, context):
@@ -67,11 +58,11 @@ class RelayRpcs:
             try:
                 async for batch in request_iterator:
                     if not batch.session:  # the opening message: this stream drives batch.epoch
-                        self.drives[batch.epoch] = sink
+                        self.relay.attach_drive(batch.epoch, sink)
                     else:
-                        await self._deliver(batch)
+                        await self.relay.deliver(batch)
             except Exception as err:  # the head node went away; its sessions end with it
-                log.info("worker %s: drive stream ended: %s", self.host.name, err)
+                log.info("worker %s: drive stream ended: %s", self.relay.name, err)
             finally:
                 replies.put_nowait(None)
 
@@ -81,58 +72,11 @@ class RelayRpcs:
                 yield reply
         finally:
             reader.cancel()
-            for epoch in [e for e, s in self.drives.items() if s is sink]:
-                del self.drives[epoch]
+            self.relay.detach_drive(sink)
 
     async def Forward(self, request_iterator, context):
         async for batch in request_iterator:
-            err = await self._deliver(batch)
+            err = await self.relay.deliver(batch)
             if isinstance(err, WireError):  # the stream itself is corrupt: drop it (the session is told)
                 await context.abort(grpc.StatusCode[status_name(err)], str(err))
         return worker_pb2.ForwardReply()
-
-    # ------------------------------------------------------------------ helpers
-    async def _deliver(self, batch: worker_pb2.ValueBatch) -> Exception | None:
-        """Run what the batch makes ready and send the results on. A failure is reported to
-        the head node (it ends that session only) and returned."""
-        try:
-            values = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in batch.values}
-            for out, path in self.relay.deliver(batch.session, batch.epoch, batch.position, values,
-                                                batch.path_compute_seconds):
-                made: dict[str, tensor_pb2.NamedTensor] = {}  # a value sent to two places is encoded once
-                for dest, tensors in out:
-                    # the same fields either way: a ValueBatch to a peer, a DriveReply to the head node
-                    kind = worker_pb2.ValueBatch if dest else worker_pb2.DriveReply
-                    message = kind(session=batch.session, epoch=batch.epoch, position=batch.position,
-                                   path_compute_seconds=path)
-                    for n, t in tensors.items():
-                        nt = message.values.add(name=n)
-                        if n in made:
-                            nt.CopyFrom(made[n])
-                        else:
-                            fill_tensor_proto(nt.tensor, t)
-                            made[n] = nt
-                    if dest:
-                        self.peers.send(dest, message)
-                    else:
-                        self._to_head(batch.epoch, message)
-                if self.peers.transport != "tcp":  # tcp writes go out at once; a gRPC send needs its pump
-                    await asyncio.sleep(0)  # to run before computing on
-        except (HostError, WireError) as err:
-            log.warning("worker %s: relay step of session %s failed: %s", self.host.name, batch.session, err)
-            self._report(batch, status_name(err), str(err))
-            return err
-        return None
-
-    def _report(self, batch: worker_pb2.ValueBatch, code: str, message: str) -> None:
-        self._to_head(batch.epoch, worker_pb2.DriveReply(
-            session=batch.session, epoch=batch.epoch, position=batch.position, error_code=code,
-            error_message=f"worker {self.host.name}: {message}"))
-
-    def _to_head(self, epoch: int, reply: worker_pb2.DriveReply) -> None:
-        sink = self.drives.get(epoch)
-        if sink is None:
-            log.warning("worker %s: no head node drives epoch %d; dropped a reply for session %s",
-                        self.host.name, epoch, reply.session)
-            return
-        sink(reply)

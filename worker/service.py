@@ -12,6 +12,7 @@ from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import BlockHost, HostError, StageOpSpec, status_name
 from edgeheads.worker.links import LinkTable
 from edgeheads.worker.migration_service import MigrationRpcs
+from edgeheads.worker.relay_endpoint import RelayEndpoint
 from edgeheads.worker.relay_service import RelayRpcs
 from edgeheads.common.config import GrpcSettings
 from edgeheads.common.wire import ChunkAssembler, WireError, tensor_from_proto, tensor_to_proto
@@ -31,7 +32,8 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         self.grpc_settings = grpc_settings or GrpcSettings()
         self.metrics = None  # WorkerMetrics, set by the daemon
         self.links = LinkTable()
-        self._init_relay(self.grpc_settings)
+        self.relay = RelayEndpoint(host, self.grpc_settings)  # relay state; RelayRpcs and the RelayPort adapt it
+        self.relay_port = None  # a RelayPort over self.relay, opened by the daemon
         self._init_migration()
 
     async def HasWeights(self, request, context):

@@ -16,6 +16,9 @@ ever unpickled. A connection opens with a HELLO_DRIVE (the head node) or HELLO_F
 DriveReply whose error_code is a gRPC status name: a broken frame (magic, kind, size,
 checksum, truncation) also closes the connection, since nothing after it can be trusted;
 a well-formed batch with bad values names its step and the connection goes on.
+
+This module is the frames only. The dialling side (a TCP link or a gRPC stream behind
+one interface) is relay_transport.py; the listening side is the worker's relay port.
 """
 
 from __future__ import annotations
@@ -123,49 +126,3 @@ def relay_address(grpc_address: str, port: int) -> tuple[str, int]:
     """Dial the relay port on the host the gRPC address names."""
     return split_host_port(grpc_address)[0], port
 
-
-class RelayConnection:
-    """An outgoing relay connection: frames out; replies, or one ERROR frame, in."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.max_bytes = max_bytes
-        self.closed = False
-
-    @classmethod
-    async def open(cls, grpc_address: str, port: int, hello: Kind, epoch: int, max_bytes: int) -> RelayConnection:
-        """Connect to the relay ``port`` of the worker serving gRPC at ``grpc_address``."""
-        host, port = relay_address(grpc_address, port)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HELLO_TIMEOUT_SECONDS)
-        tune(writer)
-        conn = cls(reader, writer, max_bytes)
-        conn.send(hello, worker_pb2.ValueBatch(epoch=epoch))
-        return conn
-
-    def send(self, kind: Kind, message) -> None:
-        """Queue one frame. ConnectionError once the connection is known closed; ValueError
-        for a message over the size limit (the receiver would refuse it and close)."""
-        if self.closed or self.writer.is_closing():
-            raise ConnectionError("relay connection is closed")
-        payload = message.SerializeToString()
-        if len(payload) > self.max_bytes:
-            raise ValueError(f"relay message of {len(payload)} bytes exceeds the limit of {self.max_bytes} "
-                             "(grpc.max_message_bytes)")
-        self.writer.write(encode(kind, payload))
-
-    async def receive(self) -> tuple[Kind, bytes] | None:
-        """The next frame; None at the end. Either way a failure marks the connection closed
-        (asyncio would otherwise accept writes to a socket the peer has closed)."""
-        try:
-            frame = await read_frame(self.reader, self.max_bytes)
-        except BaseException:
-            self.closed = True
-            raise
-        if frame is None:
-            self.closed = True
-        return frame
-
-    def close(self) -> None:
-        self.closed = True
-        self.writer.close()
