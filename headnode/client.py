@@ -83,6 +83,7 @@ class Client:
                 out.prefill_seconds, out.decode_seconds = event.prefill_seconds, event.decode_seconds
             else:
                 out.token_ids.append(event.token_id)
+            if event.text:  # the done event may carry text no token completed (see the service)
                 pieces.append(event.text)
                 if on_text is not None:
                     on_text(event.text)
@@ -95,7 +96,7 @@ class Client:
         """The generated text; with ``stream=True`` an iterator over text pieces as they arrive."""
         if stream:
             return (e.text for e in self._events(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat)
-                    if not e.done)
+                    if e.text or not e.done)
         return self.generate_full(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat).text
 
     def status(self) -> dict[str, Any]:

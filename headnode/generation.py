@@ -14,6 +14,12 @@ from typing import Any
 
 import torch
 
+try:  # installed with transformers; DecodeStream since tokenizers 0.21
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - the windowed fallback below still works
+    Tokenizer = DecodeStream = None  # type: ignore[assignment,misc]
+
 from edgeheads.headnode.sampling import Sampler, SamplingParams
 
 StepFn = Callable[[str, list[int]], torch.Tensor]
@@ -47,6 +53,9 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     events: list[TokenEvent] = field(default_factory=list, repr=False)
+    unstreamed_text: str = ""
+    """The end of ``text`` no event carried: the replacement character of an incomplete character
+    that EOS cut off (streams hold such bytes back). Events' texts + this == ``text``."""
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -61,20 +70,53 @@ class GenerationResult:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas without splitting multi-byte characters."""
+    """Turns a growing list of ids into text deltas without splitting multi-byte characters.
+
+    A fast tokenizer (one backed by the ``tokenizers`` library) streams through
+    :class:`tokenizers.decoders.DecodeStream`, which looks only at the last few ids. Other
+    tokenizers decode a window from the last emitted boundary: the text the window gained over
+    its already-emitted part is the delta (held back while it ends in an incomplete character).
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend if DecodeStream is not None and isinstance(backend, Tokenizer) else None
+        self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
+        self._prefix = 0  # fallback: the window starts here ...
+        self._read = 0  # ... and its text up to here was emitted
+        self.emitted_chars = 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        delta = self._step(token_id)
+        self.emitted_chars += len(delta)
         return delta
+
+    def flush(self) -> str:
+        """What the full decode holds beyond the deltas so far: the text of a trailing incomplete
+        character (a replacement character) when generation ends inside one, else ""."""
+        rest = self.text()[self.emitted_chars:]
+        self.emitted_chars += len(rest)
+        return rest
+
+    def _step(self, token_id: int) -> str:
+        if self._stream is not None:
+            return self._stream.step(self._backend, token_id) or ""
+        emitted = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        if text.endswith("\ufffd") or len(text) < len(emitted):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(emitted):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def text(self) -> str:
+        """The whole generated text."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 class TokenLoop:
@@ -106,6 +148,8 @@ class TokenLoop:
             return None
         event = TokenEvent(token, self.decoder.push(token))
         self.events.append(event)
+        if not self.wants_more():  # the last token: nothing may stay held back
+            event.text += self.decoder.flush()
         return event
 
     def wants_more(self) -> bool:
@@ -113,8 +157,9 @@ class TokenLoop:
         return len(self.events) < self.params.max_new_tokens
 
     def result(self) -> GenerationResult:
+        text = self.decoder.text()
         return GenerationResult(
-            text=self.decoder.tokenizer.decode(self.decoder.ids, skip_special_tokens=True),
+            text=text, unstreamed_text=text[self.decoder.emitted_chars:],
             token_ids=list(self.decoder.ids), prompt_token_ids=self.prompt_ids, finish_reason=self.finish,
             prefill_seconds=self.prefill_seconds,
             decode_seconds=time.perf_counter() - self.t0 - self.prefill_seconds, events=self.events)

