@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller.live import AlgorithmPolicy, LiveWorker, predicted_token_seconds
@@ -43,6 +45,26 @@ class PlanDecision:
     blocks_moved: int
     blocks_per_worker: dict[str, int]
     predicted_token_seconds: float | None  # the cost model's estimate (links assumed, see controller/live.py)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What one placement solve reads, copied from the cluster state (see ClusterState.plan_inputs)."""
+
+    policy: Callable[..., Placement]
+    shape: ModelShape
+    capacities: list[WorkerCapacity]
+    context_tokens: int
+    addresses: dict[str, str]  # worker name -> address when the snapshot was taken
+    extra: dict[str, Any]  # "previous" and "live" for the policies that use them
+
+
+def solve_plan(inputs: PlanInputs) -> Placement | InfeasiblePlacement:
+    """Run the policy on a snapshot; touches no shared state, so it may run in a worker thread."""
+    try:
+        return inputs.policy(inputs.shape, inputs.capacities, inputs.context_tokens, **inputs.extra)
+    except InfeasiblePlacement as err:
+        return err
 
 
 @dataclass
@@ -134,30 +156,56 @@ class ClusterState:
         return gone
 
     def set_model(self, shape: ModelShape, name: str) -> PlacementEpoch:
-        self.shape, self.model_name = shape, name
+        self.announce_model(shape, name)
         return self.replan("model announced")
+
+    def announce_model(self, shape: ModelShape, name: str) -> None:
+        """Set the model to place, without planning (the service plans off its event loop)."""
+        self.shape, self.model_name = shape, name
 
     def replan(self, reason: str) -> PlacementEpoch:
         """Compute a placement for the current members; a new epoch when it differs."""
+        inputs = self.plan_inputs()
+        return self.current if inputs is None else self.apply_plan(inputs, solve_plan(inputs), reason)
+
+    def plan_inputs(self) -> PlanInputs | None:
+        """A snapshot of what the policy needs (None before a model is announced). With
+        :func:`solve_plan` and :meth:`apply_plan` it splits :meth:`replan` so that the solve,
+        which may take seconds (``exact``), can run in a worker thread while the event loop
+        keeps serving heartbeats; the snapshot never changes under the solver."""
         if self.shape is None:
-            return self.current
-        capacities = [WorkerCapacity(w.name, w.memory_available_bytes) for w in self.workers.values()]
-        context = min(self.planning_context_tokens, self.shape.max_positions)
-        try:
-            extra = {"previous": self.current.placement} if getattr(self._policy, "uses_previous", False) else {}
-            if getattr(self._policy, "uses_compute", False):
-                extra["live"] = self.live_workers()
-            placement = self._policy(self.shape, capacities, context, **extra)
-        except InfeasiblePlacement as err:
-            log.error("no feasible placement (%s): %s", reason, err)
+            return None
+        extra: dict[str, Any] = {}
+        if getattr(self._policy, "uses_previous", False):
+            extra["previous"] = dict(self.current.placement)
+        if getattr(self._policy, "uses_compute", False):
+            extra["live"] = self.live_workers()
+        return PlanInputs(self._policy, self.shape, [WorkerCapacity(w.name, w.memory_available_bytes)
+                                                     for w in self.workers.values()],
+                          min(self.planning_context_tokens, self.shape.max_positions),
+                          {w.name: w.address for w in self.workers.values()}, extra)
+
+    def apply_plan(self, inputs: PlanInputs, outcome: Placement | InfeasiblePlacement, reason: str) -> PlacementEpoch:
+        """Publish the outcome of :func:`solve_plan` as a new epoch when it changes anything.
+        A placement onto a worker that left or moved during the solve is dropped: the
+        membership change that removed it re-plans next."""
+        if isinstance(outcome, InfeasiblePlacement):
+            log.error("no feasible placement (%s): %s", reason, outcome)
             self.current = PlacementEpoch(self.current.epoch, self.current.placement, self.current.addresses,
-                                          self.policy, error=str(err))
+                                          self.policy, error=str(outcome))
+            return self.current
+        placement = outcome
+        stale = {n for n in set(placement.values())
+                 if n not in self.workers or self.workers[n].address != inputs.addresses.get(n)}
+        if stale:
+            log.info("dropping a placement (%s) onto workers that changed during the solve: %s", reason,
+                     sorted(stale))
             return self.current
         addresses = {n: self.workers[n].address for n in set(placement.values())}
         if placement != self.current.placement or addresses != self.current.addresses or self.current.error:
             previous = self.current.placement
             self.current = PlacementEpoch(self.current.epoch + 1, placement, addresses, self.policy)
-            self._record(reason, previous, context)
+            self._record(reason, previous, inputs.context_tokens)
         return self.current
 
     def _record(self, reason: str, previous: Placement, context: int) -> None:

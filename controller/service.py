@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord
+from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord, solve_plan
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
 from edgeheads.common.spec import ModelShape
 
@@ -30,13 +30,24 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.replan_every_tokens = replan_every_tokens
         self.tokens_since_plan = 0
         self.changed = asyncio.Condition()
+        self._planning = asyncio.Lock()
         self.metrics = None  # ControllerMetrics, set by the daemon
+
+    async def _replan(self, reason: str) -> None:
+        """Re-plan with the policy in a worker thread, so that a long solve (``exact``) never
+        stalls heartbeats, registrations or status calls; one solve at a time, in call order."""
+        async with self._planning:
+            inputs = self.state.plan_inputs()
+            if inputs is None:
+                return
+            outcome = await asyncio.to_thread(solve_plan, inputs)
+            self.state.apply_plan(inputs, outcome, reason)
 
     async def _publish(self, trigger: str, reason: str) -> None:
         """Re-plan; ``trigger`` (tokens, timer, memory, membership) labels the metric."""
         self.tokens_since_plan = 0
         before = self.state.current.epoch
-        self.state.replan(reason)
+        await self._replan(reason)
         if self.metrics is not None:
             self.metrics.replans.labels(trigger).inc()
             self.metrics.epoch.set(self.state.current.epoch)
@@ -98,7 +109,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         except (TypeError, ValueError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad model shape: {err}")
         before = self.state.current.epoch
-        self.state.set_model(shape, request.model_name)
+        self.state.announce_model(shape, request.model_name)
+        await self._replan("model announced")
         if self.state.current.epoch != before:
             async with self.changed:
                 self.changed.notify_all()

@@ -3,9 +3,16 @@ violations, the shuffle test policy and placement algorithms as policies."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+
+import grpc
 import pytest
 
-from edgeheads.controller.membership import ClusterState, WorkerRecord
+from edgeheads.controller.membership import ClusterState, WorkerRecord, solve_plan
+from edgeheads.controller.service import ControllerService
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, spread
 from edgeheads.common.spec import SMOLLM2_135M, block_memory_bytes
@@ -79,17 +86,84 @@ def test_unknown_policy_names_the_known_ones():
 
 
 def test_the_timer_replans_while_nothing_is_generated():
-    import asyncio
-
-    from edgeheads.controller.service import ControllerService
-
     state = cluster("shuffle")  # every re-plan moves blocks, so every tick is a new epoch
 
     async def run() -> None:
         service = ControllerService(state, replan_every_tokens=0)
         timer = asyncio.create_task(service.replan_timer(0.05))
-        await asyncio.sleep(0.32)
-        timer.cancel()
+        try:
+            async with service.changed:  # notified on every new epoch
+                await asyncio.wait_for(service.changed.wait_for(lambda: state.current.epoch >= 4), timeout=30)
+        finally:
+            timer.cancel()
     asyncio.run(run())
     timed = [d for d in state.decisions if "timed re-plan" in d.reason]
     assert len(timed) >= 3 and state.current.epoch == 1 + len(timed)
+
+
+class GatedPolicy:
+    """spread, but each call waits (in the solver's thread) until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, shape, workers, context_tokens):
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise AssertionError("the test never released the placement")
+        return spread(shape, workers, context_tokens)
+
+
+def test_heartbeats_and_status_are_served_while_a_slow_placement_runs():
+    """The policy runs in a worker thread: while it is stuck, the event loop still takes
+    telemetry and answers ListWorkers; the held-back SetModel then publishes epoch 1."""
+    state = ClusterState("spread")
+    for i in range(2):
+        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", 4 * GiB, 2e10))
+    policy = state._policy = GatedPolicy()
+    heard = asyncio.Event()
+    heartbeat = state.heartbeat
+
+    def noting_heartbeat(*args, **kwargs):
+        ok = heartbeat(*args, **kwargs)
+        heard.set()
+        return ok
+    state.heartbeat = noting_heartbeat
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        controller_pb2_grpc.add_ControllerServicer_to_server(ControllerService(state), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = controller_pb2_grpc.ControllerStub(channel)
+                set_model = asyncio.ensure_future(stub.SetModel(controller_pb2.SetModelRequest(
+                    model_shape_json=json.dumps(SMOLLM2_135M.to_dict()), model_name="smollm2"), timeout=60))
+                assert await asyncio.to_thread(policy.entered.wait, 30), "placement never started"
+                telemetry = stub.Telemetry()
+                await telemetry.write(controller_pb2.TelemetryReport(
+                    name="w0", memory_available_bytes=4 * GiB, memory_used_bytes=123, compute_flops=2e10))
+                await asyncio.wait_for(heard.wait(), timeout=10)
+                listed = await stub.ListWorkers(controller_pb2.ListWorkersRequest(), timeout=10)
+                assert not set_model.done(), "the placement finished before the heartbeat was served"
+                assert {w.name: w.memory_used_bytes for w in listed.workers} == {"w0": 123, "w1": 0}
+                policy.gate.set()
+                reply = await set_model
+                assert reply.epoch == 1 and len(reply.assignments) == len(SMOLLM2_135M.block_ids())
+                telemetry.cancel()
+        finally:
+            policy.gate.set()
+            await server.stop(None)
+    asyncio.run(run())
+
+
+def test_a_placement_onto_a_worker_that_left_during_the_solve_is_dropped():
+    state = cluster("spread", n=2)
+    inputs = state.plan_inputs()
+    state.remove("w1", "test")
+    outcome = solve_plan(inputs)  # still uses w1: the snapshot was taken before it left
+    assert "w1" in set(outcome.values())
+    assert state.apply_plan(inputs, outcome, "late").epoch == 1
+    assert state.replan("worker w1 left").epoch == 2 and set(state.current.placement.values()) == {"w0"}
