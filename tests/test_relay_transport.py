@@ -6,6 +6,7 @@ workers' PeerLinks both dial through them."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,3 +195,21 @@ def test_no_relay_code_dials_on_its_own():
                      "relay_wire"):
             assert word not in source, f"{path} uses {word}: dial through edgeheads.common.relay_transport"
     assert issubclass(TcpLink, RelayLink) and issubclass(GrpcLink, RelayLink)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+def test_a_peer_nobody_serves_fails_the_steps_sent_to_it(transport):
+    async def test():
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
+        errors: list[tuple[worker_pb2.ValueBatch, str]] = []
+        reported = asyncio.Event()
+        peers = PeerLinks(GrpcSettings(), lambda b, message: (errors.append((b, message)), reported.set()))
+        peers.update({"w9": address}, transport)
+        peers.send("w9", batch("s", position=4))
+        await asyncio.wait_for(reported.wait(), 30)
+        assert [(b.session, b.position) for b, _ in errors] == [("s", 4)]
+        assert "UNAVAILABLE" in errors[0][1] and peers.link("w9") is None
+        await peers.close()
+    asyncio.run(test())
