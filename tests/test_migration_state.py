@@ -83,8 +83,8 @@ def test_bad_payloads_are_refused_and_change_nothing(parts):
         import_state(dst, payload, "attn(0,0)", shape_json, digest(parts))
     assert err.value.code == "INVALID_ARGUMENT"
     meta, tensors = parse_state(payload)
-    tampered = st_save({k: (v + 1 if k.startswith("w.") else v) for k, v in tensors.items()},
-                       metadata={"state": json.dumps(meta)})
+    meta_tensor = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    tampered = st_save({k: (v + 1 if k.startswith("w.") else v) for k, v in tensors.items()} | {"meta": meta_tensor})
     with pytest.raises(HostError) as err:  # weights that do not hash to what the head node expects
         import_state(dst, tampered, BLOCK, shape_json, digest(parts))
     assert err.value.code == "DATA_LOSS"

@@ -18,6 +18,7 @@ import torch
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
+from edgeheads.worker.executor import FUSED_NAMES, StageUnit, pack_attention_weights, plan_units
 from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 from edgeheads.common.wire import DataLossError, WireError, blob_to_weights, sha256_hex
 
@@ -72,6 +73,7 @@ class CompiledStage:
     returns: list[str]
     blocks: list[Block]
     version: int
+    units: list[StageUnit]
 
 
 class BlockHost:
@@ -104,8 +106,8 @@ class BlockHost:
         block_id, shape = parse_block_id(block_text), parse_shape(shape_json)
         if content_hash not in self.weights:
             raise HostError("NOT_FOUND", f"{block_id}: no weights with hash {content_hash[:12]} on {self.name}")
-        try:
-            block = make_block(block_id, shape, self.weights[content_hash])
+        try:  # a dict of its own: packing replaces tensors of this block only
+            block = make_block(block_id, shape, dict(self.weights[content_hash]))
         except (BlockShapeError, ValueError) as err:
             raise HostError("INVALID_ARGUMENT", str(err)) from None
         old = self.blocks.get(block_id)
@@ -116,29 +118,56 @@ class BlockHost:
         self.blocks[block_id] = block
         self._version += 1
         self.block_hash[block_id] = content_hash
+        if isinstance(block, AttentionBlock):
+            self._pack_layer(block_id.layer)
         log.info("worker %s: loaded %s (%d bytes)", self.name, block_id, block.weight_bytes)
         return block
 
     def unload(self, block_texts: list[str]) -> list[str]:
         done = []
+        layers = set()
         for text in block_texts:
             block_id = parse_block_id(text)
             if self.blocks.pop(block_id, None) is not None:
                 self._version += 1
                 self.block_hash.pop(block_id)
                 done.append(text)
+                if block_id.kind is BlockKind.ATTENTION:
+                    layers.add(block_id.layer)
+        for layer in sorted(layers):  # the rest of the layer's groups in a buffer without the freed rows
+            self._pack_layer(layer)
         live = set(self.block_hash.values())
         for h in [h for h in self.weights if h not in live]:
             del self.weights[h]
         return done
 
+    def _pack_layer(self, layer: int) -> None:
+        """Lay the q/k/v weights of this layer's attention blocks here out adjacently, in group
+        order, so that a stage runs them as one matmul (see worker/executor.py). The content
+        store follows, so the old per-block tensors are freed."""
+        sets: dict[tuple, list[AttentionBlock]] = {}
+        for block_id in sorted(b for b in self.blocks if b.layer == layer and b.kind is BlockKind.ATTENTION):
+            block = self.blocks[block_id]
+            sets.setdefault((block.norm_key, block.shape, block.dtype), []).append(block)  # type: ignore[arg-type]
+        for blocks in sets.values():
+            if pack_attention_weights(blocks):
+                self._version += 1
+                for block in blocks:
+                    held = self.weights[self.block_hash[block.block_id]]
+                    held.update({n: block.weights[n] for n in FUSED_NAMES if n in block.weights})
+
     def memory_used_bytes(self) -> int:
-        """Weights of hosted blocks plus the valid rows of every cache."""
+        """Weights of hosted blocks plus the bytes allocated for caches (a store shared by
+        several blocks' caches counts once, whole)."""
         used = sum(b.weight_bytes for b in self.blocks.values())
-        for block in self.blocks.values():
-            if isinstance(block, AttentionBlock):
-                used += sum(c.nbytes for c in block.caches.values())
-        return used
+        stores = {id(c.store): c.store for b in self.blocks.values() if isinstance(b, AttentionBlock)
+                  for c in b.caches.values()}
+        return used + sum(t.numel() * t.element_size() for t in stores.values())
+
+    def cache_valid_bytes(self) -> int:
+        """Bytes of the valid cache rows held (what migrating every block would move)."""
+        return sum(c.valid_bytes for b in self.blocks.values() if isinstance(b, AttentionBlock)
+                   for c in b.caches.values())
 
     def sessions(self) -> set[str]:
         return {s for b in self.blocks.values() if isinstance(b, AttentionBlock) for s in b.caches}
@@ -180,7 +209,7 @@ class BlockHost:
         for name in returns:
             if name not in known:
                 raise HostError("INVALID_ARGUMENT", f"cannot return {name!r}: nothing produces it")
-        return CompiledStage(ops, returns, blocks, self._version)
+        return CompiledStage(ops, returns, blocks, self._version, plan_units(ops, blocks))
 
     def _check_request(self, session: str, position: int, inputs: dict[str, torch.Tensor],
                        stage: CompiledStage) -> None:
@@ -189,6 +218,7 @@ class BlockHost:
             raise HostError("INVALID_ARGUMENT", "empty session id")
         if stage.version != self._version:  # blocks were loaded or unloaded since it was compiled
             stage.blocks = [self._block(op.block_id) for op in stage.ops]
+            stage.units = plan_units(stage.ops, stage.blocks)
             stage.version = self._version
         for block in stage.blocks:
             if isinstance(block, AttentionBlock):
@@ -213,25 +243,22 @@ class BlockHost:
     def run_compiled(self, session: str, position: int, inputs: dict[str, torch.Tensor],
                      stage: CompiledStage) -> dict[str, torch.Tensor]:
         self._check_request(session, position, inputs, stage)
-        ops, blocks, returns = stage.ops, stage.blocks, stage.returns
+        blocks, returns = stage.blocks, stage.returns
         values = dict(inputs) if self.device.type == "cpu" else {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
-        normed: dict[tuple, torch.Tensor] = {}  # groups of one layer here share one norm of their input
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                for op, block in zip(ops, blocks):
-                    args = [values[n] for n in op.inputs]
-                    if isinstance(block, AttentionBlock):
-                        touched.append(block)
-                        key = (op.inputs[0], block.norm_key)
-                        if key not in normed:
-                            normed[key] = block.normalize(args[0])
-                        values[op.output] = block.forward(session, args[0], normed[key])
-                    elif block.block_id.kind is BlockKind.PROJECTION:
-                        values[op.output] = block.forward(torch.cat(args[1:], dim=-1), args[0])
+                for unit in stage.units:
+                    if unit.group is not None:
+                        touched += unit.group.blocks
+                        parts = unit.group.split(unit.group.forward(session, values[unit.inputs[0]]))
+                        values.update(zip(unit.outputs, parts))
+                    elif unit.block.block_id.kind is BlockKind.PROJECTION:
+                        args = [values[n] for n in unit.inputs]
+                        values[unit.outputs[0]] = unit.block.forward(torch.cat(args[1:], dim=-1), args[0])
                     else:
-                        values[op.output] = block.forward(args[0])
+                        values[unit.outputs[0]] = unit.block.forward(values[unit.inputs[0]])
         except (BlockShapeError, ValueError, RuntimeError) as err:
             for block in touched:  # roll the caches back to where the request found them
                 cache = block.caches.get(session)

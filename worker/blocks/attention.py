@@ -1,5 +1,8 @@
 """attn(l, g): the pre-attention norm, q/k/v for one KV group, RoPE, and causal
-attention over the group's own per-session K/V cache."""
+attention over the group's own per-session K/V cache.
+
+``attend`` runs several groups of one layer as one (the worker executor's fused path);
+a block alone is the case G = 1 of the same code."""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from edgeheads.worker.blocks.base import Block
-from edgeheads.worker.blocks.functional import apply_rope, layer_norm, rms_norm, rope_tables
-from edgeheads.worker.blocks.kv_cache import KVCache
+from edgeheads.worker.blocks.functional import apply_rope, grouped_attention, layer_norm, rms_norm, rope_tables
+from edgeheads.worker.blocks.kv_cache import DEFAULT_CAPACITY, KVCache, new_store, share_store, shared_store
 
 
 class AttentionBlock(Block):
@@ -53,7 +56,8 @@ class AttentionBlock(Block):
     def drop_session(self, session: str) -> None:
         self.caches.pop(session, None)
 
-    def _rope(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sign-folded sin for positions start..stop-1: (T, d) each (tables grow rarely)."""
         if self._cos is None or self._cos.shape[0] < stop:
             n = max(stop, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
             cos, sin = rope_tables(self.weights["rope.inv_freq"], float(self.weights["rope.scaling"]), n)
@@ -69,7 +73,8 @@ class AttentionBlock(Block):
         if self._norm_key is None:
             w = self.weights
             parts = [w["norm.weight"]] + ([w["norm.bias"]] if "norm.bias" in w else [])
-            self._norm_key = (self.block_id.layer, *(hash(t.cpu().numpy().tobytes()) for t in parts))
+            self._norm_key = (self.block_id.layer, *(hash(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                                                     for t in parts))
         return self._norm_key
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,34 +86,58 @@ class AttentionBlock(Block):
         return rms_norm(x, w["norm.weight"], s.norm_eps)
 
     def forward(self, session: str, x: torch.Tensor, normed: torch.Tensor | None = None,
-                qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (1, T, D). ``normed``, when given, must be ``normalize(x)`` of a block with the
-        same ``norm_key`` (it saves recomputing the norm for each group of a layer); ``qkv``,
-        when given, is this block's q/k/v projection of it, (1, T, (q+2)*d), computed by a
-        caller that ran several groups' projections as one matmul."""
-        s, w = self.shape, self.weights
-        q_heads, d, T = s.heads_per_group, s.head_dim, x.shape[1]
-        if qkv is None:
-            h = self.normalize(x) if normed is None else normed
-            qkv = F.linear(h, w["qkv.weight"], w.get("qkv.bias"))  # (1, T, (q+2)*d)
-        qkv = qkv.view(T, q_heads + 2, d).transpose(0, 1)  # (q+2, T, d)
-        cache = self.cache(session)
-        past = cache.length
-        if s.arch == "llama":
-            cos, sin = self._rope(past, past + T)  # (T, d)
-            qk = apply_rope(qkv[:q_heads + 1], cos, sin)  # (q+1, T, d): the q heads and the k head
-            q, k = qk[:q_heads], qk[q_heads]  # (q, T, d), (T, d)
-        else:
-            q, k = qkv[:q_heads], qkv[q_heads]
-        keys, values = cache.append(k, qkv[q_heads + 1])  # (S, d) each
-        if T == 1:
-            # decode: the q query rows against the single KV head, no mask needed
-            scores = torch.mm(q.reshape(q_heads, d), keys.t()).mul_(self._scale)  # (q, S)
-            return torch.mm(scores.softmax(-1), values).view(1, 1, q_heads * d)
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, keys[None], values[None], is_causal=True, scale=self._scale)
-        else:
-            # chunk after existing context: query t sees keys 0..past+t
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=self._scale)
-        return out.transpose(0, 1).reshape(1, T, q_heads * d)  # (q, T, d) -> (1, T, q*d)
+                reserve_tokens: int = 0) -> torch.Tensor:
+        """This group alone: x (1, T, D) -> (1, T, q*d). ``normed``, when given, must be
+        ``normalize(x)`` of a block with the same ``norm_key``."""
+        w = self.weights
+        return attend([self], session, x, w["qkv.weight"], w.get("qkv.bias"), normed, reserve_tokens)
+
+
+def session_caches(blocks: list[AttentionBlock], session: str, needed: int, reserve_tokens: int) -> torch.Tensor:
+    """The session's caches of ``blocks`` as slots 0..G-1 of one store with room for ``needed``
+    rows: (2, G, capacity, d). Allocates only for a new session, growth or a re-pack (after a
+    migration brought in one block's cache alone); a new store has room for ``reserve_tokens``."""
+    caches = [b.caches.get(session) for b in blocks]
+    first = blocks[0]
+    if all(c is None for c in caches):
+        store = new_store(len(blocks), max(needed, reserve_tokens, DEFAULT_CAPACITY), first.shape.head_dim,
+                          first.dtype, first.weights["qkv.weight"].device)
+        for slot, block in enumerate(blocks):
+            block.caches[session] = KVCache.in_store(store, slot)
+        return store
+    caches = [b.cache(session) for b in blocks]
+    store = shared_store(caches)
+    if store is None or store.shape[2] < needed:
+        capacity = caches[0].capacity
+        store = share_store(caches, capacity if needed <= capacity else max(needed, reserve_tokens, 2 * capacity))
+    return store
+
+
+def attend(blocks: list[AttentionBlock], session: str, x: torch.Tensor, qkv_weight: torch.Tensor,
+           qkv_bias: torch.Tensor | None, normed: torch.Tensor | None = None, reserve_tokens: int = 0) -> torch.Tensor:
+    """G attention blocks of one layer with equal norms, run as one: one norm, one q/k/v matmul,
+    one batched attention over their caches.
+
+    x: (1, T, D). qkv_weight: (G*(q+2)*d, D), the blocks' ``qkv.weight`` rows in block order
+    (qkv_bias likewise). Every block's cache must hold the same number of tokens.
+    Returns the groups' head outputs in block order: (1, T, G*q*d).
+    """
+    first = blocks[0]
+    s, G, T = first.shape, len(blocks), x.shape[1]
+    q_heads, d = s.heads_per_group, s.head_dim
+    h = first.normalize(x) if normed is None else normed
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(T, G, q_heads + 2, d).permute(1, 2, 0, 3)  # (G, q+2, T, d)
+    past = blocks[0].caches[session].length if session in blocks[0].caches else 0
+    stop = past + T
+    store = session_caches(blocks, session, stop, reserve_tokens)  # (2, G, capacity, d)
+    if s.arch == "llama":
+        cos, sin = first.rope(past, stop)  # (T, d)
+        qk = apply_rope(qkv[:, :q_heads + 1], cos, sin)  # (G, q+1, T, d): the q heads and the k head
+        q, k = qk[:, :q_heads], qk[:, q_heads]  # (G, q, T, d), (G, T, d)
+    else:
+        q, k = qkv[:, :q_heads], qkv[:, q_heads]
+    store[0, :, past:stop] = k
+    store[1, :, past:stop] = qkv[:, q_heads + 1]
+    for block in blocks:
+        block.caches[session].length = stop
+    return grouped_attention(q, store[0, :, :stop], store[1, :, :stop], past, first._scale)  # (1, T, G*q*d)

@@ -57,3 +57,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     d = x.shape[-1]
     swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
     return x * cos + swapped * sin
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
+                      scale: float) -> torch.Tensor:
+    """Causal attention of G KV groups at once, each with its q query heads on one KV head.
+
+    q: (G, q, T, d) for positions past..past+T-1; keys, values: (G, S, d) with S = past + T.
+    Returns the head outputs, group after group: (1, T, G*q*d).
+    """
+    G, q_heads, T, d = q.shape
+    S = keys.shape[1]
+    if T == 1:
+        # decode: no mask needed; two batched matmuls and a softmax
+        scores = torch.bmm(q.reshape(G, q_heads, d), keys.transpose(1, 2)).mul_(scale)  # (G, q, S)
+        return torch.bmm(scores.softmax(-1), values).view(1, 1, G * q_heads * d)
+    k4 = keys[:, None].expand(G, q_heads, S, d)  # (G, q, S, d) views
+    v4 = values[:, None].expand(G, q_heads, S, d)
+    if past == 0:
+        out = F.scaled_dot_product_attention(q, k4, v4, is_causal=True, scale=scale)
+    else:
+        # a chunk after existing context: query t sees keys 0..past+t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(past)
+        out = F.scaled_dot_product_attention(q, k4, v4, attn_mask=mask, scale=scale)  # (G, q, T, d)
+    return out.permute(2, 0, 1, 3).reshape(1, T, G * q_heads * d)
