@@ -137,12 +137,13 @@ def test_overrides_without_file_or_env():
 @pytest.mark.parametrize("text, expected", [
     (1048576, MiB), ("1048576", MiB), ("512MiB", 512 * MiB), ("2GB", 2_000_000_000),
     ("1.5GiB", 3 * GiB // 2), ("64 kib", 64 * 1024), ("3mb", 3_000_000), ("7B", 7), (2.0, 2), ("0.5KiB", 512),
+    ("1.1TB", 1_100_000_000_000), (" 5 MiB ", 5 * MiB),
 ])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["2XB", "GiB", "1.2.3MB", "-1MiB", -5, True, 1.5, [1], ""])
+@pytest.mark.parametrize("bad", ["2XB", "GiB", "1.2.3MB", "-1MiB", -5, True, 1.5, [1], "", "1kbit", "1e3", None])
 def test_parse_bytes_rejects(bad):
     with pytest.raises(ValueError):
         parse_bytes(bad)
@@ -318,3 +319,15 @@ def test_a_daemon_reads_only_its_own_sections(tmp_path):
     assert not hasattr(cfg, "headnode")
     with pytest.raises(ConfigError, match="wroker"):
         common_config.load_config(WorkerConfig, write(tmp_path, "wroker:\n  listen: 127.0.0.1:7001\n", "b.yaml"))
+
+
+def test_the_file_is_read_only_by_the_load_that_names_it(tmp_path):
+    """The YAML layer is pydantic-settings' source, handed to one load_config call only."""
+    path = write(tmp_path, "worker:\n  name: from-file\n")
+    assert load_config(path).worker.name == "from-file"
+    assert EdgeheadsConfig().worker.name is None and load_config().worker.name is None
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: cannot read config file"):
+        load_config(tmp_path)

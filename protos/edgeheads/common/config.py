@@ -1,6 +1,7 @@
 """The config machinery every daemon shares; each daemon defines its own sections.
 
-Sources, lowest precedence first:
+Sources, lowest precedence first (pydantic-settings layers them: its YAML source, wrapped for
+clear errors in :class:`YamlFile`, its environment source and its init source for the flags):
 
 1. the defaults below;
 2. a YAML file (``--config FILE``), see ``deploy/edgeheads.example.yaml``;
@@ -20,14 +21,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, TypeAdapter,
+                      ValidationError, model_validator)
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+                               YamlConfigSettingsSource)
 from pydantic_settings.exceptions import SettingsError
 
 __all__ = [
@@ -49,43 +52,34 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------- value parsers
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_BYTE_SIZE = TypeAdapter(ByteSize)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+_SIZE_HINT = "write e.g. 1048576, '512MiB', '2GB' or '1.5GiB' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
 
 
 def parse_bytes(value: Any) -> int:
     """Turn ``1048576``, ``"512MiB"``, ``"2GB"``, ``"1.5GiB"`` into a byte count.
 
-    Units are case-insensitive: B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of
-    1024). A fraction of a byte is rounded down.
+    pydantic's :class:`~pydantic.ByteSize` does the parsing: units are case-insensitive, B,
+    KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024); a fraction of a byte is
+    rounded down. Before it, this rejects what ByteSize would let through by accident (booleans,
+    trailing garbage such as ``"1.2.3MB"``) and words every error the same way.
     """
     if isinstance(value, bool):
         raise ValueError("expected a byte count such as 1048576 or '512MiB', got a boolean")
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"a byte count must be a whole number, got {value!r}")
-        result = int(value)
-    elif isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(f"cannot read {value!r} as a size; write e.g. 1048576, '512MiB', '2GB' or '1.5GiB' "
-                             "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-        try:
-            result = int(Decimal(match.group(1)) * _UNITS[unit])
-        except InvalidOperation as err:  # pragma: no cover - the regex admits only valid decimals
-            raise ValueError(f"cannot read {value!r} as a size") from err
-    else:
-        raise ValueError(f"expected a byte count such as 1048576 or '512MiB', got {type(value).__name__}")
-    if result < 0:
+    if isinstance(value, (int, float)) and value < 0:
         raise ValueError(f"a byte count cannot be negative, got {value!r}")
-    return result
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"a byte count must be a whole number, got {value!r}")
+    match = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, str) and (match is None or match.group(2).lower().endswith("bit")):
+        raise ValueError(f"cannot read {value!r} as a size; {_SIZE_HINT}")  # ByteSize also takes bits
+    if not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a byte count such as 1048576 or '512MiB', got {type(value).__name__}")
+    try:
+        return int(_BYTE_SIZE.validate_python(value))
+    except ValidationError:
+        raise ValueError(f"cannot read {value!r} as a size; {_SIZE_HINT}") from None
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -206,8 +200,10 @@ class DaemonConfig(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Only constructor arguments and the environment; no .env or secrets files."""
-        return init_settings, env_settings
+        """Constructor arguments (the flags) > the environment > the YAML file that
+        :func:`load_config` is reading, if any; no .env or secrets files."""
+        yaml_file = _YAML_SOURCE.get()
+        return (init_settings, env_settings) + ((yaml_file,) if yaml_file is not None else ())
 
 
 SECTIONS = ("grpc", "worker", "controller", "headnode")
@@ -217,27 +213,45 @@ validates its own sections and ignores the others' (a misspelt section name is s
 C = TypeVar("C", bound=DaemonConfig)
 
 
-def _read_yaml(path: Path, label: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{label}: cannot read config file: {err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{label}: invalid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
-                          f"got {type(data).__name__}")
-    # A section whose keys are all commented out parses as None: treat it as empty.
-    return {key: ({} if value is None else value) for key, value in data.items()}
+class YamlFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source with clear errors: a missing or unreadable file, bad YAML
+    (with its line and column) or a top level that is not a mapping raise :class:`ConfigError`
+    naming the file. Sections of the other daemons are dropped (one file configures a whole
+    cluster); a section whose keys are all commented out is empty."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | os.PathLike[str]) -> None:
+        self.label = os.fspath(path)
+        self.own_sections = set(settings_cls.model_fields)  # read during super().__init__
+        if not Path(path).exists():  # the base class silently skips missing files and directories
+            raise ConfigError(f"{self.label}: config file not found")
+        if not Path(path).is_file():
+            raise ConfigError(f"{self.label}: cannot read config file: not a regular file")
+        super().__init__(settings_cls, yaml_file=Path(path), yaml_file_encoding="utf-8")
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            text = Path(file_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{self.label}: cannot read config file: {err}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"{self.label}: invalid YAML{where}: {problem}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.label}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+                              f"got {type(data).__name__}")
+        return {key: ({} if value is None else value) for key, value in data.items()
+                if key in self.own_sections or key not in SECTIONS}
+
+
+_YAML_SOURCE: ContextVar[YamlFile | None] = ContextVar("edgeheads_yaml_source", default=None)
+"""The file :func:`load_config` is reading, for DaemonConfig.settings_customise_sources (a
+context variable, so that concurrent loads in threads or tasks do not see each other's file)."""
 
 
 def _env_values(config_cls: type[DaemonConfig]) -> dict[str, Any]:
@@ -261,17 +275,6 @@ def _clean_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         clean[section] = ({k: v for k, v in values.items() if v is not None}
                           if isinstance(values, Mapping) else values)
     return clean
-
-
-def _deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-                merged[key] = _deep_merge(merged[key], value)
-            else:
-                merged[key] = dict(value) if isinstance(value, Mapping) else value
-    return merged
 
 
 def _env_name(section: str, field: str | None) -> str:
@@ -323,17 +326,19 @@ def load_config(config_cls: type[C], path: str | os.PathLike[str] | None = None,
     not given) are skipped. Sections of other daemons in the file are skipped; unknown sections
     are errors. Raises :class:`ConfigError` on any problem.
     """
-    own = set(config_cls.model_fields)
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if path is not None:
-        data = _read_yaml(Path(path), os.fspath(path))
-        layers.append((os.fspath(path), {k: v for k, v in data.items() if k in own or k not in SECTIONS}))
-    layers.append(("environment", _env_values(config_cls)))
-    layers.append(("command-line flags", _clean_overrides(overrides)))
-    merged = _deep_merge(*(data for _, data in layers))
+    flags = _clean_overrides(overrides)
+    yaml_file = YamlFile(config_cls, path) if path is not None else None
+    token = _YAML_SOURCE.set(yaml_file)
     try:
-        return config_cls(**merged)
+        return config_cls(**flags)
     except ValidationError as err:
+        layers = [(yaml_file.label, yaml_file.yaml_data)] if yaml_file is not None else []
+        layers += [("environment", _env_values(config_cls)), ("command-line flags", flags)]
         raise ConfigError("\n".join(_format_error(e, layers, config_cls) for e in err.errors())) from None
-    except TypeError as err:  # e.g. an override dict with non-string keys
+    except SettingsError as err:  # the environment source cannot parse a variable
+        _env_values(config_cls)  # raises the ConfigError that names it
+        raise ConfigError(f"environment: {err}") from None
+    except (TypeError, AttributeError) as err:  # e.g. an override dict with non-string keys
         raise ConfigError(f"command-line flags: {err}") from None
+    finally:
+        _YAML_SOURCE.reset(token)
