@@ -1,6 +1,7 @@
 """The placement problem: devices, links, the blocks of an L-layer model, a placement.
 
-Everything here is plain data held in numpy arrays so that the cost model and the
+The devices live in controller/devices.py and the model's demand in controller/demand.py;
+both are importable from here. Everything is plain data held in numpy arrays so that the cost model and the
 algorithms can work on whole rows at once. Indices:
 
     B   number of blocks, in execution order (per layer: attention groups, proj, ffn)
@@ -19,141 +20,13 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from edgeheads.common.spec import (
-    BlockId,
-    BlockKind,
-    ModelShape,
-    activation_bytes,
-    block_flops_decode,
-    block_weight_bytes,
-    kv_bytes_per_token,
-)
+from edgeheads.common.spec import BlockId, BlockKind
+from edgeheads.controller.demand import Layout, ModelDemand, synthetic_blocks
+from edgeheads.controller.devices import Cluster, Device
 
 
 MEMORY_TOLERANCE = 1e-9
 """Relative slack on every memory constraint (see Problem.memory_limit_bytes)."""
-
-
-@dataclass(frozen=True)
-class Device:
-    """One worker as the controller sees it during an interval."""
-
-    name: str
-    memory_bytes: float
-    """Memory available for blocks (weights and K/V caches)."""
-    peak_flops_per_second: float
-    available_flops_per_second: float
-    """What is left after background load; the cost model uses this one."""
-
-
-@dataclass(frozen=True, eq=False)
-class Cluster:
-    """Devices and the links between them, as arrays.
-
-    ``bandwidth_bytes_per_second[i, j]`` and ``latency_seconds[i, j]`` describe the
-    ordered link i -> j. The diagonal is ignored (a device talks to itself for free).
-    """
-
-    names: tuple[str, ...]
-    memory_bytes: np.ndarray  # (n,)
-    peak_flops_per_second: np.ndarray  # (n,)
-    available_flops_per_second: np.ndarray  # (n,)
-    bandwidth_bytes_per_second: np.ndarray  # (n, n)
-    latency_seconds: np.ndarray  # (n, n)
-
-    def __post_init__(self) -> None:
-        n = len(self.names)
-        if n == 0:
-            raise ValueError("a cluster needs at least one device")
-        if len(set(self.names)) != n:
-            raise ValueError(f"device names are not unique: {self.names}")
-        for attr in ("memory_bytes", "peak_flops_per_second", "available_flops_per_second"):
-            if getattr(self, attr).shape != (n,):
-                raise ValueError(f"{attr} must have shape ({n},)")
-        for attr in ("bandwidth_bytes_per_second", "latency_seconds"):
-            if getattr(self, attr).shape != (n, n):
-                raise ValueError(f"{attr} must have shape ({n}, {n})")
-        off = ~np.eye(n, dtype=bool)
-        if np.any(self.bandwidth_bytes_per_second[off] <= 0):
-            raise ValueError("every link needs a positive bandwidth_bytes_per_second")
-        if np.any(self.latency_seconds[off] < 0):
-            raise ValueError("link latency_seconds cannot be negative")
-        if np.any(self.available_flops_per_second <= 0):
-            raise ValueError("every device needs positive available_flops_per_second")
-        if np.any(self.memory_bytes < 0):
-            raise ValueError("memory_bytes cannot be negative")
-
-    @classmethod
-    def from_devices(
-        cls,
-        devices: Sequence[Device],
-        bandwidth_bytes_per_second: np.ndarray | float,
-        latency_seconds: np.ndarray | float = 0.0,
-    ) -> "Cluster":
-        """Build from Device records; scalars mean every link is the same."""
-        n = len(devices)
-        bw = np.broadcast_to(np.asarray(bandwidth_bytes_per_second, dtype=float), (n, n)).copy()
-        lat = np.broadcast_to(np.asarray(latency_seconds, dtype=float), (n, n)).copy()
-        return cls(
-            names=tuple(d.name for d in devices),
-            memory_bytes=np.array([d.memory_bytes for d in devices], dtype=float),
-            peak_flops_per_second=np.array([d.peak_flops_per_second for d in devices], dtype=float),
-            available_flops_per_second=np.array([d.available_flops_per_second for d in devices], dtype=float),
-            bandwidth_bytes_per_second=bw,
-            latency_seconds=lat,
-        )
-
-    @property
-    def n_devices(self) -> int:
-        return len(self.names)
-
-    def devices(self) -> list[Device]:
-        return [
-            Device(name, float(m), float(p), float(a))
-            for name, m, p, a in zip(
-                self.names, self.memory_bytes, self.peak_flops_per_second, self.available_flops_per_second
-            )
-        ]
-
-
-@dataclass(frozen=True, eq=False)
-class ModelDemand:
-    """Per-block resource figures of a model, as linear functions of the context length.
-
-    memory(S) = weight_bytes + S * kv_bytes_per_token
-    flops(S)  = flops_base + S * flops_per_context_token      (one decoded token)
-    """
-
-    blocks: tuple[BlockId, ...]
-    weight_bytes: np.ndarray  # (B,)
-    kv_bytes_per_token: np.ndarray  # (B,)
-    flops_base: np.ndarray  # (B,)
-    flops_per_context_token: np.ndarray  # (B,)
-    output_bytes: np.ndarray  # (B,) bytes a block emits per token
-    residual_bytes: float
-    """Size of the residual stream x_l for one token (D * b): what FFN sends onwards."""
-
-    @classmethod
-    def from_shape(cls, shape: ModelShape) -> "ModelDemand":
-        """Table I figures (protos/edgeheads/common/spec.py) for every block of ``shape``."""
-        ids = tuple(shape.block_ids())
-        f0 = np.array([block_flops_decode(shape, b.kind, 0) for b in ids], dtype=float)
-        f1 = np.array([block_flops_decode(shape, b.kind, 1) for b in ids], dtype=float)
-        return cls(
-            blocks=ids,
-            weight_bytes=np.array([block_weight_bytes(shape, b.kind) for b in ids], dtype=float),
-            kv_bytes_per_token=np.array([kv_bytes_per_token(shape, b.kind) for b in ids], dtype=float),
-            flops_base=f0,
-            flops_per_context_token=f1 - f0,
-            output_bytes=np.array([activation_bytes(shape, b.kind) for b in ids], dtype=float),
-            residual_bytes=float(shape.hidden_size * shape.bytes_per_param),
-        )
-
-    def memory_bytes(self, context_tokens: int) -> np.ndarray:
-        return self.weight_bytes + context_tokens * self.kv_bytes_per_token
-
-    def flops(self, context_tokens: int) -> np.ndarray:
-        return self.flops_base + context_tokens * self.flops_per_context_token
 
 
 @dataclass(frozen=True)
@@ -294,68 +167,12 @@ class Problem:
         return self.link_latency_seconds + self.residual_bytes * self.inverse_bandwidth
 
 
-@dataclass(frozen=True, eq=False)
-class Layout:
-    """Block indices grouped by layer; validates execution order."""
-
-    attention: tuple[np.ndarray, ...]  # per layer, indices of attention blocks
-    projection: np.ndarray  # (L,)
-    ffn: np.ndarray  # (L,)
-    layer_of_block: np.ndarray  # (B,)
-    kind_of_block: tuple[BlockKind, ...]
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.projection)
-
-    @classmethod
-    def of(cls, blocks: Sequence[BlockId]) -> "Layout":
-        if not blocks:
-            raise ValueError("a model needs at least one block")
-        n_layers = max(b.layer for b in blocks) + 1
-        attention: list[list[int]] = [[] for _ in range(n_layers)]
-        proj = [-1] * n_layers
-        ffn = [-1] * n_layers
-        for i, b in enumerate(blocks):
-            if not 0 <= b.layer < n_layers:
-                raise ValueError(f"bad layer in {b}")
-            if b.kind is BlockKind.ATTENTION:
-                attention[b.layer].append(i)
-            elif b.kind is BlockKind.PROJECTION:
-                if proj[b.layer] >= 0:
-                    raise ValueError(f"two projection blocks in layer {b.layer}")
-                proj[b.layer] = i
-            else:
-                if ffn[b.layer] >= 0:
-                    raise ValueError(f"two ffn blocks in layer {b.layer}")
-                ffn[b.layer] = i
-        for layer in range(n_layers):
-            if not attention[layer] or proj[layer] < 0 or ffn[layer] < 0:
-                raise ValueError(f"layer {layer} needs attention blocks, one proj and one ffn")
-        return cls(
-            attention=tuple(np.array(a, dtype=np.int64) for a in attention),
-            projection=np.array(proj, dtype=np.int64),
-            ffn=np.array(ffn, dtype=np.int64),
-            layer_of_block=np.array([b.layer for b in blocks], dtype=np.int64),
-            kind_of_block=tuple(b.kind for b in blocks),
-        )
-
-
 class PlacementAlgorithm(Protocol):
     """Every algorithm: (problem, previous placement or None) -> Placement or Infeasible."""
 
     name: str
 
     def place(self, problem: Problem, previous: Placement | None) -> Decision: ...
-
-
-def synthetic_blocks(n_layers: int, kv_groups: int) -> tuple[BlockId, ...]:
-    """Block ids of an n_layers x (kv_groups + 2) model, for hand-built problems."""
-    ids: list[BlockId] = []
-    for layer in range(n_layers):
-        ids += [BlockId(layer, BlockKind.ATTENTION, g) for g in range(kv_groups)]
-        ids += [BlockId(layer, BlockKind.PROJECTION), BlockId(layer, BlockKind.FFN)]
-    return tuple(ids)
 
 
 def uniform_problem(
