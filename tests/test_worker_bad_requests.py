@@ -20,10 +20,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgeheads.headnode import Client
 from edgeheads.headnode.embedded import LocalCluster
+from edgeheads.headnode.generation import encode_prompt
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.sampling import SamplingParams
-from edgeheads.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.common.relay_wire import HEADER, Kind, encode, encode_message, read_frame
 from edgeheads.common.wire import chunks, sha256_hex, tensor_to_proto, weights_to_blob
 from tiny_configs import TINY_CONFIGS
@@ -105,21 +106,21 @@ def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cl
     with Client(cluster.address) as client:
         placement = client.status()["placement"]
     block, worker = next((b, w) for b, w in placement.items() if b.startswith("attn(0,"))
-    result: dict = {}
+    result: dict = {"tokens": []}
+    first_token = threading.Event()
 
     def generate() -> None:
         with Client(cluster.address) as c:
-            from edgeheads.v1 import headnode_pb2
-            ids = model.tokenizer("in flight").input_ids
-            if model.has_chat_template:
-                from edgeheads.headnode.generation import encode_prompt
-                ids = encode_prompt(model.tokenizer, "in flight", None)
-            events = list(c._stub.Generate(headnode_pb2.GenerateRequest(prompt_token_ids=ids,
-                                                                        max_new_tokens=NEW_TOKENS)))
-            result["tokens"] = [e.token_id for e in events if not e.done]
+            ids = encode_prompt(model.tokenizer, "in flight", None)  # as LocalGenerator encodes it
+            for event in c._stub.Generate(headnode_pb2.GenerateRequest(prompt_token_ids=ids,
+                                                                        max_new_tokens=NEW_TOKENS)):
+                if not event.done:
+                    result["tokens"].append(event.token_id)
+                    first_token.set()
 
     thread = threading.Thread(target=generate)
     thread.start()
+    assert first_token.wait(timeout=120), "the generation never started"  # the bad requests meet a live one
     channel = grpc.insecure_channel(cluster.addresses[worker])
     stub = worker_pb2_grpc.WorkerStub(channel)
     good = torch.randn(1, 1, hidden)
@@ -219,6 +220,8 @@ def test_sigterm_stops_a_worker_cleanly_and_the_controller_notices(tmp_path):
                                 stderr=subprocess.STDOUT, text=True)
 
     def wait_file(path, proc) -> str:
+        # the daemons signal readiness by writing a file from another process: no event to wait
+        # on here, so poll with a deadline
         deadline = time.monotonic() + 60
         while not path.exists():
             assert proc.poll() is None, proc.stdout.read()
@@ -239,6 +242,8 @@ def test_sigterm_stops_a_worker_cleanly_and_the_controller_notices(tmp_path):
             assert worker.wait(timeout=30) == 0
             output = worker.stdout.read()
             assert "Traceback" not in output
+            # the controller drops the worker when its telemetry stream closes; nothing announces
+            # that to a client (membership has no watch call), so poll with a deadline
             deadline = time.monotonic() + 10
             while stub.ListWorkers(controller_pb2.ListWorkersRequest()).workers:
                 assert time.monotonic() < deadline, "controller still lists the stopped worker"
