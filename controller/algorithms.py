@@ -1,7 +1,8 @@
 """Every placement algorithm by name; all share (problem, previous) -> Placement | Infeasible.
 
 The table names the class and its module, imported on first use, so that the names are known
-(``edgeheads simulate --help``, the controller's policy check) without numpy or OR-Tools.
+(``edgeheads simulate --help``, the controller's policy check, the dispatcher) without importing
+the algorithms, and ``exact`` without OR-Tools (the ``solver`` extra) until it is used.
 
 Names are distinct from the runtime's simple policies (controller/spread.py): the runtime's
 ``round-robin`` spreads each layer's KV groups over the workers that do not project it, while the
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from edgeheads.common.cli import import_extra
 
-if TYPE_CHECKING:  # problem.py needs numpy; the names here must not
+if TYPE_CHECKING:
     from edgeheads.controller.problem import PlacementAlgorithm
 
 _WHERE: dict[str, tuple[str, str]] = {

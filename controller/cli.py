@@ -1,8 +1,8 @@
 """``edgeheads controller`` and ``edgeheads simulate``: the controller's command line.
 
-The ``edgeheads`` dispatcher (edgeheads.headnode.cli) calls ``register``. Registering imports
-nothing beyond the plain install; running needs the ``controller`` extra (numpy), and some
-algorithms the ``solver`` extra; a missing one is named in the error.
+The ``edgeheads`` dispatcher (edgeheads.headnode.cli) calls ``register``. Both run from the
+plain install; the ``exact`` algorithm needs the ``solver`` extra and ``simulate --plot`` the
+``plots`` extra, and a missing one is named in the error.
 """
 
 from __future__ import annotations

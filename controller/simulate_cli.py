@@ -4,8 +4,8 @@
     edgeheads simulate --generate FAMILY [--count N] [--seed S] --out DIR
 
 ``edgeheads.controller.cli`` calls ``register(subparsers)``; nothing here starts a daemon.
-Registering imports only the algorithm names; running needs the ``controller`` extra (numpy),
-``--plot`` the ``plots`` extra (matplotlib) and ``exact`` the ``solver`` extra (OR-Tools).
+Registering imports only the algorithm names; ``--plot`` needs the ``plots`` extra (matplotlib)
+and ``exact`` the ``solver`` extra (OR-Tools).
 """
 
 from __future__ import annotations

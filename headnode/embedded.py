@@ -29,10 +29,37 @@ class Stopped(BaseException):
     only the code that asked for it catches it."""
 
 
+_deferring = 0  # > 0 while starting a process: a stop signal then waits until it has started
+_deferred: list[int] = []
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stopped(f"{signal.Signals(signum).name} received")
+
+
+@contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """A stop signal arriving within is raised at its end: an exception inside Popen, between
+    the fork and the return, would lose the started process."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _deferred:
+        signum = _deferred[0]
+        _deferred.clear()
+        _raise_for(signum)
+
+
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """Within: the first SIGTERM or SIGHUP raises Stopped, the first SIGINT KeyboardInterrupt,
-    in the main thread; later ones are ignored, so the stop they started runs to its end.
+    in the main thread (once a daemon being started has started); later ones are ignored, so
+    the stop they started runs to its end.
 
     The daemons run in sessions of their own (a terminal's Ctrl-C reaches only this process)
     and Python's default SIGTERM exits without cleanup; without this, ``kill``, ``docker stop``
@@ -45,9 +72,10 @@ def stop_signals_raise() -> Iterator[None]:
             log.info("%s while stopping: ignored, the stop goes on", signal.Signals(signum).name)
             return
         fired = True
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Stopped(f"{signal.Signals(signum).name} received")
+        if _deferring:
+            _deferred.append(signum)
+            return
+        _raise_for(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
@@ -55,6 +83,7 @@ def stop_signals_raise() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        _deferred.clear()
 
 
 @contextmanager
@@ -104,7 +133,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False) -> None:
         command = self.worker_command if args[0] == "worker" else self.cli_command
-        with open(self.dir / f"{name}.log", "wb") as log_file:  # the child keeps its own descriptor
+        with open(self.dir / f"{name}.log", "wb") as log_file, _stop_signals_deferred():
             self.procs[name] = subprocess.Popen(
                 [*command, *args, "--ready-file", str(self.dir / f"{name}.ready")],
                 stdout=log_file, stderr=None if show_stderr else subprocess.STDOUT, env=self.env,

@@ -33,7 +33,6 @@ EXTRAS: dict[str, str] = {
     "gguf": "headnode",
     "accelerate": "headnode",
     "tqdm": "headnode",
-    "numpy": "controller",  # the head node's extra includes it
     "ortools": "solver",
     "matplotlib": "plots",
 }

@@ -69,6 +69,12 @@ class Daemon:
         self.address = f"{host}:{port}"
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # stop signals are handled before the ready file says the daemon is up: a launcher may
+        # send SIGTERM as soon as it sees the file
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
         if ready_file:
             write_ready_file(ready_file, self.address)
         # long-lived daemons: move start-up objects (model, weights) out of the GC's way and
@@ -76,10 +82,6 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        self._stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
         log.info("serving %s on %s", ", ".join(self.service_names), self.address)
         return self.address
 
