@@ -53,14 +53,15 @@ class FakeWorker:
         return worker_pb2.HasWeightsReply(present=[h for h in request.content_hashes if h in self.present])
 
     async def LoadBlock(self, messages):
-        header, data = None, b""
+        header, chunks = None, []
         async for message in messages:
             header = header or message
-            if message.HasField("chunk"):
-                assert message.chunk.offset == len(data)
-                data += message.chunk.data
-                if message.chunk.last:
-                    assert message.chunk.sha256 == sha256_hex(data)
+            chunks += [message.chunk] if message.HasField("chunk") else []
+        data = b"".join(c.data for c in chunks)
+        offsets = [sum(len(c.data) for c in chunks[:i]) for i in range(len(chunks))]
+        assert [c.offset for c in chunks] == offsets
+        assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True] * bool(chunks)
+        assert [c.sha256 for c in chunks[-1:]] == [sha256_hex(data)] * bool(chunks)
         self.loaded[header.block_id] = (header.content_hash, data or None)
         if data:
             self.present.add(header.content_hash)

@@ -119,24 +119,33 @@ def test_a_drive_link_carries_batches_out_and_replies_back_then_breaks_with_the_
     with_worker(test)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "grpc"])
-def test_a_forward_link_delivers_and_a_bad_batch_fails_only_its_step_or_its_stream(transport):
+async def _forward_link_after_a_bad_batch(worker, transport):
+    """A forward link that delivered one batch and then sent a malformed one: (link, replies)."""
+    link = connect(transport, Role.FORWARD, worker.address, 7, LIMIT,
+                   channel_options=GrpcSettings().channel_options())  # its own channel, as a peer's
+    link.send(batch("s", position=1))
+    assert await asyncio.wait_for(worker.endpoint.delivered.get(), 10) == ("s", 7, 1)
+    link.send(batch("bad", position=2))
+    return link, link.replies()
+
+
+def test_a_forward_link_over_tcp_delivers_and_a_bad_batch_fails_only_its_step():
     async def test(worker):
-        link = connect(transport, Role.FORWARD, worker.address, 7, LIMIT,
-                       channel_options=GrpcSettings().channel_options())  # its own channel, as a peer's
-        link.send(batch("s", position=1))
-        assert await asyncio.wait_for(worker.endpoint.delivered.get(), 10) == ("s", 7, 1)
-        link.send(batch("bad", position=2))
-        replies = link.replies()
-        if transport == "tcp":  # a refusal names the step; the connection goes on
-            reply = await asyncio.wait_for(replies.__anext__(), 10)
-            assert (reply.session, reply.position, reply.error_code) == ("bad", 2, "INVALID_ARGUMENT")
-            link.send(batch("s", position=3))
-            assert await asyncio.wait_for(worker.endpoint.delivered.get(), 10) == ("s", 7, 3)
-        else:  # a corrupt message drops the stream, with its status
-            with pytest.raises(LinkError) as err:
-                await asyncio.wait_for(replies.__anext__(), 10)
-            assert err.value.code == "INVALID_ARGUMENT"
+        link, replies = await _forward_link_after_a_bad_batch(worker, "tcp")
+        reply = await asyncio.wait_for(replies.__anext__(), 10)  # a refusal names the step
+        assert (reply.session, reply.position, reply.error_code) == ("bad", 2, "INVALID_ARGUMENT")
+        link.send(batch("s", position=3))  # and the connection goes on
+        assert await asyncio.wait_for(worker.endpoint.delivered.get(), 10) == ("s", 7, 3)
+        link.close()
+    with_worker(test)
+
+
+def test_a_forward_link_over_grpc_delivers_and_a_bad_batch_ends_its_stream_with_a_status():
+    async def test(worker):
+        link, replies = await _forward_link_after_a_bad_batch(worker, "grpc")
+        with pytest.raises(LinkError) as err:  # a corrupt message drops the stream, with its status
+            await asyncio.wait_for(replies.__anext__(), 10)
+        assert err.value.code == "INVALID_ARGUMENT"
         link.close()
     with_worker(test)
 
