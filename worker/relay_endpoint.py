@@ -24,6 +24,7 @@ from edgeheads.common.wire import WireError, fill_tensor_proto, tensor_from_prot
 
 log = logging.getLogger(__name__)
 
+MAX_HELD_REPLIES = 256  # per epoch, while its drive is not attached yet
 ReplySink = Callable[[worker_pb2.DriveReply], None]  # writes one reply to the head node; never waits
 
 
@@ -33,6 +34,10 @@ class RelayEndpoint:
         self.executor = RelayExecutor(host)
         self.peers = PeerLinks(grpc_settings, lambda batch, message: self.report(batch, "UNAVAILABLE", message))
         self._drives: dict[int, ReplySink] = {}  # epoch -> the head node's drive
+        # replies made before their epoch's drive registered here: the head node opens its drives
+        # one after another once every program is installed, so a fast first step can finish on a
+        # worker whose drive hello is still in flight
+        self._held: dict[int, list[worker_pb2.DriveReply]] = {}
 
     @property
     def name(self) -> str:
@@ -46,10 +51,15 @@ class RelayEndpoint:
             raise HostError("INVALID_ARGUMENT", f"unknown relay transport {transport!r} (tcp or grpc)")
         self.executor.install(epoch, calls)
         self.peers.update(peers, transport or "grpc")
+        for old in [e for e in self._held if e not in self.executor.programs]:
+            del self._held[old]
 
     def attach_drive(self, epoch: int, sink: ReplySink) -> None:
-        """Replies for the head node of ``epoch`` go to ``sink`` from now on."""
+        """Replies for the head node of ``epoch`` go to ``sink`` from now on, those held
+        for it first."""
         self._drives[epoch] = sink
+        for reply in self._held.pop(epoch, []):
+            sink(reply)
 
     def detach_drive(self, sink: ReplySink) -> None:
         """The drive behind ``sink`` ended (a newer drive of its epoch stays)."""
@@ -114,8 +124,12 @@ class RelayEndpoint:
 
     def to_head(self, epoch: int, reply: worker_pb2.DriveReply) -> None:
         sink = self._drives.get(epoch)
-        if sink is None:
+        if sink is not None:
+            sink(reply)
+            return
+        held = self._held.setdefault(epoch, []) if epoch in self.executor.programs else None
+        if held is not None and len(held) < MAX_HELD_REPLIES:
+            held.append(reply)  # its drive is on its way
+        else:
             log.warning("worker %s: no head node drives epoch %d; dropped a reply for session %s",
                         self.name, epoch, reply.session)
-            return
-        sink(reply)
