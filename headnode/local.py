@@ -20,16 +20,22 @@ class LocalGenerator:
     def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
         return encode_prompt(self.model.tokenizer, prompt, chat)
 
+    def _step(self, prompt_ids: list[int], params: SamplingParams):
+        """engine.forward with caches preallocated for the whole generation (prompt + new tokens)."""
+        reserve = len(prompt_ids) + params.max_new_tokens
+        return lambda session, ids: self.engine.forward(session, ids, reserve_tokens=reserve)
+
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
-        return generate(self.engine.forward, self.model.tokenizer, prompt_ids, params, self.model.eos_token_ids,
-                        drop_session=self.engine.drop_session)
+        return generate(self._step(prompt_ids, params), self.model.tokenizer, prompt_ids, params,
+                        self.model.eos_token_ids, drop_session=self.engine.drop_session)
 
     def generate(self, prompt: str, params: SamplingParams, chat: bool | None = None) -> GenerationResult:
         return self.generate_ids(self.encode(prompt, chat), params)
 
     def stream(self, prompt: str, params: SamplingParams, chat: bool | None = None,
                on_finish=None) -> Iterator[TokenEvent]:
-        return generate_stream(self.engine.forward, self.model.tokenizer, self.encode(prompt, chat), params,
+        prompt_ids = self.encode(prompt, chat)
+        return generate_stream(self._step(prompt_ids, params), self.model.tokenizer, prompt_ids, params,
                                self.model.eos_token_ids, on_finish=on_finish, drop_session=self.engine.drop_session)
 
 

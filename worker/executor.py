@@ -46,6 +46,14 @@ def extend_view(first: torch.Tensor, count: int) -> torch.Tensor:
     return torch.as_strided(first, shape, first.stride(), first.storage_offset())
 
 
+def owns_whole_buffer(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the tensors are adjacent views that together fill their storage exactly
+    (nothing else, such as a block that left, is kept alive in it)."""
+    storage = tensors[0].untyped_storage()
+    return (adjacent_views(tensors) and tensors[0].storage_offset() == 0
+            and storage.nbytes() == sum(t.nbytes for t in tensors))
+
+
 def pack_rows(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Copy equal-shaped tensors into one new buffer, one after another; returns views of it,
     each equal to its input: (rows, ...) each, adjacent."""
@@ -72,7 +80,7 @@ def pack_attention_weights(blocks: Sequence[AttentionBlock]) -> bool:
         raise ValueError("only attention blocks of one layer with equal norms can share a buffer")
     copied = False
     for name in FUSED_NAMES:
-        if name in first.weights and not adjacent_views([b.weights[name] for b in blocks]):
+        if name in first.weights and not owns_whole_buffer([b.weights[name] for b in blocks]):
             for block, view in zip(blocks, pack_rows([b.weights[name] for b in blocks])):
                 block.weights[name] = view
             copied = True

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeheads.worker.blocks.base import Block
-from edgeheads.worker.blocks.functional import ACTIVATIONS, layer_norm, rms_norm
+from edgeheads.worker.blocks.functional import ACTIVATIONS, layer_norm, residual_linear, rms_norm
 
 
 class FeedForwardBlock(Block):
@@ -43,6 +43,6 @@ class FeedForwardBlock(Block):
         if s.gated_mlp:
             n = rms_norm(h, w["norm.weight"], s.norm_eps)
             gate, up = F.linear(n, w["gate_up.weight"], w.get("gate_up.bias")).chunk(2, dim=-1)  # (1,T,I) x2
-            return h + F.linear(self._act(gate) * up, w["down.weight"], w.get("down.bias"))
+            return residual_linear(h, self._act(gate).mul_(up), w["down.weight"], w.get("down.bias"))
         n = layer_norm(h, w["norm.weight"], w["norm.bias"], s.norm_eps)
         return h + F.linear(self._act(F.linear(n, w["fc.weight"], w["fc.bias"])), w["out.weight"], w["out.bias"])
