@@ -20,6 +20,21 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def _stop_with_parent(parent_pid: int):
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when the thread that started it dies,
+    so that even a SIGKILLed launcher leaves no daemon behind (elsewhere: nothing)."""
+    def arm() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the launcher died before the request took hold
+            os._exit(1)
+    return arm
+
+
 class LaunchError(RuntimeError):
     pass
 
@@ -137,7 +152,7 @@ class LocalCluster:
             self.procs[name] = subprocess.Popen(
                 [*command, *args, "--ready-file", str(self.dir / f"{name}.ready")],
                 stdout=log_file, stderr=None if show_stderr else subprocess.STDOUT, env=self.env,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
 
     def _wait_ready(self, names: list[str]) -> None:
         deadline = time.monotonic() + self.startup_timeout_seconds

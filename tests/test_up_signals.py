@@ -105,3 +105,20 @@ def test_up_stops_every_daemon_on_sigterm_while_starting(tiny_model, tmp_path):
             kill_all([*children, psutil.Process(proc.pid)])
     assert_all_gone(children, folder)
     assert "Traceback" not in (tmp_path / "up.err").read_text()
+
+
+def test_a_killed_up_takes_its_daemons_with_it(tiny_model, tmp_path):
+    """SIGKILL cannot be handled: the daemons ask the kernel to stop them when their launcher dies."""
+    proc = start_up(tiny_model, tmp_path / "up.err")
+    children = []
+    try:
+        line = proc.stdout.readline()
+        assert re.search(r"head node at (\S+),", line), line + (tmp_path / "up.err").read_text()
+        children = descendants(proc)
+        folder = cluster_dir(children)
+        assert len(children) >= 4
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert_all_gone(children, folder)
+    finally:
+        kill_all(children)

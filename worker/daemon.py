@@ -110,8 +110,7 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     if settings.link_probe_seconds:
         probing = asyncio.create_task(probe_loop(service.links, service.relay.peer_addresses,
                                                  grpc_settings, settings.link_probe_seconds))
-    if ready_file:
-        await registered.wait()
+    if ready_file and await daemon.unless_stopped(registered.wait()):
         write_ready_file(ready_file, bound)
     await daemon.wait()
     task.cancel()

@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,21 @@ class Daemon:
         gc.set_threshold(50_000, 20, 100)
         log.info("serving %s on %s", ", ".join(self.service_names), self.address)
         return self.address
+
+    async def unless_stopped(self, awaitable: Awaitable[Any]) -> bool:
+        """Await ``awaitable`` unless a stop signal comes first (it is then cancelled): True
+        when it finished. Start-up waits (for the controller, say) use it, so that a daemon
+        that never gets going still stops on SIGTERM."""
+        assert self._stopping is not None, "start() first"
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not work.done():
+            work.cancel()
+            return False
+        work.result()
+        return True
 
     async def wait(self) -> None:
         """Until a signal arrives; then stop gracefully: health goes NOT_SERVING, in-flight
