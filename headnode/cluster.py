@@ -24,11 +24,11 @@ from edgeheads.common.spec import BlockId
 from edgeheads.headnode.channels import WorkerChannels
 from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.dataflow import Dataflow, StepStats, make_dataflow
-from edgeheads.headnode.head import HeadStage
+from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.metrics import HeadnodeMetrics
 from edgeheads.headnode.sessions import Epoch, SessionTable
 from edgeheads.headnode.slicing import ModelParts
-from edgeheads.headnode.stage_plan import compile_plan
+from edgeheads.headnode.step_plan import compile_plan
 from edgeheads.headnode.step_gate import StepGate
 from edgeheads.headnode.weights import BlockWeights
 from edgeheads.v1 import worker_pb2_grpc
@@ -44,7 +44,7 @@ class ClusterExecutor:
                  relay_transport: str = "tcp") -> None:
         self.parts = parts
         self.shape = parts.shape
-        self.head = HeadStage(parts.shape, parts.head)
+        self.head = HeadNodeCompute(parts.shape, parts.head)
         self.grpc_settings = grpc_settings or GrpcSettings()
         self.metrics = metrics
         self.stats = StepStats(metrics)

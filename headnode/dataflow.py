@@ -1,12 +1,9 @@
 """How a step's values travel between the workers: the Dataflow interface, and the
 counters both dataflows keep.
 
-Vocabulary: a *step* feeds one or more tokens of a session through the model (a decode
-step makes one token) and runs as *phases*. A phase is one network hop: in it each
-worker involved runs, in one *call*, the blocks it holds for that phase
-(headnode/stage_plan.py: StagePlan -> Phase -> Call -> Op). The head node embeds the
-tokens (x0) and turns the final value into logits; a dataflow carries everything in
-between:
+A step runs as phases of calls (the vocabulary is defined in headnode/step_plan.py:
+StepPlan -> Phase -> Call -> Op). The head node embeds the tokens (x0) and turns the
+final value into logits; a dataflow carries everything in between:
 
 - ``head`` (headnode/head_dataflow.py): the head node sends every call its inputs and
   reads back its outputs, one round trip per phase;

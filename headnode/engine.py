@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from edgeheads.common.spec import BlockId, BlockKind
-from edgeheads.headnode.head import HeadStage
+from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.worker.blocks.factory import make_block
 from edgeheads.worker.executor import LayerExecutor
@@ -25,7 +25,7 @@ class BlockEngine:
 
     def __init__(self, parts: ModelParts) -> None:
         self.shape = parts.shape
-        self.head = HeadStage(parts.shape, parts.head)
+        self.head = HeadNodeCompute(parts.shape, parts.head)
         self.layers: list[LayerExecutor] = []
         for layer in range(self.shape.n_layers):
             def block(kind: BlockKind, group: int = 0):

@@ -9,7 +9,7 @@ from edgeheads.worker.blocks.functional import layer_norm, rms_norm
 from edgeheads.common.spec import ModelShape
 
 
-class HeadStage:
+class HeadNodeCompute:
     """Weights as ModelParts.head documents them."""
 
     def __init__(self, shape: ModelShape, weights: dict[str, torch.Tensor]) -> None:

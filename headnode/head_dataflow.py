@@ -1,6 +1,6 @@
 """The head dataflow: the head node forwards every value between phases.
 
-Each session has one bidirectional ``RunStage`` stream per worker of its epoch, opened
+Each session has one bidirectional ``RunCall`` stream per worker of its epoch, opened
 at its first step (so two sessions' replies never cross). A phase writes one request
 per call (the call's ops and inputs) and reads one reply per call (its returns). The
 head node needs no worker-to-worker connectivity, so this suits boards that can reach
@@ -39,11 +39,11 @@ class HeadDataflow:
         self.stubs = stubs
         self.stats = stats
         self.epoch: Epoch | None = None
-        self.ops: list[list[list[worker_pb2.StageOp]]] = []  # phase -> call -> ops, built once per epoch
+        self.ops: list[list[list[worker_pb2.BlockOp]]] = []  # phase -> call -> ops, built once per epoch
         self.streams: dict[str, _Streams] = {}  # session -> its streams
 
     async def switch(self, epoch: Epoch) -> None:
-        self.ops = [[[worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs), output=op.output)
+        self.ops = [[[worker_pb2.BlockOp(block_id=str(op.block), inputs=list(op.inputs), output=op.output)
                       for op in call.ops] for call in phase.calls] for phase in epoch.plan.phases]
         self.epoch = epoch
 
@@ -54,7 +54,7 @@ class HeadDataflow:
             streams = None
         if streams is None:
             streams = self.streams[session] = _Streams(epoch.number,
-                                                       {w: self.stubs[w].RunStage() for w in epoch.plan.workers})
+                                                       {w: self.stubs[w].RunCall() for w in epoch.plan.workers})
         return streams.by_worker
 
     async def step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class HeadDataflow:
         loop = asyncio.get_running_loop()
         for phase, phase_ops in zip(epoch.plan.phases, ops):
             t0 = loop.time()
-            requests = [(call.worker, worker_pb2.StageRequest(
+            requests = [(call.worker, worker_pb2.CallRequest(
                 session=session, epoch=epoch.number, position=position,
                 inputs=[tensor_pb2.NamedTensor(name=n, tensor=values[n]) for n in call.inputs],
                 ops=call_ops, return_values=call.returns)) for call, call_ops in zip(phase.calls, phase_ops)]
@@ -89,14 +89,14 @@ class HeadDataflow:
 
     @staticmethod
     async def _write(stream: grpc.aio.StreamStreamCall, worker: str, session: str,
-                     request: worker_pb2.StageRequest) -> None:
+                     request: worker_pb2.CallRequest) -> None:
         try:
             await stream.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
             raise ClusterError(f"worker {worker}: sending a call of session {session} failed: {err}") from None
 
     @staticmethod
-    async def _read(stream: grpc.aio.StreamStreamCall, worker: str, session: str) -> worker_pb2.StageReply:
+    async def _read(stream: grpc.aio.StreamStreamCall, worker: str, session: str) -> worker_pb2.CallReply:
         try:
             reply = await stream.read()
         except grpc.aio.AioRpcError:

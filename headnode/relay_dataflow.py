@@ -1,6 +1,6 @@
 """The relay dataflow: the head node out of the data path.
 
-Per epoch, headnode/relay_plan.py turns the StagePlan into one program per worker, and
+Per epoch, headnode/relay_plan.py turns the StepPlan into one program per worker, and
 a RelayDriver (headnode/relay_driver.py) installs them and keeps one Drive connection
 per worker. Per step the head node sends x0 and waits for the final value; the workers
 pass every other value to each other. Relay sessions keep nothing on the head node

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def program_request(epoch: int, plan: RelayPlan, worker: str, addresses: dict[str, str],
                     transport: str = "tcp") -> worker_pb2.InstallProgramRequest:
     calls = [worker_pb2.ProgramCall(
-        ops=[worker_pb2.StageOp(block_id=str(op.block), inputs=list(op.inputs), output=op.output) for op in c.ops],
+        ops=[worker_pb2.BlockOp(block_id=str(op.block), inputs=list(op.inputs), output=op.output) for op in c.ops],
         inputs=list(c.inputs), routes=[worker_pb2.Route(destination=d, values=list(v)) for d, v in c.routes])
         for c in plan.programs[worker]]
     peers = {d: addresses[d] for c in plan.programs[worker] for d, _ in c.routes if d}

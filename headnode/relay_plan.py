@@ -1,4 +1,4 @@
-"""Turn a StagePlan into per-worker programs for relay mode (a pure function).
+"""Turn a StepPlan into per-worker programs for relay mode (a pure function).
 
 In relay mode the head node leaves the data path: it sends ``x0`` to the workers
 that read it, the workers pass every other value straight to the worker that needs
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeheads.headnode.stage_plan import Op, StagePlan
+from edgeheads.headnode.step_plan import Op, StepPlan
 
 HEAD_NODE = ""  # the destination name of the head node in routes
 
@@ -39,7 +39,7 @@ class RelayPlan:
         return len(self.head_sends) + sum(len(c.routes) for calls in self.programs.values() for c in calls)
 
 
-def relay_plan(plan: StagePlan) -> RelayPlan:
+def relay_plan(plan: StepPlan) -> RelayPlan:
     calls = [c for phase in plan.phases for c in phase.calls]  # execution order
     consumers: dict[str, set[str]] = {}  # value -> workers whose calls read it from elsewhere
     for call in calls:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from edgeheads.common.spec import BlockId
-from edgeheads.headnode.stage_plan import StagePlan
+from edgeheads.headnode.step_plan import StepPlan
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Epoch:
     number: int
     placement: dict[BlockId, str]  # block -> worker name
     addresses: dict[str, str]  # worker name -> host:port
-    plan: StagePlan
+    plan: StepPlan
 
 
 @dataclass

@@ -15,7 +15,7 @@ from edgeheads.common.wire import sha256_hex, weights_to_blob
 from edgeheads.headnode.engine import BlockEngine
 from edgeheads.headnode.slicing import slice_checkpoint
 from edgeheads.worker.blocks.kv_cache import KVCache
-from edgeheads.worker.host import BlockHost, StageOpSpec
+from edgeheads.worker.host import BlockHost, OpSpec
 from edgeheads.worker.migration import cache_lengths, export_state, import_state
 from tiny_configs import TINY_CONFIGS
 
@@ -44,8 +44,8 @@ def host_with(parts, name: str, blocks: list[str]) -> BlockHost:
 
 
 def step(host: BlockHost, session: str, position: int, x: torch.Tensor, blocks: list[str]) -> list[torch.Tensor]:
-    ops = [StageOpSpec(b, ["x"], f"out{i}") for i, b in enumerate(blocks)]
-    out = host.run_stage(session, position, {"x": x}, ops, [op.output for op in ops])
+    ops = [OpSpec(b, ["x"], f"out{i}") for i, b in enumerate(blocks)]
+    out = host.run_call(session, position, {"x": x}, ops, [op.output for op in ops])
     return [out[op.output] for op in ops]
 
 
@@ -58,9 +58,9 @@ def test_cohosted_groups_share_one_buffer_and_run_as_one_matmul(parts):
     a, b = (block(host, g).weights["qkv.weight"] for g in GROUPS)
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one buffer
     assert b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()  # adjacent rows
-    stage = host.compile_stage([StageOpSpec(g, ["x"], f"out{i}") for i, g in enumerate(GROUPS)], ["x"],
+    compiled = host.compile_call([OpSpec(g, ["x"], f"out{i}") for i, g in enumerate(GROUPS)], ["x"],
                                ["out0", "out1"])
-    assert len(stage.units) == 1 and len(stage.units[0].group.blocks) == 2
+    assert len(compiled.units) == 1 and len(compiled.units[0].group.blocks) == 2
     calls = []
     original = torch.nn.functional.linear
     torch.nn.functional.linear = lambda *args: calls.append(args[1].shape) or original(*args)

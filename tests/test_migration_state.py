@@ -12,7 +12,7 @@ from safetensors.torch import save as st_save
 from transformers import AutoModelForCausalLM
 
 from edgeheads.headnode.slicing import slice_checkpoint
-from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.worker.host import BlockHost, HostError, OpSpec
 from edgeheads.worker.migration import cache_lengths, export_state, import_state, parse_state
 from edgeheads.common.wire import sha256_hex, weights_to_blob
 from tiny_configs import TINY_CONFIGS
@@ -38,7 +38,7 @@ def host_with(parts, name: str, blocks: list[str]) -> BlockHost:
 
 
 def step(host: BlockHost, session: str, position: int, x: torch.Tensor) -> torch.Tensor:
-    return host.run_stage(session, position, {"x": x}, [StageOpSpec(BLOCK, ["x"], "a")], ["a"])["a"]
+    return host.run_call(session, position, {"x": x}, [OpSpec(BLOCK, ["x"], "a")], ["a"])["a"]
 
 
 def digest(parts) -> str:

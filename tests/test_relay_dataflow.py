@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from edgeheads.controller.spread import WorkerCapacity, round_robin, single, spread
 from edgeheads.headnode.engine import BlockEngine
-from edgeheads.headnode.head import HeadStage
+from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.relay_driver import program_request
 from edgeheads.headnode.relay_plan import HEAD_NODE, relay_plan
 from edgeheads.headnode.slicing import slice_checkpoint
-from edgeheads.headnode.stage_plan import compile_plan
-from edgeheads.worker.host import BlockHost, HostError, StageOpSpec
+from edgeheads.headnode.step_plan import compile_plan
+from edgeheads.worker.host import BlockHost, HostError, OpSpec
 from edgeheads.worker.relay import ProgramCall, RelayExecutor, segments
 from edgeheads.worker.relay_service import program_from_proto
 from edgeheads.common.wire import sha256_hex, weights_to_blob
@@ -44,7 +44,7 @@ class Cluster:
 
     def __init__(self, parts, placement, seed: int = 0) -> None:
         self.plan = relay_plan(compile_plan(parts.shape, placement))
-        self.head = HeadStage(parts.shape, parts.head)
+        self.head = HeadNodeCompute(parts.shape, parts.head)
         self.rng = random.Random(seed)
         shape_json = json.dumps(parts.shape.to_dict())
         self.executors = {}
@@ -100,8 +100,8 @@ def test_spread_needs_one_phase_per_layer_and_one_message_per_phase():
 
 
 def test_segments_send_each_destination_as_soon_as_its_values_exist():
-    ops = [StageOpSpec("proj(0)", ["x0", "a0.0"], "h0"), StageOpSpec("ffn(0)", ["h0"], "x1"),
-           StageOpSpec("attn(1,0)", ["x1"], "a1.0")]
+    ops = [OpSpec("proj(0)", ["x0", "a0.0"], "h0"), OpSpec("ffn(0)", ["h0"], "x1"),
+           OpSpec("attn(1,0)", ["x1"], "a1.0")]
     call = ProgramCall(ops, ["x0", "a0.0"], ["x1", "a1.0"], {"w1": ["x1"], "w2": ["x1", "a1.0"]})
     segs = segments(call)
     assert [[o.output for o in s.ops] for s in segs] == [["h0", "x1"], ["a1.0"]]
@@ -122,10 +122,10 @@ def test_executor_rejects_bad_programs_and_values():
         list(executor.deliver("s", 1, 0, {"h3": x0}))
     assert err.value.code == "INVALID_ARGUMENT"
     with pytest.raises(HostError) as err:  # a block the worker does not hold
-        executor.install(2, [ProgramCall([StageOpSpec("ffn(99)", ["x0"], "y")], ["x0"], ["y"], {})])
+        executor.install(2, [ProgramCall([OpSpec("ffn(99)", ["x0"], "y")], ["x0"], ["y"], {})])
     assert err.value.code == "NOT_FOUND"
     with pytest.raises(HostError):
-        executor.install(2, [ProgramCall([StageOpSpec("ffn(0)", ["x0"], "y")], ["x0"], [], {"w9": ["y"]})])
+        executor.install(2, [ProgramCall([OpSpec("ffn(0)", ["x0"], "y")], ["x0"], [], {"w9": ["y"]})])
     # a wrong position fails the step, leaves nothing behind, and the session goes on at the right one
     with pytest.raises(HostError) as err:
         list(executor.deliver("s", 1, 5, {"x0": x0}))

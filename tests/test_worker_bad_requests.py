@@ -45,17 +45,17 @@ def cluster(tiny):
         yield c
 
 
-def stage(session: str, position: int, block: str, x: torch.Tensor | tensor_pb2.Tensor) -> worker_pb2.StageRequest:
+def call_request(session: str, position: int, block: str, x: torch.Tensor | tensor_pb2.Tensor) -> worker_pb2.CallRequest:
     tensor = x if isinstance(x, tensor_pb2.Tensor) else tensor_to_proto(x)
-    return worker_pb2.StageRequest(session=session, position=position,
+    return worker_pb2.CallRequest(session=session, position=position,
                                    inputs=[tensor_pb2.NamedTensor(name="x", tensor=tensor)],
-                                   ops=[worker_pb2.StageOp(block_id=block, inputs=["x"], output="a")],
+                                   ops=[worker_pb2.BlockOp(block_id=block, inputs=["x"], output="a")],
                                    return_values=["a"])
 
 
-def run_stage(stub, request) -> grpc.RpcError | worker_pb2.StageReply:
+def run_call(stub, request) -> grpc.RpcError | worker_pb2.CallReply:
     try:
-        return next(iter(stub.RunStage(iter([request]), timeout=10)))
+        return next(iter(stub.RunCall(iter([request]), timeout=10)))
     except grpc.RpcError as err:
         return err
 
@@ -75,7 +75,7 @@ def forward(stub, batches) -> grpc.RpcError | worker_pb2.ForwardReply:
 
 
 def install(stub, block: str, routes: list[worker_pb2.Route]) -> grpc.RpcError | worker_pb2.InstallProgramReply:
-    call = worker_pb2.ProgramCall(ops=[worker_pb2.StageOp(block_id=block, inputs=["x0"], output="a")],
+    call = worker_pb2.ProgramCall(ops=[worker_pb2.BlockOp(block_id=block, inputs=["x0"], output="a")],
                                   inputs=["x0"], routes=routes)
     try:
         return stub.InstallProgram(worker_pb2.InstallProgramRequest(epoch=99, calls=[call]), timeout=10)
@@ -134,15 +134,15 @@ def test_malformed_requests_get_precise_statuses_while_a_generation_completes(cl
     corrupt = next(chunks(fresh, len(fresh)))
     corrupt.data = corrupt.data[:-1] + bytes([corrupt.data[-1] ^ 0xFF])
     cases = [
-        ("wrong dtype", run_stage(stub, stage("s1", 0, block, good.half())), "INVALID_ARGUMENT", "dtype"),
-        ("wrong shape", run_stage(stub, stage("s1", 0, block, torch.randn(1, 1, hidden + 1))), "INVALID_ARGUMENT",
+        ("wrong dtype", run_call(stub, call_request("s1", 0, block, good.half())), "INVALID_ARGUMENT", "dtype"),
+        ("wrong shape", run_call(stub, call_request("s1", 0, block, torch.randn(1, 1, hidden + 1))), "INVALID_ARGUMENT",
          "shape"),
-        ("bytes do not match shape", run_stage(stub, stage("s1", 0, block, bad_bytes)), "INVALID_ARGUMENT", "bytes"),
-        ("unknown dtype", run_stage(stub, stage("s1", 0, block, tensor_pb2.Tensor(dtype="complex7", shape=[1]))),
+        ("bytes do not match shape", run_call(stub, call_request("s1", 0, block, bad_bytes)), "INVALID_ARGUMENT", "bytes"),
+        ("unknown dtype", run_call(stub, call_request("s1", 0, block, tensor_pb2.Tensor(dtype="complex7", shape=[1]))),
          "INVALID_ARGUMENT", "unknown dtype"),
-        ("unknown session", run_stage(stub, stage("nobody", 7, block, good)), "NOT_FOUND", "unknown session"),
-        ("unknown block", run_stage(stub, stage("s1", 0, "attn(99,0)", good)), "NOT_FOUND", "not on worker"),
-        ("malformed block id", run_stage(stub, stage("s1", 0, "attention-zero", good)), "INVALID_ARGUMENT",
+        ("unknown session", run_call(stub, call_request("nobody", 7, block, good)), "NOT_FOUND", "unknown session"),
+        ("unknown block", run_call(stub, call_request("s1", 0, "attn(99,0)", good)), "NOT_FOUND", "not on worker"),
+        ("malformed block id", run_call(stub, call_request("s1", 0, "attention-zero", good)), "INVALID_ARGUMENT",
          "not a block id"),
         ("corrupt weights", load_block(stub, [worker_pb2.LoadBlockChunk(
             block_id=block, model_shape_json=shape_json, content_hash=sha256_hex(fresh), chunk=corrupt)]), "DATA_LOSS",

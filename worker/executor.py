@@ -23,8 +23,8 @@ from edgeheads.worker.blocks.projection import ProjectionBlock
 FUSED_NAMES = ("qkv.weight", "qkv.bias")
 
 
-class StageOp(Protocol):
-    """One op of a worker stage (worker/host.py StageOpSpec): value names in and out."""
+class BlockOp(Protocol):
+    """One op of a worker call (worker/host.py OpSpec): value names in and out."""
     inputs: list[str]
     output: str
 
@@ -130,7 +130,7 @@ def layout_order(blocks: Sequence[AttentionBlock]) -> list[AttentionBlock]:
 
 
 @dataclass
-class StageUnit:
+class CallUnit:
     """One thing to run: an attention group (several attention ops of one layer on one input,
     fused) or a single projection/FFN op (``group`` None)."""
     inputs: list[str]
@@ -139,14 +139,14 @@ class StageUnit:
     group: AttentionGroup | None = None
 
 
-def plan_units(ops: Sequence[StageOp], blocks: Sequence[Block]) -> list[StageUnit]:
-    """A worker stage's ops (in order, with the blocks they name) as units: the attention ops that read one input and belong to one layer
+def plan_units(ops: Sequence[BlockOp], blocks: Sequence[Block]) -> list[CallUnit]:
+    """A worker call's ops (in order, with the blocks they name) as units: the attention ops that read one input and belong to one layer
     run as fused groups (in weight-layout order) at the place of the first of them."""
-    units: list[StageUnit] = []
+    units: list[CallUnit] = []
     done: set[tuple[str, int]] = set()
     for op, block in zip(ops, blocks):
         if not isinstance(block, AttentionBlock):
-            units.append(StageUnit(op.inputs, [op.output], block=block))
+            units.append(CallUnit(op.inputs, [op.output], block=block))
             continue
         key = (op.inputs[0], block.block_id.layer)
         if key in done:
@@ -156,10 +156,10 @@ def plan_units(ops: Sequence[StageOp], blocks: Sequence[Block]) -> list[StageUni
                 and (o.inputs[0], b.block_id.layer) == key]
         output_of = {id(b): o.output for o, b in same}
         if len(output_of) < len(same):  # one block twice on one input: run the ops one by one
-            units += [StageUnit(o.inputs, [o.output], group=AttentionGroup([b])) for o, b in same]
+            units += [CallUnit(o.inputs, [o.output], group=AttentionGroup([b])) for o, b in same]
             continue
         for group in attention_groups(layout_order([b for _, b in same])):
-            units.append(StageUnit([key[0]], [output_of[id(b)] for b in group.blocks], group=group))
+            units.append(CallUnit([key[0]], [output_of[id(b)] for b in group.blocks], group=group))
     return units
 
 

@@ -1,5 +1,5 @@
 """The state of one worker: block weights (content-addressed), blocks, per-session
-caches, and the stage interpreter. No gRPC here; worker/service.py adapts it.
+caches, and the call interpreter. No gRPC here; worker/service.py adapts it.
 
 Errors carry the gRPC status they map to, so bad requests get a precise status
 and leave everything else on the worker untouched.
@@ -18,7 +18,7 @@ import torch
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
-from edgeheads.worker.executor import FUSED_NAMES, StageUnit, pack_attention_weights, plan_units
+from edgeheads.worker.executor import FUSED_NAMES, CallUnit, pack_attention_weights, plan_units
 from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 from edgeheads.common.wire import DataLossError, WireError, blob_to_weights, sha256_hex
 
@@ -60,20 +60,20 @@ def parse_shape(text: str) -> ModelShape:
 
 
 @dataclass
-class StageOpSpec:
+class OpSpec:
     block_id: str
     inputs: list[str]
     output: str
 
 
 @dataclass
-class CompiledStage:
+class CompiledCall:
     """Ops checked against the blocks held at ``version`` of the host's block table."""
-    ops: list[StageOpSpec]
+    ops: list[OpSpec]
     returns: list[str]
     blocks: list[Block]
     version: int
-    units: list[StageUnit]
+    units: list[CallUnit]
 
 
 class BlockHost:
@@ -143,7 +143,7 @@ class BlockHost:
 
     def _pack_layer(self, layer: int) -> None:
         """Lay the q/k/v weights of this layer's attention blocks here out adjacently, in group
-        order, so that a stage runs them as one matmul (see worker/executor.py). The content
+        order, so that a call runs them as one matmul (see worker/executor.py). The content
         store follows, so the old per-block tensors are freed."""
         sets: dict[tuple, list[AttentionBlock]] = {}
         for block_id in sorted(b for b in self.blocks if b.layer == layer and b.kind is BlockKind.ATTENTION):
@@ -180,7 +180,7 @@ class BlockHost:
                 dropped += 1
         return dropped
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ calls
     def _block(self, text: str) -> Block:
         block_id = parse_block_id(text)
         block = self.blocks.get(block_id)
@@ -188,11 +188,11 @@ class BlockHost:
             raise HostError("NOT_FOUND", f"block {block_id} is not on worker {self.name}")
         return block
 
-    def compile_stage(self, ops: list[StageOpSpec], input_names, returns: list[str]) -> CompiledStage:
+    def compile_call(self, ops: list[OpSpec], input_names, returns: list[str]) -> CompiledCall:
         """The checks that depend only on the ops and the blocks held: done once per
         program segment in relay mode, per request otherwise."""
         if not ops:
-            raise HostError("INVALID_ARGUMENT", "stage has no ops")
+            raise HostError("INVALID_ARGUMENT", "call has no ops")
         blocks = [self._block(op.block_id) for op in ops]
         known = set(input_names)
         for op, block in zip(ops, blocks):
@@ -209,18 +209,18 @@ class BlockHost:
         for name in returns:
             if name not in known:
                 raise HostError("INVALID_ARGUMENT", f"cannot return {name!r}: nothing produces it")
-        return CompiledStage(ops, returns, blocks, self._version, plan_units(ops, blocks))
+        return CompiledCall(ops, returns, blocks, self._version, plan_units(ops, blocks))
 
     def _check_request(self, session: str, position: int, inputs: dict[str, torch.Tensor],
-                       stage: CompiledStage) -> None:
+                       compiled: CompiledCall) -> None:
         """The per-request checks, all before anything runs, so a bad request changes nothing."""
         if not session:
             raise HostError("INVALID_ARGUMENT", "empty session id")
-        if stage.version != self._version:  # blocks were loaded or unloaded since it was compiled
-            stage.blocks = [self._block(op.block_id) for op in stage.ops]
-            stage.units = plan_units(stage.ops, stage.blocks)
-            stage.version = self._version
-        for block in stage.blocks:
+        if compiled.version != self._version:  # blocks were loaded or unloaded since it was compiled
+            compiled.blocks = [self._block(op.block_id) for op in compiled.ops]
+            compiled.units = plan_units(compiled.ops, compiled.blocks)
+            compiled.version = self._version
+        for block in compiled.blocks:
             if isinstance(block, AttentionBlock):
                 cache = block.caches.get(session)
                 if cache is None and position > 0:
@@ -233,23 +233,23 @@ class BlockHost:
         if len(lengths) > 1:
             raise HostError("INVALID_ARGUMENT", "request inputs cover different numbers of tokens")
 
-    def run_stage(self, session: str, position: int, inputs: dict[str, torch.Tensor], ops: list[StageOpSpec],
+    def run_call(self, session: str, position: int, inputs: dict[str, torch.Tensor], ops: list[OpSpec],
                   returns: list[str]) -> dict[str, torch.Tensor]:
         """Run ops in order over a value table seeded with ``inputs``; return ``returns``.
 
-        Attention caches advance only if the whole stage succeeds."""
-        return self.run_compiled(session, position, inputs, self.compile_stage(ops, inputs, returns))
+        Attention caches advance only if the whole call succeeds."""
+        return self.run_compiled(session, position, inputs, self.compile_call(ops, inputs, returns))
 
     def run_compiled(self, session: str, position: int, inputs: dict[str, torch.Tensor],
-                     stage: CompiledStage) -> dict[str, torch.Tensor]:
-        self._check_request(session, position, inputs, stage)
-        blocks, returns = stage.blocks, stage.returns
+                     compiled: CompiledCall) -> dict[str, torch.Tensor]:
+        self._check_request(session, position, inputs, compiled)
+        blocks, returns = compiled.blocks, compiled.returns
         values = dict(inputs) if self.device.type == "cpu" else {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                for unit in stage.units:
+                for unit in compiled.units:
                     if unit.group is not None:
                         touched += unit.group.blocks
                         parts = unit.group.split(unit.group.forward(session, values[unit.inputs[0]]))

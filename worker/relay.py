@@ -19,12 +19,12 @@ from typing import NamedTuple
 
 import torch
 
-from edgeheads.worker.host import BlockHost, CompiledStage, HostError, StageOpSpec
+from edgeheads.worker.host import BlockHost, CompiledCall, HostError, OpSpec
 
 
 @dataclass(frozen=True)
 class ProgramCall:
-    ops: list[StageOpSpec]
+    ops: list[OpSpec]
     inputs: list[str]
     keep: list[str]
     routes: dict[str, list[str]]  # destination ("" = head node) -> values
@@ -32,11 +32,11 @@ class ProgramCall:
 
 @dataclass(frozen=True)
 class Segment:
-    ops: list[StageOpSpec]
+    ops: list[OpSpec]
     inputs: list[str]  # values it reads that it does not make
     returns: list[str]  # values later segments, later calls or routes need
     routes: list[tuple[str, list[str]]]  # routes complete after this segment
-    stage: CompiledStage | None = None  # set when the program is installed
+    compiled: CompiledCall | None = None  # set when the program is installed
 
 
 @dataclass
@@ -100,7 +100,7 @@ class RelayExecutor:
                     raise HostError("INVALID_ARGUMENT", f"epoch {epoch}: call {i} routes {missing} without "
                                     "keeping them")
         # NOT_FOUND if a block is not here; INVALID_ARGUMENT for an op that reads nothing known
-        self.programs[epoch] = [(call, [replace(seg, stage=self.host.compile_stage(seg.ops, seg.inputs, seg.returns))
+        self.programs[epoch] = [(call, [replace(seg, compiled=self.host.compile_call(seg.ops, seg.inputs, seg.returns))
                                         for seg in segments(call)]) for call in calls]
         self.expected[epoch] = {n for c in calls for n in c.inputs}
         for old in sorted(self.programs)[:-self.epochs_kept]:
@@ -136,7 +136,7 @@ class RelayExecutor:
                 for seg in program[step.next_call][1]:
                     inputs = {n: step.values[n] for n in seg.inputs}
                     t0 = time.perf_counter()
-                    step.values.update(self.host.run_compiled(session, position, inputs, seg.stage))
+                    step.values.update(self.host.run_compiled(session, position, inputs, seg.compiled))
                     step.path_compute += time.perf_counter() - t0
                     if seg.routes:
                         yield Outgoing([(dest, {n: step.values[n] for n in names}) for dest, names in seg.routes],

@@ -10,7 +10,7 @@ import logging
 import grpc
 
 from edgeheads.v1 import worker_pb2
-from edgeheads.worker.host import HostError, StageOpSpec, status_name
+from edgeheads.worker.host import HostError, OpSpec, status_name
 from edgeheads.worker.relay import ProgramCall
 from edgeheads.worker.relay_port import RelayPort
 from edgeheads.common.wire import WireError
@@ -26,7 +26,7 @@ def program_from_proto(request: worker_pb2.InstallProgramRequest) -> list[Progra
         later = {n for c in calls[i + 1:] for n in c.inputs}
         routed = {n for r in call.routes for n in r.values}
         program.append(ProgramCall(
-            ops=[StageOpSpec(op.block_id, list(op.inputs), op.output) for op in call.ops],
+            ops=[OpSpec(op.block_id, list(op.inputs), op.output) for op in call.ops],
             inputs=list(call.inputs), keep=[op.output for op in call.ops if op.output in later | routed],
             routes={r.destination: list(r.values) for r in call.routes}))
     return program

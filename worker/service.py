@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
-from edgeheads.worker.host import BlockHost, HostError, StageOpSpec, status_name
+from edgeheads.worker.host import BlockHost, HostError, OpSpec, status_name
 from edgeheads.worker.links import LinkTable
 from edgeheads.worker.migration_service import MigrationRpcs
 from edgeheads.worker.relay_endpoint import RelayEndpoint
@@ -71,19 +71,19 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         except HostError as err:
             await abort_for(context, err)
 
-    async def RunStage(self, request_iterator, context):
+    async def RunCall(self, request_iterator, context):
         async for req in request_iterator:
             try:
                 inputs = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in req.inputs}
-                ops = [StageOpSpec(op.block_id, list(op.inputs), op.output) for op in req.ops]
+                ops = [OpSpec(op.block_id, list(op.inputs), op.output) for op in req.ops]
                 t0 = time.perf_counter()
-                outputs = self.host.run_stage(req.session, req.position, inputs, ops, list(req.return_values))
+                outputs = self.host.run_call(req.session, req.position, inputs, ops, list(req.return_values))
                 compute_seconds = time.perf_counter() - t0
             except (HostError, WireError) as err:
-                log.warning("worker %s: rejected stage of session %s: %s", self.host.name, req.session, err)
+                log.warning("worker %s: rejected a call of session %s: %s", self.host.name, req.session, err)
                 await abort_for(context, err)
                 return
-            yield worker_pb2.StageReply(outputs=[tensor_pb2.NamedTensor(name=k, tensor=tensor_to_proto(v))
+            yield worker_pb2.CallReply(outputs=[tensor_pb2.NamedTensor(name=k, tensor=tensor_to_proto(v))
                                                  for k, v in outputs.items()], compute_seconds=compute_seconds)
 
     async def DropSession(self, request, context):

@@ -73,7 +73,7 @@ class UnloadBlocksReply(_message.Message):
     unloaded: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, unloaded: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class StageOp(_message.Message):
+class BlockOp(_message.Message):
     __slots__ = ("block_id", "inputs", "output")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -83,7 +83,7 @@ class StageOp(_message.Message):
     output: str
     def __init__(self, block_id: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ...) -> None: ...
 
-class StageRequest(_message.Message):
+class CallRequest(_message.Message):
     __slots__ = ("session", "epoch", "position", "inputs", "ops", "return_values")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -95,11 +95,11 @@ class StageRequest(_message.Message):
     epoch: int
     position: int
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
-    ops: _containers.RepeatedCompositeFieldContainer[StageOp]
+    ops: _containers.RepeatedCompositeFieldContainer[BlockOp]
     return_values: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., ops: _Optional[_Iterable[_Union[StageOp, _Mapping]]] = ..., return_values: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., ops: _Optional[_Iterable[_Union[BlockOp, _Mapping]]] = ..., return_values: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class StageReply(_message.Message):
+class CallReply(_message.Message):
     __slots__ = ("outputs", "compute_seconds")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -120,10 +120,10 @@ class ProgramCall(_message.Message):
     OPS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
-    ops: _containers.RepeatedCompositeFieldContainer[StageOp]
+    ops: _containers.RepeatedCompositeFieldContainer[BlockOp]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
-    def __init__(self, ops: _Optional[_Iterable[_Union[StageOp, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+    def __init__(self, ops: _Optional[_Iterable[_Union[BlockOp, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class InstallProgramRequest(_message.Message):
     __slots__ = ("epoch", "calls", "peers", "transport")

@@ -50,10 +50,10 @@ class WorkerStub:
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.UnloadBlocksRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_worker__pb2.UnloadBlocksReply.FromString,
                 _registered_method=True)
-        self.RunStage = channel.stream_stream(
-                '/edgeheads.v1.Worker/RunStage',
-                request_serializer=edgeheads_dot_v1_dot_worker__pb2.StageRequest.SerializeToString,
-                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.StageReply.FromString,
+        self.RunCall = channel.stream_stream(
+                '/edgeheads.v1.Worker/RunCall',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.CallRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.CallReply.FromString,
                 _registered_method=True)
         self.DropSession = channel.unary_unary(
                 '/edgeheads.v1.Worker/DropSession',
@@ -130,7 +130,7 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RunStage(self, request_iterator, context):
+    def RunCall(self, request_iterator, context):
         """One long-lived stream per head-node session: one request per phase, one reply each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -228,10 +228,10 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.UnloadBlocksRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_worker__pb2.UnloadBlocksReply.SerializeToString,
             ),
-            'RunStage': grpc.stream_stream_rpc_method_handler(
-                    servicer.RunStage,
-                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.StageRequest.FromString,
-                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.StageReply.SerializeToString,
+            'RunCall': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunCall,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.CallRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.CallReply.SerializeToString,
             ),
             'DropSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DropSession,
@@ -376,7 +376,7 @@ class Worker:
             _registered_method=True)
 
     @staticmethod
-    def RunStage(request_iterator,
+    def RunCall(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -389,9 +389,9 @@ class Worker:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/edgeheads.v1.Worker/RunStage',
-            edgeheads_dot_v1_dot_worker__pb2.StageRequest.SerializeToString,
-            edgeheads_dot_v1_dot_worker__pb2.StageReply.FromString,
+            '/edgeheads.v1.Worker/RunCall',
+            edgeheads_dot_v1_dot_worker__pb2.CallRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.CallReply.FromString,
             options,
             channel_credentials,
             insecure,

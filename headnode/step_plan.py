@@ -1,10 +1,22 @@
 """Compile a placement into the phases of one forward step (a pure function).
 
+The step vocabulary, defined here and used everywhere (code, protos, docs):
+
+- a **step** feeds new tokens of one session (the prompt, then one token at a time)
+  through every block and gives the logits of the last one;
+- a step runs as **phases**: a phase is one network hop, and in it each worker that has
+  work runs the blocks it holds for that phase in one **call** (the ``RunCall`` RPC in
+  head dataflow, a program call in relay dataflow);
+- an **op** is one block's invocation inside a call.
+
+Relay-only words: a worker's calls of an epoch, installed once, are its *program*; a
+call's outputs leave in *segments*, as soon as a destination's values exist.
+
 A step is a dataflow over named values: ``x{l}`` is the residual stream entering
 layer l (``x0`` comes from the head node's embedding), ``a{l}.{g}`` the outputs of
 KV group g's heads, ``h{l}`` the residual after the projection. Ops run in model
-order; the compiler packs them into *phases* (sequential network round trips) of
-*calls* (one message to one worker, running several ops back to back):
+order; the compiler packs them into phases of calls (one message to one worker,
+running several ops back to back):
 
 - an op runs in the earliest phase where its inputs exist: in the same call as the
   op that made an input on the same worker, or in the phase after an input made on
@@ -53,7 +65,7 @@ class Phase:
 
 
 @dataclass
-class StagePlan:
+class StepPlan:
     phases: list[Phase]
     final: str  # the value the LM head reads
 
@@ -80,7 +92,7 @@ def model_ops(shape: ModelShape) -> list[Op]:
     return ops
 
 
-def compile_plan(shape: ModelShape, placement: Mapping[BlockId, str]) -> StagePlan:
+def compile_plan(shape: ModelShape, placement: Mapping[BlockId, str]) -> StepPlan:
     """placement maps every BlockId of ``shape`` to a worker name."""
     missing = [str(b) for b in shape.block_ids() if b not in placement]
     if missing:
@@ -102,7 +114,7 @@ def compile_plan(shape: ModelShape, placement: Mapping[BlockId, str]) -> StagePl
         produced_in[op.output] = (index, worker)
     final = f"x{shape.n_layers}"
     _wire_values(phases, final)
-    return StagePlan(phases, final)
+    return StepPlan(phases, final)
 
 
 def _wire_values(phases: list[Phase], final: str) -> None:

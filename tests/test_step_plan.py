@@ -1,11 +1,11 @@
-"""The stage compiler: phases per layer, one message per worker per phase, fusion."""
+"""The step planner: phases per layer, one message per worker per phase, fusion."""
 
 from __future__ import annotations
 
 import pytest
 
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, round_robin, single, spread
-from edgeheads.headnode.stage_plan import compile_plan
+from edgeheads.headnode.step_plan import compile_plan
 from edgeheads.common.spec import GPT2_SMALL, SMOLLM2_135M, BlockId, BlockKind, block_memory_bytes
 
 WORKERS = [WorkerCapacity(f"w{i}", 1 << 40) for i in range(3)]
