@@ -29,8 +29,8 @@ def generator(smollm2):
 def test_greedy_tokens_identical_to_transformers(smollm2, generator, prompt, chat):
     model, _ = smollm2
     ids = generator.encode(prompt, chat=chat)
-    if chat:
-        assert ids != generator.encode(prompt, chat=False), "chat template was not applied"
+    # with chat the template is applied, without it the prompt is encoded as it is
+    assert (ids != generator.encode(prompt, chat=False)) == chat, "chat template applied wrongly"
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
