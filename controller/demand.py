@@ -13,6 +13,7 @@ from edgeheads.common.spec import (
     BlockKind,
     ModelShape,
     activation_bytes,
+    block_ids,
     block_flops_decode,
     block_weight_bytes,
     kv_bytes_per_token,
@@ -108,11 +109,7 @@ class Layout:
 
 def synthetic_blocks(n_layers: int, kv_groups: int) -> tuple[BlockId, ...]:
     """Block ids of an n_layers x (kv_groups + 2) model, for hand-built problems."""
-    ids: list[BlockId] = []
-    for layer in range(n_layers):
-        ids += [BlockId(layer, BlockKind.ATTENTION, g) for g in range(kv_groups)]
-        ids += [BlockId(layer, BlockKind.PROJECTION), BlockId(layer, BlockKind.FFN)]
-    return tuple(ids)
+    return tuple(block_ids(n_layers, kv_groups))
 
 
 __all__ = ["Layout", "ModelDemand", "synthetic_blocks"]

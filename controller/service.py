@@ -29,30 +29,54 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         self.heartbeat_seconds = heartbeat_seconds
         self.replan_every_tokens = replan_every_tokens
         self.tokens_since_plan = 0
-        self.changed = asyncio.Condition()
-        self._planning = asyncio.Lock()
+        self.changed = asyncio.Condition()  # notified after every re-plan, new epoch or not
         self.metrics = None  # ControllerMetrics, set by the daemon
+        self._pending: list[tuple[str, str]] = []  # (trigger, reason) asked for, not yet planned
+        self._asked = 0  # tickets handed out by request_replan
+        self._served = 0  # every ticket up to this one has been planned
+        self._wake = asyncio.Event()
+        self._planner: asyncio.Task | None = None
 
-    async def _replan(self, reason: str) -> None:
-        """Re-plan with the policy in a worker thread, so that a long solve (``exact``) never
-        stalls heartbeats, registrations or status calls; one solve at a time, in call order."""
-        async with self._planning:
-            inputs = self.state.plan_inputs()
-            if inputs is None:
-                return
-            outcome = await asyncio.to_thread(solve_plan, inputs)
-            self.state.apply_plan(inputs, outcome, reason)
+    def request_replan(self, trigger: str, reason: str) -> int:
+        """Ask for a re-plan and return at once with its ticket; ``trigger`` (tokens, timer,
+        memory, membership, model) labels the metric.
 
-    async def _publish(self, trigger: str, reason: str) -> None:
-        """Re-plan; ``trigger`` (tokens, timer, memory, membership) labels the metric."""
-        self.tokens_since_plan = 0
-        before = self.state.current.epoch
-        await self._replan(reason)
-        if self.metrics is not None:
-            self.metrics.replans.labels(trigger).inc()
-            self.metrics.epoch.set(self.state.current.epoch)
-            self.metrics.workers.set(len(self.state.workers))
-        if self.state.current.epoch != before:
+        One planner task runs the policy in a worker thread, so a long solve (``exact``) never
+        holds up a handler: heartbeats, registrations and progress reports go on being read.
+        Requests that arrive during a solve are planned together in the next one, and a caller
+        that goes away (a cancelled RPC) cannot cancel a plan."""
+        self._pending.append((trigger, reason))
+        self._asked += 1
+        if self._planner is None or self._planner.done():
+            self._planner = asyncio.get_running_loop().create_task(self._plan_loop())
+        self._wake.set()
+        return self._asked
+
+    async def replan_and_wait(self, trigger: str, reason: str) -> None:
+        """``request_replan``, then wait until that request has been planned."""
+        ticket = self.request_replan(trigger, reason)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self._served >= ticket)
+
+    async def _plan_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending, upto = self._pending, [], self._asked
+            self.tokens_since_plan = 0  # any plan counts as the latest one
+            try:
+                inputs = self.state.plan_inputs()  # a snapshot: the state may change during the solve
+                if inputs is not None:
+                    outcome = await asyncio.to_thread(solve_plan, inputs)
+                    self.state.apply_plan(inputs, outcome, "; ".join(dict.fromkeys(r for _, r in batch)))
+            except Exception:  # a policy bug must not stop all future re-plans
+                log.exception("re-plan failed (%s)", "; ".join(r for _, r in batch))
+            if self.metrics is not None:
+                for trigger, _ in batch:
+                    self.metrics.replans.labels(trigger).inc()
+                self.metrics.epoch.set(self.state.current.epoch)
+                self.metrics.workers.set(len(self.state.workers))
+            self._served = upto
             async with self.changed:
                 self.changed.notify_all()
 
@@ -60,14 +84,14 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         """Re-plan every ``period_seconds`` (runs for the daemon's lifetime when configured)."""
         while True:
             await asyncio.sleep(period_seconds)
-            await self._publish("timer", f"{period_seconds:g} s since the last timed re-plan")
+            await self.replan_and_wait("timer", f"{period_seconds:g} s since the last timed re-plan")
 
     async def sweep(self) -> None:
         """Expire workers whose heartbeats stopped (runs for the daemon's lifetime)."""
         while True:
             await asyncio.sleep(self.state.heartbeat_timeout_seconds / 4)
             if self.state.expire():
-                await self._publish("membership", "worker heartbeat timeout")
+                self.request_replan("membership", "worker heartbeat timeout")
 
     async def Register(self, request, context):
         if not request.name or not request.address:
@@ -75,7 +99,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         changed = self.state.register(WorkerRecord(request.name, request.address, request.memory_available_bytes,
                                                    request.compute_flops, request.device or "cpu"))
         if changed:
-            await self._publish("membership", f"worker {request.name} joined")
+            self.request_replan("membership", f"worker {request.name} joined")
         return controller_pb2.RegisterReply(name=request.name, heartbeat_seconds=self.heartbeat_seconds)
 
     async def Telemetry(self, request_iterator, context):
@@ -96,11 +120,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                     self.metrics.compute_flops.labels(report.name).set(report.compute_flops)
                 violation = self.state.memory_violation(report.name)
                 if violation:
-                    await self._publish("memory", violation)
+                    self.request_replan("memory", violation)
         finally:
             # the stream ending means the worker stopped or its link died
             if name is not None and self.state.remove(name, "telemetry stream closed"):
-                await self._publish("membership", f"worker {name} left")
+                self.request_replan("membership", f"worker {name} left")
         return controller_pb2.TelemetryAck()
 
     async def SetModel(self, request, context):
@@ -108,12 +132,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             shape = ModelShape(**json.loads(request.model_shape_json))
         except (TypeError, ValueError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad model shape: {err}")
-        before = self.state.current.epoch
         self.state.announce_model(shape, request.model_name)
-        await self._replan("model announced")
-        if self.state.current.epoch != before:
-            async with self.changed:
-                self.changed.notify_all()
+        await self.replan_and_wait("model", "model announced")
         return placement_reply(self.state.current)
 
     async def GetPlacement(self, request, context):
@@ -131,7 +151,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         async for report in request_iterator:
             self.tokens_since_plan += report.tokens
             if self.replan_every_tokens and self.tokens_since_plan >= self.replan_every_tokens:
-                await self._publish("tokens", f"{self.tokens_since_plan} tokens since the last plan")
+                self.request_replan("tokens", f"{self.tokens_since_plan} tokens since the last plan")
+                self.tokens_since_plan = 0
         return controller_pb2.ProgressAck()
 
     def _workers(self) -> list[controller_pb2.WorkerInfo]:

@@ -8,8 +8,6 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from edgeheads.common.config import DaemonConfig, DialAddress, GrpcSettings, ListenAddress, Section
-
-
 from edgeheads.controller.config import ControllerSettings
 from edgeheads.worker.config import WorkerSettings
 

@@ -83,7 +83,7 @@ def make_dataflow(kind: str, stubs: dict[str, worker_pb2_grpc.WorkerStub], stats
                   max_message_bytes: int = 64 << 20) -> Dataflow:
     if kind == "head":
         from edgeheads.headnode.head_dataflow import HeadDataflow
-        return HeadDataflow(stubs, stats)
+        return HeadDataflow(stubs, stats, step_timeout_seconds)
     if kind == "relay":
         from edgeheads.headnode.relay_dataflow import RelayDataflow
         return RelayDataflow(stubs, stats, step_timeout_seconds, relay_transport, max_message_bytes)

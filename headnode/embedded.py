@@ -227,12 +227,14 @@ class LocalCluster:
                     except subprocess.TimeoutExpired:
                         log.warning("%s did not stop within %.0f s of SIGTERM; killing it", name, timeout_seconds)
             finally:
-                for proc in self.procs.values():
-                    self._kill_group(proc)
+                for name in list(self.procs):
+                    self._kill_group(self.procs.pop(name))
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:
-        """SIGKILL the process group ``proc`` leads (it and what it started), then reap it."""
+        """SIGKILL the process group ``proc`` leads (it and what it started), then reap it.
+        Called once per process, just after it was reaped or found alive: while any member
+        lives, Linux does not hand its group id to another process."""
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeheads.common.spec import BlockId, BlockKind
+from edgeheads.common.spec import layer_block_ids
 from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.worker.blocks.factory import make_block
@@ -28,11 +28,9 @@ class BlockEngine:
         self.head = HeadNodeCompute(parts.shape, parts.head)
         self.layers: list[LayerExecutor] = []
         for layer in range(self.shape.n_layers):
-            def block(kind: BlockKind, group: int = 0):
-                block_id = BlockId(layer, kind, group)
-                return make_block(block_id, self.shape, dict(parts.blocks[block_id]))
-            attention = [block(BlockKind.ATTENTION, g) for g in range(self.shape.n_kv_heads)]
-            self.layers.append(LayerExecutor(attention, block(BlockKind.PROJECTION), block(BlockKind.FFN)))
+            *attention, proj, ffn = [make_block(b, self.shape, dict(parts.blocks[b]))
+                                     for b in layer_block_ids(layer, self.shape.n_kv_heads)]
+            self.layers.append(LayerExecutor(attention, proj, ffn))
         self.lengths: dict[str, int] = {}
 
     def blocks(self) -> list:

@@ -6,6 +6,7 @@ and the distributed runtime: ``step(session, new_token_ids) -> logits (V,)``.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,6 +22,8 @@ except ImportError:  # pragma: no cover - the windowed fallback below still work
     Tokenizer = DecodeStream = None  # type: ignore[assignment,misc]
 
 from edgeheads.headnode.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[str, list[int]], torch.Tensor]
 
@@ -86,19 +89,25 @@ class IncrementalDecoder:
         self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
         self._prefix = 0  # fallback: the window starts here ...
         self._read = 0  # ... and its text up to here was emitted
-        self.emitted_chars = 0
+        self.streamed = ""  # the deltas so far, joined
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         delta = self._step(token_id)
-        self.emitted_chars += len(delta)
+        self.streamed += delta
         return delta
 
     def flush(self) -> str:
         """What the full decode holds beyond the deltas so far: the text of a trailing incomplete
-        character (a replacement character) when generation ends inside one, else ""."""
-        rest = self.text()[self.emitted_chars:]
-        self.emitted_chars += len(rest)
+        character (a replacement character) when generation ends inside one, else "". If the
+        full decode does not extend the streamed text at all, nothing more is streamed (and
+        a warning says so) rather than a wrong tail."""
+        full = self.text()
+        if not full.startswith(self.streamed):
+            log.warning("streamed text %r is not a prefix of the full decode %r", self.streamed[-40:], full[-40:])
+            return ""
+        rest = full[len(self.streamed):]
+        self.streamed = full
         return rest
 
     def _step(self, token_id: int) -> str:
@@ -112,11 +121,17 @@ class IncrementalDecoder:
         return text[len(emitted):]
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        if not ids:
+            return ""
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text(self) -> str:
-        """The whole generated text."""
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        """The whole generated text, decoded as the stream decodes it: without transformers'
+        ``clean_up_tokenization_spaces`` (which DecodeStream does not apply), so that the
+        streamed pieces add up to it."""
+        return self._decode(self.ids)
 
 
 class TokenLoop:
@@ -159,7 +174,7 @@ class TokenLoop:
     def result(self) -> GenerationResult:
         text = self.decoder.text()
         return GenerationResult(
-            text=text, unstreamed_text=text[self.decoder.emitted_chars:],
+            text=text, unstreamed_text=text[len(self.decoder.streamed):] if text.startswith(self.decoder.streamed) else "",
             token_ids=list(self.decoder.ids), prompt_token_ids=self.prompt_ids, finish_reason=self.finish,
             prefill_seconds=self.prefill_seconds,
             decode_seconds=time.perf_counter() - self.t0 - self.prefill_seconds, events=self.events)

@@ -35,9 +35,11 @@ async def _failed(err: BaseException):
 class HeadDataflow:
     label = name = "head"
 
-    def __init__(self, stubs: dict[str, worker_pb2_grpc.WorkerStub], stats: StepStats) -> None:
+    def __init__(self, stubs: dict[str, worker_pb2_grpc.WorkerStub], stats: StepStats,
+                 step_timeout_seconds: float = 60.0) -> None:
         self.stubs = stubs
         self.stats = stats
+        self.step_timeout_seconds = step_timeout_seconds
         self.epoch: Epoch | None = None
         self.ops: list[list[list[worker_pb2.BlockOp]]] = []  # phase -> call -> ops, built once per epoch
         self.streams: dict[str, _Streams] = {}  # session -> its streams
@@ -58,6 +60,16 @@ class HeadDataflow:
         return streams.by_worker
 
     async def step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
+        """x0: (1, T, D) -> the final value (1, T, D). ClusterError when a worker fails or the
+        step takes longer than ``step_timeout_seconds`` (a hung worker must not hold the step
+        gate, and with it every migration, for ever)."""
+        try:
+            return await asyncio.wait_for(self._step(session, position, x0), self.step_timeout_seconds)
+        except asyncio.TimeoutError:
+            raise ClusterError(f"session {session}: no result within {self.step_timeout_seconds:g} s "
+                               f"(position {position})") from None
+
+    async def _step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
         epoch, ops = self.epoch, self.ops
         assert epoch is not None, "no epoch yet"
         streams = await self._streams_for(session, epoch)

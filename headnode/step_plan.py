@@ -83,12 +83,15 @@ class StepPlan:
 def model_ops(shape: ModelShape) -> list[Op]:
     """Every block invocation of one forward pass, in execution order."""
     ops: list[Op] = []
-    for layer in range(shape.n_layers):
-        x = f"x{layer}"
-        heads = tuple(f"a{layer}.{g}" for g in range(shape.n_kv_heads))
-        ops += [Op(BlockId(layer, BlockKind.ATTENTION, g), (x,), heads[g]) for g in range(shape.n_kv_heads)]
-        ops.append(Op(BlockId(layer, BlockKind.PROJECTION), (x, *heads), f"h{layer}"))
-        ops.append(Op(BlockId(layer, BlockKind.FFN), (f"h{layer}",), f"x{layer + 1}"))
+    for block in shape.block_ids():
+        layer, x = block.layer, f"x{block.layer}"
+        if block.kind is BlockKind.ATTENTION:
+            ops.append(Op(block, (x,), f"a{layer}.{block.kv_group}"))
+        elif block.kind is BlockKind.PROJECTION:
+            heads = tuple(f"a{layer}.{g}" for g in range(shape.n_kv_heads))
+            ops.append(Op(block, (x, *heads), f"h{layer}"))
+        else:
+            ops.append(Op(block, (f"h{layer}",), f"x{layer + 1}"))
     return ops
 
 

@@ -62,6 +62,8 @@ def test_no_cache_is_left_on_any_worker_after_a_session_ends_fails_or_closes(tin
     victim = next(w for b, w in sorted(placement.items()) if b.kind is BlockKind.ATTENTION)
     assert len(set(placement.values())) == 3
 
+    # workers refuse a session id once it has ended (ids are single-use), and both
+    # parametrizations share the workers: each uses its own ids
     async def run() -> None:
         executor = ClusterExecutor(parts, dataflow=dataflow)
         await executor.apply_placement(epoch, placement, workers, progress=False)
@@ -74,30 +76,30 @@ def test_no_cache_is_left_on_any_worker_after_a_session_ends_fails_or_closes(tin
             return int(torch.argmax(got))
 
         # a session that ends normally
-        token = await both("ended", [5, 9, 33, 2])
+        token = await both(f"{dataflow}-ended", [5, 9, 33, 2])
         for _ in range(3):
-            token = await both("ended", [token])
+            token = await both(f"{dataflow}-ended", [token])
         assert sum((await caches_on(workers)).values()) >= 2
-        await executor.end_session("ended")
-        engine.drop_session("ended")
+        await executor.end_session(f"{dataflow}-ended")
+        engine.drop_session(f"{dataflow}-ended")
         assert await caches_on(workers) == dict.fromkeys(WORKERS, 0)
 
         # a session whose step fails on one worker, while another session goes on
-        kept, failing = await both("kept", [7, 8, 9]), await both("failing", [40, 41])
-        failing = await both("failing", [failing])
-        await drop_behind_the_head_nodes_back(workers[victim], "failing")  # its next step fails there
-        with pytest.raises(ClusterError, match="NOT_FOUND"):
-            await executor.step("failing", [failing])
-        assert "failing" not in executor.sessions and "kept" in executor.sessions
+        kept, failing = await both(f"{dataflow}-kept", [7, 8, 9]), await both(f"{dataflow}-failing", [40, 41])
+        failing = await both(f"{dataflow}-failing", [failing])
+        await drop_behind_the_head_nodes_back(workers[victim], f"{dataflow}-failing")  # its next step fails there
+        with pytest.raises(ClusterError, match="FAILED_PRECONDITION.*has ended"):  # the worker refuses it
+            await executor.step(f"{dataflow}-failing", [failing])
+        assert f"{dataflow}-failing" not in executor.sessions and f"{dataflow}-kept" in executor.sessions
         counts = await caches_on(workers)
-        assert sum(counts.values()) >= 2 and all(n <= 1 for n in counts.values()), counts  # only "kept" is left
+        assert sum(counts.values()) >= 2 and all(n <= 1 for n in counts.values()), counts  # only f"{dataflow}-kept" is left
         for _ in range(2):
-            kept = await both("kept", [kept])  # the other session is untouched
-        await executor.end_session("kept")
+            kept = await both(f"{dataflow}-kept", [kept])  # the other session is untouched
+        await executor.end_session(f"{dataflow}-kept")
         assert await caches_on(workers) == dict.fromkeys(WORKERS, 0)
 
         # a session still open when the executor closes
-        await executor.step("open", [3, 4])
+        await executor.step(f"{dataflow}-open", [3, 4])
         assert sum((await caches_on(workers)).values()) >= 2
         await executor.close()
         assert len(executor.sessions) == 0

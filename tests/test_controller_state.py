@@ -167,3 +167,49 @@ def test_a_placement_onto_a_worker_that_left_during_the_solve_is_dropped():
     assert "w1" in set(outcome.values())
     assert state.apply_plan(inputs, outcome, "late").epoch == 1
     assert state.replan("worker w1 left").epoch == 2 and set(state.current.placement.values()) == {"w0"}
+
+
+def test_a_registration_that_triggers_a_slow_placement_returns_at_once_and_its_plan_still_lands():
+    """The worker whose arrival starts the solve is not held up by it: Register answers and its
+    heartbeats are read while the policy is stuck, and the plan it asked for is applied after."""
+    state = ClusterState("spread")
+    state.register(WorkerRecord("w0", "127.0.0.1:5000", 4 * GiB, 2e10))
+    state.announce_model(SMOLLM2_135M, "smollm2")
+    state.replan("first")
+    policy = state._policy = GatedPolicy()
+    heard = asyncio.Event()
+    heartbeat = state.heartbeat
+
+    def noting_heartbeat(*args, **kwargs):
+        ok = heartbeat(*args, **kwargs)
+        heard.set()
+        return ok
+    state.heartbeat = noting_heartbeat
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        service = ControllerService(state)
+        controller_pb2_grpc.add_ControllerServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = controller_pb2_grpc.ControllerStub(channel)
+                await stub.Register(controller_pb2.RegisterRequest(
+                    name="w1", address="127.0.0.1:5001", memory_available_bytes=4 * GiB, compute_flops=2e10),
+                    timeout=10)
+                assert await asyncio.to_thread(policy.entered.wait, 30), "the join did not start a placement"
+                telemetry = stub.Telemetry()
+                await telemetry.write(controller_pb2.TelemetryReport(
+                    name="w1", memory_available_bytes=4 * GiB, memory_used_bytes=7, compute_flops=2e10))
+                await asyncio.wait_for(heard.wait(), timeout=10)
+                assert state.current.epoch == 1, "the placement finished before the heartbeat was read"
+                policy.gate.set()
+                async with service.changed:
+                    await asyncio.wait_for(service.changed.wait_for(lambda: state.current.epoch == 2), 30)
+                assert set(state.current.placement.values()) == {"w0", "w1"}
+                telemetry.cancel()
+        finally:
+            policy.gate.set()
+            await server.stop(None)
+    asyncio.run(run())

@@ -238,3 +238,30 @@ def test_agenerate_stream_propagates_a_step_failure_without_finishing(tiny_token
 def test_agenerate_stream_rejects_an_empty_prompt(tiny_tokenizer):
     with pytest.raises(ValueError, match="empty"):
         collect_async(AsyncScriptedModel([1]), tiny_tokenizer, [], SamplingParams(), [2])
+
+
+class CleaningTokenizer:
+    """The tiny tokenizer, but its decode drops the space before punctuation (as transformers'
+    clean_up_tokenization_spaces does for WordPiece models) unless asked not to."""
+
+    clean_up_tokenization_spaces = True
+
+    def __init__(self, tokenizer) -> None:
+        self.inner = tokenizer
+        self.backend_tokenizer = tokenizer.backend_tokenizer
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        text = self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return text.replace(" .", ".").replace(" ,", ",") if clean else text
+
+
+def test_streamed_pieces_add_up_even_when_the_tokenizer_cleans_up_spaces(tiny_tokenizer):
+    """DecodeStream never cleans up spaces: the final text is decoded the way the stream is, so
+    the pieces and the flush add up to it."""
+    tokenizer = CleaningTokenizer(tiny_tokenizer)
+    ids = tiny_tokenizer("Hello , world . Is it ?", add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == "Hello, world. Is it ?"  # the premise: a plain decode differs
+    pieces, decoder = stream_pieces(tokenizer, ids)
+    assert decoder._stream is not None
+    assert "".join(pieces) + decoder.flush() == decoder.text() == "Hello , world . Is it ?"

@@ -23,7 +23,7 @@ from edgeheads.worker.blocks.projection import ProjectionBlock
 FUSED_NAMES = ("qkv.weight", "qkv.bias")
 
 
-class BlockOp(Protocol):
+class OpLike(Protocol):
     """One op of a worker call (worker/host.py OpSpec): value names in and out."""
     inputs: list[str]
     output: str
@@ -139,7 +139,7 @@ class CallUnit:
     group: AttentionGroup | None = None
 
 
-def plan_units(ops: Sequence[BlockOp], blocks: Sequence[Block]) -> list[CallUnit]:
+def plan_units(ops: Sequence[OpLike], blocks: Sequence[Block]) -> list[CallUnit]:
     """A worker call's ops (in order, with the blocks they name) as units: the attention ops that read one input and belong to one layer
     run as fused groups (in weight-layout order) at the place of the first of them."""
     units: list[CallUnit] = []

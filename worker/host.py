@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 from edgeheads.common.wire import DataLossError, WireError, blob_to_weights, sha256_hex
 
 log = logging.getLogger(__name__)
+
+ENDED_SESSIONS_KEPT = 65536  # ids of ended sessions a worker refuses (about 5 MiB)
 
 
 class HostError(Exception):
@@ -87,6 +90,7 @@ class BlockHost:
         self.compute_seconds = 0.0
         self.flops_done = 0.0
         self._version = 0  # bumped whenever self.blocks changes
+        self.ended: OrderedDict[str, None] = OrderedDict()  # sessions the head node ended (end_session)
 
     # ------------------------------------------------------------------ weights and blocks
     def has_weights(self, hashes: list[str]) -> list[str]:
@@ -172,6 +176,20 @@ class BlockHost:
     def sessions(self) -> set[str]:
         return {s for b in self.blocks.values() if isinstance(b, AttentionBlock) for s in b.caches}
 
+    def end_session(self, session: str) -> int:
+        """The head node ended ``session``: drop its caches and refuse it from now on, so a call
+        or relay batch still in flight cannot bring its caches back (session ids are single-use
+        uuids). The newest ENDED_SESSIONS_KEPT ended ids are remembered. Caches dropped."""
+        self.ended[session] = None
+        self.ended.move_to_end(session)
+        while len(self.ended) > ENDED_SESSIONS_KEPT:
+            self.ended.popitem(last=False)
+        return self.drop_session(session)
+
+    def check_live(self, session: str) -> None:
+        if session in self.ended:
+            raise HostError("FAILED_PRECONDITION", f"session {session!r} has ended on {self.name}")
+
     def drop_session(self, session: str) -> int:
         dropped = 0
         for block in self.blocks.values():
@@ -216,6 +234,7 @@ class BlockHost:
         """The per-request checks, all before anything runs, so a bad request changes nothing."""
         if not session:
             raise HostError("INVALID_ARGUMENT", "empty session id")
+        self.check_live(session)
         if compiled.version != self._version:  # blocks were loaded or unloaded since it was compiled
             compiled.blocks = [self._block(op.block_id) for op in compiled.ops]
             compiled.units = plan_units(compiled.ops, compiled.blocks)

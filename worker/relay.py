@@ -122,6 +122,7 @@ class RelayExecutor:
         key = (session, epoch, position)
         step = self.steps.get(key)
         if step is None:
+            self.host.check_live(session)  # a late batch of an ended session starts nothing
             if len(self.steps) >= self.max_pending_steps:
                 raise HostError("RESOURCE_EXHAUSTED", f"{self.host.name} has {len(self.steps)} steps waiting "
                                 "for inputs")

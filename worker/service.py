@@ -88,7 +88,7 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
 
     async def DropSession(self, request, context):
         self.relay.drop_session(request.session)
-        return worker_pb2.DropSessionReply(caches_dropped=self.host.drop_session(request.session))
+        return worker_pb2.DropSessionReply(caches_dropped=self.host.end_session(request.session))
 
     async def Probe(self, request, context):
         return worker_pb2.ProbeReply(received=len(request.payload))

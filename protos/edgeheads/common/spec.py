@@ -106,17 +106,25 @@ class ModelShape:
 
     def block_ids(self) -> list[BlockId]:
         """All blocks in execution order: per layer, the attention groups, then proj, then ffn."""
-        ids: list[BlockId] = []
-        for layer in range(self.n_layers):
-            ids += [BlockId(layer, BlockKind.ATTENTION, g) for g in range(self.n_kv_heads)]
-            ids += [BlockId(layer, BlockKind.PROJECTION), BlockId(layer, BlockKind.FFN)]
-        return ids
+        return block_ids(self.n_layers, self.n_kv_heads)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 # ----------------------------------------------------------------------------- parameters
+
+
+def layer_block_ids(layer: int, kv_groups: int) -> list[BlockId]:
+    """The blocks of one layer in execution order: attn(layer, 0..kv_groups-1), proj, ffn.
+    The one enumeration of blocks: everything that walks a model's blocks goes through it."""
+    return [*(BlockId(layer, BlockKind.ATTENTION, g) for g in range(kv_groups)),
+            BlockId(layer, BlockKind.PROJECTION), BlockId(layer, BlockKind.FFN)]
+
+
+def block_ids(n_layers: int, kv_groups: int) -> list[BlockId]:
+    """Every block of an ``n_layers`` model with ``kv_groups`` KV groups, in execution order."""
+    return [b for layer in range(n_layers) for b in layer_block_ids(layer, kv_groups)]
 
 
 def attention_params(shape: ModelShape) -> int:
