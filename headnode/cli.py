@@ -2,9 +2,9 @@
 
 Each daemon owns its subcommands: ``worker`` (edgeheads.worker.cli), ``controller`` and
 ``simulate`` (edgeheads.controller.cli), ``headnode`` and ``up`` (cli_daemons), ``status``
-(cli_status). This module assembles them. It imports nothing at module level beyond the plain
-(worker) install, so ``edgeheads worker`` runs on a board without transformers; a subcommand
-that needs an extra says which one.
+(cli_status), ``health`` (edgeheads.common.health_cli). This module assembles them. It imports
+nothing at module level beyond the plain (worker) install, so ``edgeheads worker`` runs on a board
+without transformers; a subcommand that needs an extra says which one.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "across edge devices.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from edgeheads.common import health_cli
     from edgeheads.controller import cli as controller_cli
     from edgeheads.headnode import cli_daemons, cli_status
     from edgeheads.worker import cli as worker_cli
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_cli.register(sub)
     cli_daemons.register(sub)  # headnode, up
     cli_status.register(sub)
+    health_cli.register(sub)
     return parser
 
 

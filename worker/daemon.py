@@ -19,7 +19,7 @@ from edgeheads.worker.relay_port import RelayPort
 from edgeheads.common.config import GrpcSettings, split_host_port
 from edgeheads.worker.config import WorkerSettings
 from edgeheads.worker.metrics import WorkerMetrics
-from edgeheads.common.server import Daemon, serve_metrics, write_ready_file
+from edgeheads.common.server import Daemon, serve_metrics
 from edgeheads.worker.service import WorkerService
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
         blocks=lambda: len(host.blocks), sessions=lambda: len(host.sessions()),
         compute_seconds=lambda: host.compute_seconds)
     serve_metrics(settings.metrics_listen, registry, ready_file)
-    bound = await daemon.start()
+    # ready (ready file, systemd READY=1) only once registered with the controller, below
+    bound = await daemon.start(ready=False)
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
     service.relay_port = RelayPort(service.relay, grpc_settings.max_message_bytes)
     try:
@@ -110,8 +111,8 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     if settings.link_probe_seconds:
         probing = asyncio.create_task(probe_loop(service.links, service.relay.peer_addresses,
                                                  grpc_settings, settings.link_probe_seconds))
-    if ready_file and await daemon.unless_stopped(registered.wait()):
-        write_ready_file(ready_file, bound)
+    if await daemon.unless_stopped(registered.wait()):
+        daemon.mark_ready(ready_file, f"serving on {bound}, registered with {settings.controller} as {name}")
     await daemon.wait()
     task.cancel()
     if probing is not None:

@@ -1,5 +1,6 @@
 """What every edgeheads daemon's gRPC server has: explicit message limits and keepalive
-(GrpcSettings), grpc.health.v1, server reflection, a ready file, and a graceful stop on SIGTERM."""
+(GrpcSettings), grpc.health.v1, server reflection, a ready file, systemd's notify protocol
+(readiness, watchdog, stopping; edgeheads.common.sdnotify) and a graceful stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edgeheads.common import metrics
 from edgeheads.common.config import GrpcSettings
+from edgeheads.common.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,15 @@ class Daemon:
         self.address = ""
         self.on_stop: list[Callable[[], Any]] = []
         self._stopping: asyncio.Event | None = None
+        # systemd's notify socket, when a Type=notify unit started us (else every call is a no-op)
+        self.notifier = Notifier()
 
     def add(self, add_fn: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
         add_fn(servicer, self.server)
 
-    async def start(self, ready_file: str | None = None) -> str:
+    async def start(self, ready_file: str | None = None, ready: bool = True) -> str:
+        """Serve; with ``ready`` (the default) also say so (``mark_ready``). A daemon that is
+        ready only later (the worker, once registered) passes False and calls ``mark_ready``."""
         host = self.listen.rsplit(":", 1)[0]
         port = self.server.add_insecure_port(self.listen)
         if port == 0:
@@ -75,8 +81,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        if ready_file:
-            write_ready_file(ready_file, self.address)
+        self.notifier.start_watchdog()
+        if ready:
+            self.mark_ready(ready_file)
+        else:
+            self.notifier.status(f"listening on {self.address}, getting ready")
         # long-lived daemons: move start-up objects (model, weights) out of the GC's way and
         # collect less often, so per-message garbage does not trigger full scans mid-step
         gc.collect()
@@ -84,6 +93,12 @@ class Daemon:
         gc.set_threshold(50_000, 20, 100)
         log.info("serving %s on %s", ", ".join(self.service_names), self.address)
         return self.address
+
+    def mark_ready(self, ready_file: str | None = None, status: str | None = None) -> None:
+        """The daemon is up: write the ready file (launchers wait for it) and send systemd READY=1."""
+        if ready_file:
+            write_ready_file(ready_file, self.address)
+        self.notifier.ready(status or f"serving on {self.address}")
 
     async def unless_stopped(self, awaitable: Awaitable[Any]) -> bool:
         """Await ``awaitable`` unless a stop signal comes first (it is then cancelled): True
@@ -106,6 +121,7 @@ class Daemon:
         assert self._stopping is not None, "start() first"
         await self._stopping.wait()
         log.info("stopping %s", self.address)
+        self.notifier.stopping(f"stopping {self.address}")
         await self.health.enter_graceful_shutdown()
         for hook in self.on_stop:
             result = hook()
