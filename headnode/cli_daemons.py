@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--relay-transport", choices=["tcp", "grpc"], default=None,
                    help="how relay activations travel: tcp (default) frames on each worker's relay port; "
                         "grpc streams, when only the workers' gRPC ports are reachable")
+    p.add_argument("--http-listen", default=None, metavar="HOST:PORT|off",
+                   help="where to serve the OpenAI-compatible HTTP API (default 0.0.0.0:8080); off: nowhere")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p)
     p.set_defaults(func=_cmd_headnode)
@@ -45,7 +47,8 @@ def _cmd_headnode(args: argparse.Namespace) -> int:
 
     cfg = load_section(args, HeadnodeConfig, "headnode", {
         "listen": args.listen, "controller": args.controller, "model": args.model,
-        "min_workers": args.min_workers, "dataflow": args.dataflow, "relay_transport": args.relay_transport})
+        "min_workers": args.min_workers, "dataflow": args.dataflow, "relay_transport": args.relay_transport,
+        "http_listen": args.http_listen})
     set_threads()
     asyncio.run(run_headnode(cfg.headnode, cfg.grpc, args.ready_file, progress=not args.quiet))
     return 0
@@ -65,6 +68,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"edgeheads cluster up: head node at {cluster.address}, controller at "
                   f"{cluster.addresses['controller']}, {args.workers} workers (logs in {cluster.dir})", flush=True)
             print(f'try: edgeheads generate "Hello" --cluster {cluster.address}     (Ctrl-C stops)', flush=True)
+            if cluster.http_address:
+                print(f"OpenAI-compatible HTTP API at http://{cluster.http_address}/v1", flush=True)
             while all(p.poll() is None for p in cluster.procs.values()):
                 time.sleep(0.5)
             dead = [n for n, p in cluster.procs.items() if p.poll() is not None]

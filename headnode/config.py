@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from edgeheads.common.config import DaemonConfig, DialAddress, GrpcSettings, ListenAddress, Section
 from edgeheads.controller.config import ControllerSettings
 from edgeheads.worker.config import WorkerSettings
+
+
+def _off_is_none(value: object) -> object:
+    """``off`` (or ``null``, ``none``) turns a listener off where YAML's null cannot be written:
+    an environment variable, a flag."""
+    return None if isinstance(value, str) and value.strip().lower() in ("off", "null", "none") else value
 
 
 class HeadnodeSettings(Section):
@@ -17,6 +23,8 @@ class HeadnodeSettings(Section):
 
     listen: ListenAddress = "0.0.0.0:50050"
     metrics_listen: ListenAddress | None = "0.0.0.0:9150"
+    # the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions); null or off: none
+    http_listen: Annotated[ListenAddress | None, BeforeValidator(_off_is_none)] = "0.0.0.0:8080"
     controller: DialAddress = "127.0.0.1:50051"
     model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
     min_workers: Annotated[int, Field(ge=1)] = 1

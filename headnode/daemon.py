@@ -19,7 +19,7 @@ from edgeheads.common.spec import BlockId
 from edgeheads.common.config import GrpcSettings
 from edgeheads.headnode.config import HeadnodeSettings
 from edgeheads.headnode.metrics import HeadnodeMetrics
-from edgeheads.common.server import Daemon, serve_metrics
+from edgeheads.common.server import Daemon, serve_metrics, write_ready_file
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,15 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
         link.start()
         daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings)
         daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster, link))
+        if settings.http_listen is not None:  # the OpenAI-compatible API: the same generation loop
+            from edgeheads.headnode.http_api import HttpServer, OpenAIApi
+
+            http = HttpServer(settings.http_listen, OpenAIApi(model, cluster).app())
+            # written before the ready file, like the metrics address: launchers read both then
+            address = await http.start()
+            if ready_file:
+                write_ready_file(f"{ready_file}.http", address)
+            daemon.on_stop.append(http.stop)
         daemon.on_stop += [link.close, cluster.close]
         await daemon.start(ready_file)
         await daemon.wait()

@@ -141,9 +141,11 @@ class LocalCluster:
         self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.addresses: dict[str, str] = {}
         self.metrics: dict[str, str] = {}  # daemon -> HOST:PORT of its Prometheus endpoint
+        self.http_address: str | None = None  # HOST:PORT of the head node's OpenAI-compatible API
         # several daemons on one machine: each picks a free metrics port
         for section in ("CONTROLLER", "WORKER", "HEADNODE"):
             self.env.setdefault(f"EDGEHEADS_{section}__METRICS_LISTEN", f"{host}:0")
+        self.env.setdefault("EDGEHEADS_HEADNODE__HTTP_LISTEN", f"{host}:0")
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False) -> None:
@@ -165,6 +167,9 @@ class LocalCluster:
                     metrics = self.dir / f"{name}.ready.metrics"
                     if metrics.exists():
                         self.metrics[name] = metrics.read_text().strip()
+                    http = self.dir / f"{name}.ready.http"
+                    if name == "headnode" and http.exists():
+                        self.http_address = http.read_text().strip()
                     pending.remove(name)
                 elif self.procs[name].poll() is not None:
                     raise LaunchError(f"{name} exited with status {self.procs[name].returncode} while starting:\n"
