@@ -115,13 +115,8 @@ class GatedPolicy:
         return spread(shape, workers, context_tokens)
 
 
-def test_heartbeats_and_status_are_served_while_a_slow_placement_runs():
-    """The policy runs in a worker thread: while it is stuck, the event loop still takes
-    telemetry and answers ListWorkers; the held-back SetModel then publishes epoch 1."""
-    state = ClusterState("spread")
-    for i in range(2):
-        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", 4 * GiB, 2e10))
-    policy = state._policy = GatedPolicy()
+def note_heartbeats(state: ClusterState) -> asyncio.Event:
+    """An event set whenever the state takes a heartbeat."""
     heard = asyncio.Event()
     heartbeat = state.heartbeat
 
@@ -130,6 +125,17 @@ def test_heartbeats_and_status_are_served_while_a_slow_placement_runs():
         heard.set()
         return ok
     state.heartbeat = noting_heartbeat
+    return heard
+
+
+def test_heartbeats_and_status_are_served_while_a_slow_placement_runs():
+    """The policy runs in a worker thread: while it is stuck, the event loop still takes
+    telemetry and answers ListWorkers; the held-back SetModel then publishes epoch 1."""
+    state = ClusterState("spread")
+    for i in range(2):
+        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", 4 * GiB, 2e10))
+    policy = state._policy = GatedPolicy()
+    heard = note_heartbeats(state)
 
     async def run() -> None:
         server = grpc.aio.server()
@@ -177,14 +183,7 @@ def test_a_registration_that_triggers_a_slow_placement_returns_at_once_and_its_p
     state.announce_model(SMOLLM2_135M, "smollm2")
     state.replan("first")
     policy = state._policy = GatedPolicy()
-    heard = asyncio.Event()
-    heartbeat = state.heartbeat
-
-    def noting_heartbeat(*args, **kwargs):
-        ok = heartbeat(*args, **kwargs)
-        heard.set()
-        return ok
-    state.heartbeat = noting_heartbeat
+    heard = note_heartbeats(state)
 
     async def run() -> None:
         server = grpc.aio.server()
