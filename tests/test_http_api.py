@@ -172,8 +172,12 @@ def test_a_client_leaving_mid_stream_ends_its_session(http, cluster):
         assert client.status()["active_sessions"] == 0
 
 
-def test_the_openai_package_works_against_it(cluster, tiny_model, local):
-    openai = pytest.importorskip("openai")
+def test_the_openai_package_works_against_it(cluster, tiny_model, local, require_capability):
+    try:
+        import openai
+    except ImportError:
+        openai = None
+    require_capability("the openai package (the test extra)", openai is not None)
     client = openai.OpenAI(base_url=f"http://{cluster.http_address}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == [str(tiny_model)]
     expected = local.generate(PROMPT, SamplingParams(max_new_tokens=12), chat=False).text

@@ -195,12 +195,12 @@ def test_the_example_worker_config_loads_and_leaves_room_for_the_os():
     assert cfg.worker.memory_limit_bytes is not None and cfg.worker.memory_limit_bytes <= 2 * 2 ** 30
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_systemd_analyze_verifies_the_unit(tmp_path):
+def test_systemd_analyze_verifies_the_unit(tmp_path, require_capability):
     """``systemd-analyze verify`` on the unit, with ExecStart pointed at this environment's
     ``edgeheads`` (the only change: /opt/edgeheads/venv does not exist here and verify checks that
     the binary does). verify exits 0 even on lines it ignores, so any output fails the test; a
     broken copy shows that it does look."""
+    require_capability("systemd-analyze", shutil.which("systemd-analyze") is not None)
     edgeheads = Path(sys.executable).parent / "edgeheads"
     assert edgeheads.is_file(), "the edgeheads console script of this environment"
     original = UNIT.read_text()

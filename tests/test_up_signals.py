@@ -55,6 +55,14 @@ def assert_all_gone(procs: list[psutil.Process], folder: str) -> None:
     assert not late, f"left behind: {late}"
 
 
+def serving(proc: subprocess.Popen, err_path) -> tuple[list[psutil.Process], str | None]:
+    """Wait until ``edgeheads up`` says its head node serves; then its daemons and their folder."""
+    line = proc.stdout.readline()
+    assert re.search(r"head node at (\S+),", line), line + err_path.read_text()
+    children = descendants(proc)
+    return children, cluster_dir(children)
+
+
 def kill_all(procs: list[psutil.Process]) -> None:
     for p in procs:
         try:
@@ -68,10 +76,7 @@ def test_up_stops_every_daemon_on_a_signal(tiny_model, tmp_path, sig):
     proc = start_up(tiny_model, tmp_path / "up.err")
     children = []
     try:
-        line = proc.stdout.readline()
-        assert re.search(r"head node at (\S+),", line), line + (tmp_path / "up.err").read_text()
-        children = descendants(proc)
-        folder = cluster_dir(children)
+        children, folder = serving(proc, tmp_path / "up.err")
         names = [" ".join(c.cmdline()) for c in children]
         for daemon in ("controller", "headnode", "worker"):
             assert any(f"edgeheads.headnode.cli {daemon} " in n for n in names), names
@@ -112,10 +117,7 @@ def test_a_killed_up_takes_its_daemons_with_it(tiny_model, tmp_path):
     proc = start_up(tiny_model, tmp_path / "up.err")
     children = []
     try:
-        line = proc.stdout.readline()
-        assert re.search(r"head node at (\S+),", line), line + (tmp_path / "up.err").read_text()
-        children = descendants(proc)
-        folder = cluster_dir(children)
+        children, folder = serving(proc, tmp_path / "up.err")
         assert len(children) >= 4
         proc.kill()
         assert proc.wait(timeout=10) == -signal.SIGKILL
