@@ -32,6 +32,8 @@ class WorkerRecord:
     temperature_celsius: float = 0.0
     throttling: int = 0  # controller_pb2.Throttling
     links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer address -> (bytes/s, latency s)
+    memory_limit_bytes: int = 0  # the ceiling it runs under (0: not reported)
+    memory_limit_source: str = ""  # "cgroup", "config" or "host"
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,9 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         if not request.name or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs a name and an address")
         changed = self.state.register(WorkerRecord(request.name, request.address, request.memory_available_bytes,
-                                                   request.compute_flops, request.device or "cpu"))
+                                                   request.compute_flops, request.device or "cpu",
+                                                   memory_limit_bytes=request.memory_limit_bytes,
+                                                   memory_limit_source=request.memory_limit_source))
         if changed:
             self.request_replan("membership", f"worker {request.name} joined")
         return controller_pb2.RegisterReply(name=request.name, heartbeat_seconds=self.heartbeat_seconds)
@@ -108,6 +110,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             async for report in request_iterator:
                 name = report.name
                 readings = dict(cpu_percent=report.cpu_percent, load_1m=report.load_1m,
+                                memory_limit_bytes=report.memory_limit_bytes,
+                                memory_limit_source=report.memory_limit_source,
                                 temperature_celsius=report.temperature_celsius, throttling=report.throttling,
                                 links={link.peer: (link.bandwidth_bytes_per_second, link.latency_seconds)
                                        for link in report.links})
@@ -161,7 +165,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                                           compute_flops=w.compute_flops, seconds_since_heartbeat=now - w.last_seen,
                                           memory_used_bytes=w.memory_used_bytes, cpu_percent=w.cpu_percent,
                                           load_1m=w.load_1m, temperature_celsius=w.temperature_celsius,
-                                          throttling=w.throttling,
+                                          throttling=w.throttling, memory_limit_bytes=w.memory_limit_bytes,
+                                          memory_limit_source=w.memory_limit_source,
                                           links=[controller_pb2.LinkReport(peer=p, bandwidth_bytes_per_second=bw,
                                                                            latency_seconds=lat)
                                                  for p, (bw, lat) in sorted(w.links.items())])

@@ -36,6 +36,7 @@ def gather(controller: str, headnode: str | None) -> dict:
         "tokens_since_plan": reply.tokens_since_plan, "replan_every_tokens": reply.replan_every_tokens,
         "workers": [{"name": w.name, "address": w.address, "memory_available_bytes": w.memory_available_bytes,
                      "memory_used_bytes": w.memory_used_bytes, "compute_flops": w.compute_flops,
+                     "memory_limit_bytes": w.memory_limit_bytes, "memory_limit_source": w.memory_limit_source,
                      "seconds_since_heartbeat": w.seconds_since_heartbeat, "cpu_percent": w.cpu_percent,
                      "load_1m": w.load_1m, "temperature_celsius": w.temperature_celsius or None,
                      "throttling": controller_pb2.Throttling.Name(w.throttling),
@@ -62,18 +63,25 @@ def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.0f} MiB"
 
 
+def _limit(worker: dict) -> str:
+    """The memory ceiling and its source, e.g. "1,024 MiB cgroup"."""
+    if not worker["memory_limit_bytes"]:
+        return "-"
+    return f"{_mib(worker['memory_limit_bytes'])} {worker['memory_limit_source']}"
+
+
 def render(status: dict, decisions: int) -> str:
     lines = [f"model {status['model'] or '(none yet)'}, policy {status['policy']}, epoch {status['epoch']}, "
              f"re-plan every {status['replan_every_tokens'] or '-'} tokens ({status['tokens_since_plan']} since the last)"]
     if status["error"]:
         lines.append(f"LAST RE-PLAN FAILED: {status['error']}")
-    lines += ["", f"{'worker':16s} {'address':22s} {'used':>11s} {'budget':>11s} {'GFLOP/s':>8s} {'cpu':>5s} "
+    lines += ["", f"{'worker':16s} {'address':22s} {'used':>11s} {'budget':>11s} {'limit':>18s} {'GFLOP/s':>8s} {'cpu':>5s} "
                   f"{'load':>5s} {'temp':>6s} {'heard':>7s}"]
     for w in status["workers"]:
         temp = f"{w['temperature_celsius']:.0f}C" if w["temperature_celsius"] else "-"
         throttled = " THROTTLED" if w["throttling"] == "THROTTLING_ACTIVE" else ""
         lines.append(f"{w['name']:16s} {w['address']:22s} {_mib(w['memory_used_bytes']):>11s} "
-                     f"{_mib(w['memory_available_bytes']):>11s} {w['compute_flops'] / 1e9:8.1f} "
+                     f"{_mib(w['memory_available_bytes']):>11s} {_limit(w):>18s} {w['compute_flops'] / 1e9:8.1f} "
                      f"{w['cpu_percent']:4.0f}% {w['load_1m']:5.2f} {temp:>6s} {w['seconds_since_heartbeat']:6.1f}s"
                      f"{throttled}")
         for peer, link in sorted(w["links"].items()):

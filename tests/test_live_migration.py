@@ -11,6 +11,7 @@ import signal
 import urllib.request
 
 import grpc
+import psutil
 import pytest
 import torch
 
@@ -61,6 +62,9 @@ def test_forced_migrations_every_few_tokens_do_not_change_a_token(tiny, dataflow
     assert replans and all(d["blocks_moved"] >= 1 and d["predicted_token_seconds"] > 0 for d in replans)
     assert shown["headnode"]["migrations"] >= status["migrations"]  # one may finish after the generation
     assert text.returncode == 0 and "because: " in text.stdout and "worker-2" in text.stdout
+    # no limits set: each worker's ceiling is the host's memory or the cgroup this test runs in
+    assert all(0 < w["memory_limit_bytes"] <= psutil.virtual_memory().total
+               and w["memory_limit_source"] in ("host", "cgroup") for w in shown["workers"])
     # relay workers probe the peers they send to; in head dataflow workers have no peers
     links = [link for w in shown["workers"] for link in w["links"].values()]
     assert bool(links) == (dataflow == "relay")

@@ -94,6 +94,7 @@ def test_a_worker_in_a_memory_cgroup_reports_that_limit(tmp_path, require_capabi
                         break
                     time.sleep(0.2)
         assert 0 < reported.memory_available_bytes <= limit
+        assert (reported.memory_limit_bytes, reported.memory_limit_source) == (limit, "cgroup")
         assert psutil.virtual_memory().available > 2 * limit  # the host's figure would be far larger
     finally:
         if worker is not None:

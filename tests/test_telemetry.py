@@ -29,3 +29,14 @@ def test_compute_estimate_moves_toward_measured_block_rates():
     assert abs(estimate.update(4e9, 2.0) - 4e9) < 1e-3
     cpu, load = telemetry.cpu_readings()
     assert 0 <= cpu <= 100 and load >= 0
+
+
+def test_memory_limit_is_the_lowest_of_host_cgroup_and_config(monkeypatch):
+    host_total = telemetry.psutil.virtual_memory().total
+    monkeypatch.setattr(telemetry, "cgroup_memory", lambda: None)
+    assert telemetry.memory_limit() == telemetry.MemoryLimit(host_total, "host")
+    assert telemetry.memory_limit(host_total + 1) == telemetry.MemoryLimit(host_total, "host")
+    monkeypatch.setattr(telemetry, "cgroup_memory", lambda: (1 << 30, 123))
+    assert telemetry.memory_limit() == telemetry.MemoryLimit(1 << 30, "cgroup")
+    assert telemetry.memory_limit(512 << 20) == telemetry.MemoryLimit(512 << 20, "config")
+    assert telemetry.memory_limit(2 << 30) == telemetry.MemoryLimit(1 << 30, "cgroup")

@@ -31,6 +31,7 @@ def telemetry_report(host: BlockHost, service: WorkerService,
     cpu, load = telemetry.cpu_readings()
     throttled = telemetry.throttled()
     flops = compute.update(host.flops_done, host.compute_seconds)
+    ceiling = telemetry.memory_limit(host.memory_limit_bytes)
     if service.metrics is not None:
         service.metrics.compute_flops.set(flops)
     return controller_pb2.TelemetryReport(
@@ -39,7 +40,8 @@ def telemetry_report(host: BlockHost, service: WorkerService,
         cpu_percent=cpu, load_1m=load, temperature_celsius=telemetry.temperature_celsius() or 0.0,
         throttling=(controller_pb2.THROTTLING_UNKNOWN if throttled is None else
                     controller_pb2.THROTTLING_ACTIVE if throttled else controller_pb2.THROTTLING_NONE),
-        links=service.links.reports())
+        links=service.links.reports(),
+        memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source)
 
 
 async def _register_and_report(host: BlockHost, service: WorkerService, settings: WorkerSettings,
@@ -53,10 +55,11 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
                                                  options=grpc_settings.channel_options()) as ch:
                 stub = controller_pb2_grpc.ControllerStub(ch)
                 available = telemetry.memory_capacity_bytes(host.memory_limit_bytes)
+                ceiling = telemetry.memory_limit(host.memory_limit_bytes)
                 reply = await stub.Register(controller_pb2.RegisterRequest(
                     name=host.name, address=address, memory_available_bytes=available,
-                    compute_flops=compute.flops_per_second,
-                    device=settings.device), timeout=10)
+                    compute_flops=compute.flops_per_second, device=settings.device,
+                    memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source), timeout=10)
                 log.info("worker %s registered with controller %s", host.name, settings.controller)
                 registered.set()
                 backoff = 0.2
@@ -101,7 +104,9 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     log.info("worker %s: relay activations on TCP port %d", name, relay_port)
     flops = telemetry.measure_matmul_flops()
     service.metrics.compute_flops.set(flops)
-    log.info("worker %s: %.1f GFLOP/s measured, memory limit %s", name, flops / 1e9, settings.memory_limit_bytes)
+    ceiling = telemetry.memory_limit(settings.memory_limit_bytes)
+    log.info("worker %s: %.1f GFLOP/s measured, memory limit %.0f MiB (%s)", name, flops / 1e9,
+             ceiling.bytes / (1 << 20), ceiling.source)
     registered = asyncio.Event()
     compute = telemetry.ComputeEstimate(flops)
     task = asyncio.create_task(_register_and_report(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost, HostError, OpSpec, status_name
 from edgeheads.worker.links import LinkTable
 from edgeheads.worker.migration_service import MigrationRpcs
@@ -99,7 +100,9 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         return await self.GetTelemetry(request, context)
 
     async def GetTelemetry(self, request, context):
+        ceiling = telemetry.memory_limit(self.host.memory_limit_bytes)
         return worker_pb2.WorkerTelemetry(
+            memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source,
             name=self.host.name, memory_available_bytes=self.host.memory_limit_bytes or 0,
             memory_used_bytes=self.host.memory_used_bytes(), blocks=sorted(map(str, self.host.blocks)),
             sessions=len(self.host.sessions()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -88,6 +89,26 @@ def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgrou
         if limits:
             return min(limits), _read_int(folder / "memory.current") or 0
     return None
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """The memory ceiling a worker runs under, and where it comes from."""
+
+    bytes: int
+    source: str  # "cgroup" (a container's or a systemd unit's limit), "config" (--memory-limit) or "host"
+
+
+def memory_limit(memory_limit_bytes: int | None = None) -> MemoryLimit:
+    """The lowest of the host's physical memory, this process's cgroup limit and the configured
+    --memory-limit: inside a container limited to 1 GiB this is 1 GiB, not the host's memory."""
+    candidates = [MemoryLimit(psutil.virtual_memory().total, "host")]
+    cgroup = cgroup_memory()
+    if cgroup is not None:
+        candidates.append(MemoryLimit(cgroup[0], "cgroup"))
+    if memory_limit_bytes is not None:
+        candidates.append(MemoryLimit(memory_limit_bytes, "config"))
+    return min(candidates, key=lambda c: c.bytes)
 
 
 def memory_capacity_bytes(memory_limit_bytes: int | None = None, used_by_blocks_bytes: int = 0) -> int:

@@ -80,18 +80,22 @@ class ProgressAck(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "device")
+    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "device", "memory_limit_bytes", "memory_limit_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     memory_available_bytes: int
     compute_flops: float
     device: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    memory_limit_bytes: int
+    memory_limit_source: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., device: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("name", "heartbeat_seconds")
@@ -102,7 +106,7 @@ class RegisterReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetryReport(_message.Message):
-    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links")
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links", "memory_limit_bytes", "memory_limit_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +116,8 @@ class TelemetryReport(_message.Message):
     TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
     THROTTLING_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_available_bytes: int
     memory_used_bytes: int
@@ -121,7 +127,9 @@ class TelemetryReport(_message.Message):
     temperature_celsius: float
     throttling: Throttling
     links: _containers.RepeatedCompositeFieldContainer[LinkReport]
-    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
+    memory_limit_bytes: int
+    memory_limit_source: str
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ...) -> None: ...
 
 class LinkReport(_message.Message):
     __slots__ = ("peer", "bandwidth_bytes_per_second", "latency_seconds", "source")
@@ -180,7 +188,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat", "memory_used_bytes", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links")
+    __slots__ = ("name", "address", "memory_available_bytes", "compute_flops", "seconds_since_heartbeat", "memory_used_bytes", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links", "memory_limit_bytes", "memory_limit_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +200,8 @@ class WorkerInfo(_message.Message):
     TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
     THROTTLING_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     memory_available_bytes: int
@@ -203,7 +213,9 @@ class WorkerInfo(_message.Message):
     temperature_celsius: float
     throttling: Throttling
     links: _containers.RepeatedCompositeFieldContainer[LinkReport]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
+    memory_limit_bytes: int
+    memory_limit_source: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., seconds_since_heartbeat: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ...) -> None: ...
 
 class ListWorkersReply(_message.Message):
     __slots__ = ("workers",)

@@ -262,7 +262,7 @@ class TelemetryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerTelemetry(_message.Message):
-    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "blocks", "sessions", "relay_frames_received")
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "blocks", "sessions", "relay_frames_received", "memory_limit_bytes", "memory_limit_source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,8 @@ class WorkerTelemetry(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     RELAY_FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_available_bytes: int
     memory_used_bytes: int
@@ -277,4 +279,6 @@ class WorkerTelemetry(_message.Message):
     blocks: _containers.RepeatedScalarFieldContainer[str]
     sessions: int
     relay_frames_received: int
-    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., blocks: _Optional[_Iterable[str]] = ..., sessions: _Optional[int] = ..., relay_frames_received: _Optional[int] = ...) -> None: ...
+    memory_limit_bytes: int
+    memory_limit_source: str
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., blocks: _Optional[_Iterable[str]] = ..., sessions: _Optional[int] = ..., relay_frames_received: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ...) -> None: ...
