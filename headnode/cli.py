@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "across edge devices.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from edgeheads.common import health_cli
+    from edgeheads.common import certs_cli, health_cli
     from edgeheads.controller import cli as controller_cli
     from edgeheads.headnode import cli_daemons, cli_status
     from edgeheads.worker import cli as worker_cli
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_daemons.register(sub)  # headnode, up
     cli_status.register(sub)
     health_cli.register(sub)
+    certs_cli.register(sub)
     return parser
 
 
