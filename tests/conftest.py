@@ -73,7 +73,7 @@ def require(name: str, ok: bool, why: str = "") -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def require_capability() -> Callable[..., None]:
     """``require_capability("root", os.geteuid() == 0)``: skip locally, fail in CI."""
     return require
