@@ -76,6 +76,7 @@ class PlacementEpoch:
     addresses: dict[str, str]
     policy: str
     error: str = ""
+    members: tuple[str, ...] = ()  # the workers it was planned for (with an error: that did not fit)
 
 
 class ClusterState:
@@ -97,6 +98,7 @@ class ClusterState:
         self.shape: ModelShape | None = None
         self.model_name = ""
         self.current = PlacementEpoch(0, {}, {}, policy)
+        self.version = 0  # bumped whenever ``current`` is replaced: a new epoch, or a re-plan that failed
         self.decisions: list[PlanDecision] = []
         self.decisions_kept = 50
 
@@ -191,10 +193,11 @@ class ClusterState:
         """Publish the outcome of :func:`solve_plan` as a new epoch when it changes anything.
         A placement onto a worker that left or moved during the solve is dropped: the
         membership change that removed it re-plans next."""
+        members = tuple(sorted(inputs.addresses))
         if isinstance(outcome, InfeasiblePlacement):
             log.error("no feasible placement (%s): %s", reason, outcome)
-            self.current = PlacementEpoch(self.current.epoch, self.current.placement, self.current.addresses,
-                                          self.policy, error=str(outcome))
+            self._publish(PlacementEpoch(self.current.epoch, self.current.placement, self.current.addresses,
+                                         self.policy, error=str(outcome), members=members))
             return self.current
         placement = outcome
         stale = {n for n in set(placement.values())
@@ -206,9 +209,13 @@ class ClusterState:
         addresses = {n: self.workers[n].address for n in set(placement.values())}
         if placement != self.current.placement or addresses != self.current.addresses or self.current.error:
             previous = self.current.placement
-            self.current = PlacementEpoch(self.current.epoch + 1, placement, addresses, self.policy)
+            self._publish(PlacementEpoch(self.current.epoch + 1, placement, addresses, self.policy, members=members))
             self._record(reason, previous, inputs.context_tokens)
         return self.current
+
+    def _publish(self, current: PlacementEpoch) -> None:
+        self.current = current
+        self.version += 1
 
     def _record(self, reason: str, previous: Placement, context: int) -> None:
         placement = self.current.placement

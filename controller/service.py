@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def placement_reply(p: PlacementEpoch) -> controller_pb2.PlacementReply:
     return controller_pb2.PlacementReply(
-        epoch=p.epoch, policy=p.policy, error=p.error,
+        epoch=p.epoch, policy=p.policy, error=p.error, members=list(p.members),
         assignments=[controller_pb2.Assignment(block_id=str(b), worker=w, address=p.addresses[w])
                      for b, w in sorted(p.placement.items())])
 
@@ -144,11 +144,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return placement_reply(self.state.current)
 
     async def WatchPlacement(self, request, context):
-        sent = request.after_epoch
+        """Every epoch newer than ``after_epoch``, and every failed re-plan (an error with the
+        epoch unchanged): a head node that lost a worker learns that the others cannot hold
+        the model."""
+        sent = -1  # the state's version last sent
+
+        def news() -> bool:
+            current = self.state.current
+            return self.state.version != sent and (current.epoch > request.after_epoch or bool(current.error))
         while True:
             async with self.changed:
-                await self.changed.wait_for(lambda: self.state.current.epoch > sent)
-            sent = self.state.current.epoch
+                await self.changed.wait_for(news)
+            sent = self.state.version
             yield placement_reply(self.state.current)
 
     async def ReportProgress(self, request_iterator, context):

@@ -70,11 +70,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f'try: edgeheads generate "Hello" --cluster {cluster.address}     (Ctrl-C stops)', flush=True)
             if cluster.http_address:
                 print(f"OpenAI-compatible HTTP API at http://{cluster.http_address}/v1", flush=True)
-            while all(p.poll() is None for p in cluster.procs.values()):
+            while True:
                 time.sleep(0.5)
-            dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
-            print(f"edgeheads: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
-            return 1
+                exits = cluster.new_exits()
+                for name, code in sorted(exits.items()):
+                    if name.startswith("worker-"):
+                        left = sum(1 for n, p in cluster.procs.items() if n.startswith("worker-") and p.poll() is None)
+                        print(f"edgeheads: {name} exited ({exit_description(code)}); the cluster goes on with "
+                              f"{left} workers (its log: {cluster.dir / f'{name}.log'})", file=sys.stderr, flush=True)
+                essential = sorted(n for n in exits if not n.startswith("worker-"))
+                if essential:
+                    print(f"edgeheads: {', '.join(f'{n} exited ({exit_description(exits[n])})' for n in essential)}; "
+                          "stopping the cluster", file=sys.stderr, flush=True)
+                    return 1
         except LaunchError as err:
             raise CliError(f"local cluster failed to start: {err}") from None
         except (KeyboardInterrupt, Stopped) as stop:

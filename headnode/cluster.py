@@ -5,7 +5,9 @@ ClusterExecutor composes one part per concern:
 - epochs and sessions (headnode/sessions.py): the placement in use, the live sessions,
   and the one cleanup path every ending session takes;
 - a dataflow (headnode/dataflow.py: ``relay`` or ``head``) that runs a step's phases;
-- metrics (StepStats, and the Prometheus metrics when given).
+- metrics (StepStats, and the Prometheus metrics when given);
+- recovery (headnode/recovery.py), when something can tell it placements: a step that
+  fails because a worker was lost is retried once the sessions are rebuilt without it.
 A *step* feeds a session's new tokens through the model: the head node embeds them,
 the dataflow runs the step's phases on the workers, and the head node turns the final
 value into the last token's logits.
@@ -13,9 +15,11 @@ value into the last token's logits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,16 +30,21 @@ from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.dataflow import Dataflow, StepStats, make_dataflow
 from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.metrics import HeadnodeMetrics
-from edgeheads.headnode.sessions import Epoch, SessionTable
+from edgeheads.headnode.sessions import Epoch, Session, SessionTable
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.headnode.step_plan import compile_plan
 from edgeheads.headnode.step_gate import StepGate
 from edgeheads.headnode.weights import BlockWeights
 from edgeheads.v1 import worker_pb2_grpc
 
+if TYPE_CHECKING:
+    from edgeheads.headnode.recovery import Recovery
+
 __all__ = ["ClusterError", "ClusterExecutor", "Epoch"]
 
 log = logging.getLogger(__name__)
+
+RETRIES_PER_STEP = 3  # recoveries one step may wait for before its failure stands
 
 
 class ClusterExecutor:
@@ -56,6 +65,11 @@ class ClusterExecutor:
         self.gate = StepGate()  # steps run concurrently; an epoch switch holds them back
         self.epoch: Epoch | None = None
         self.on_step: Callable[[int, float, int], None] | None = None  # (tokens, seconds, epoch) after a step
+        self.placement_lock = asyncio.Lock()  # one placement change at a time: a migration or a recovery
+        self.recovery: Recovery | None = None  # set by what follows the controller (ControllerLink)
+        self.rebuilds = 0  # completed recoveries: a step that began before one is retried
+        self.down: ClusterError | None = None  # why no step can run now (the workers cannot hold the model)
+        self.failed: dict[str, ClusterError] = {}  # sessions a recovery ended -> why, for their next step
 
     # ------------------------------------------------------------------ what others read
     @property
@@ -108,31 +122,60 @@ class ClusterExecutor:
         """Feed new tokens for ``session`` through every phase; logits of the last token (V,).
 
         Every step runs under one epoch: an epoch switch waits for steps in flight. A step
-        that fails ends its session (its caches are dropped everywhere) and raises."""
-        async with self.gate.step():
-            epoch = self.epoch
-            if epoch is None:
-                raise ClusterError("no placement is in use yet")
-            record = self.sessions.open(session, epoch)
-            start = time.perf_counter()
-            try:
-                x0 = self.head.embed(torch.as_tensor(token_ids, dtype=torch.long), record.position)
-                final = await self.dataflow.step(session, record.position, x0)
-            except BaseException:
-                await self.sessions.end(session, self.epoch)  # already inside the gate
-                raise
-            record.position += len(token_ids)
-            logits = self.head.logits(final)
-            elapsed = time.perf_counter() - start
-            self.stats.step(self.dataflow.label, len(token_ids), elapsed)
-            if self.on_step is not None:
-                self.on_step(len(token_ids), elapsed, epoch.number)
-            return logits
+        that fails because a worker was lost waits for the recovery (which rebuilds every
+        live session without it) and runs again; any other failure ends its session (its
+        caches are dropped everywhere) and raises."""
+        for attempt in range(RETRIES_PER_STEP + 1):
+            async with self.gate.step():
+                failure = self.failed.pop(session, None) or self.down
+                if failure is not None:
+                    raise failure
+                epoch = self.epoch
+                if epoch is None:
+                    raise ClusterError("no placement is in use yet")
+                record = self.sessions.open(session, epoch)
+                rebuilds = self.rebuilds
+                start = time.perf_counter()
+                try:
+                    final = await self.run(record, token_ids)
+                except ClusterError as err:
+                    failure = err
+                except BaseException:
+                    await self.sessions.end(session, self.epoch)  # already inside the gate
+                    raise
+                else:
+                    record.history.append(tuple(token_ids))
+                    logits = self.head.logits(final)
+                    elapsed = time.perf_counter() - start
+                    self.stats.step(self.dataflow.label, len(token_ids), elapsed)
+                    if self.on_step is not None:
+                        self.on_step(len(token_ids), elapsed, epoch.number)
+                    return logits
+            # out of the gate: a recovery holds it exclusively
+            retry = False
+            if self.recovery is not None and attempt < RETRIES_PER_STEP:
+                try:
+                    retry = await self.recovery.after_failure(session, rebuilds, failure)
+                except ClusterError as err:
+                    failure = err
+            if not retry:
+                await self.end_session(session)
+                raise failure
+        raise AssertionError("unreachable")
+
+    async def run(self, session: Session, token_ids) -> torch.Tensor:
+        """Feed ``token_ids`` at the session's position under the current epoch; the final value.
+        The caller holds the gate (a step, or a recovery's exclusive hold)."""
+        x0 = self.head.embed(torch.as_tensor(token_ids, dtype=torch.long), session.position)
+        final = await self.dataflow.step(session.wire, session.position, x0)
+        session.position += len(token_ids)
+        return final
 
     async def end_session(self, session: str) -> None:
         """Drop a session's caches everywhere. Gated like a step: a migration's switch never
         sees a session vanish between measuring and pulling its cache rows."""
         async with self.gate.step():
+            self.failed.pop(session, None)
             await self.sessions.end(session, self.epoch)
 
     async def close(self) -> None:

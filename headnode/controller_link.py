@@ -1,7 +1,9 @@
 """The head node's long-lived link to the controller: report decoding progress (so the
 controller can re-plan every N tokens) and follow its placement epochs, migrating to
 each new one. Migrations run one at a time; when several epochs arrive during one,
-only the newest is applied next."""
+only the newest is applied next. An epoch that leaves out a worker that is gone is
+taken in by recovery instead (headnode/recovery.py), which also waits on this link's
+feed of answers when a step finds a worker lost."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import grpc
 
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.migrate import MigrationError, MigrationReport, migrate
+from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed
+from edgeheads.headnode.recovery import Recovery
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
-from edgeheads.common.spec import BlockId
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,10 @@ class ControllerLink:
         self.reports: list[MigrationReport] = []
         self.failures: list[str] = []
         self._tasks: list[asyncio.Task] = []
+        self.feed = PlacementFeed()  # every answer as it arrives, for recovery
+        self.recovery = Recovery(cluster, self.feed, migration_timeout_seconds)
         cluster.on_step = self._on_step
+        cluster.recovery = self.recovery
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._follow())]
@@ -64,6 +70,7 @@ class ControllerLink:
 
                 async def pump() -> None:
                     async for reply in watch:
+                        await self.feed.publish(PlacementAnswer.from_reply(reply))
                         latest.put_nowait(reply)
                 pumping = asyncio.create_task(pump())
                 try:
@@ -81,10 +88,12 @@ class ControllerLink:
     async def _apply(self, reply: controller_pb2.PlacementReply) -> None:
         if reply.error or self.cluster.epoch is None or reply.epoch <= self.cluster.epoch.number:
             return
-        placement = {BlockId.parse(a.block_id): a.worker for a in reply.assignments}
-        addresses = {a.worker: a.address for a in reply.assignments}
+        answer = PlacementAnswer.from_reply(reply)
+        if await self.recovery.on_placement(answer):
+            return
         try:
-            report = await migrate(self.cluster, reply.epoch, placement, addresses, self.migration_timeout_seconds)
+            report = await migrate(self.cluster, answer.epoch, answer.placement, answer.addresses,
+                                   self.migration_timeout_seconds)
             self.reports.append(report)
         except MigrationError as err:
             self.failures.append(str(err))

@@ -39,6 +39,16 @@ class LaunchError(RuntimeError):
     pass
 
 
+def exit_description(returncode: int) -> str:
+    """How a process ended, from its return code: "status 1", or "signal SIGKILL"."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"status {returncode}"
+
+
 class Stopped(BaseException):
     """A stop signal (SIGTERM, SIGHUP) arrived; a BaseException like KeyboardInterrupt, so that
     only the code that asked for it catches it."""
@@ -142,6 +152,7 @@ class LocalCluster:
         self.addresses: dict[str, str] = {}
         self.metrics: dict[str, str] = {}  # daemon -> HOST:PORT of its Prometheus endpoint
         self.http_address: str | None = None  # HOST:PORT of the head node's OpenAI-compatible API
+        self.reported_exits: set[str] = set()  # daemons whose exit new_exits already returned
         # several daemons on one machine: each picks a free metrics port
         for section in ("CONTROLLER", "WORKER", "HEADNODE"):
             self.env.setdefault(f"EDGEHEADS_{section}__METRICS_LISTEN", f"{host}:0")
@@ -190,11 +201,7 @@ class LocalCluster:
             controller = self.addresses["controller"]
             names = [f"worker-{i}" for i in range(self.n_workers)]
             for name in names:
-                args = ["worker", "--listen", f"{self.host}:0", "--controller", controller, "--name", name]
-                args += ["--threads", str(self.worker_threads)]
-                if self.worker_memory_limit_bytes:
-                    args += ["--memory-limit", str(self.worker_memory_limit_bytes)]
-                self._spawn(name, args)
+                self._spawn(name, self._worker_args(name))
             self._wait_ready(names)
             if not self.with_headnode:  # a caller drives the workers itself (tests)
                 return ""
@@ -210,6 +217,29 @@ class LocalCluster:
             self.stop()
             raise
         return self.addresses["headnode"]
+
+    def _worker_args(self, name: str, memory_limit_bytes: int | None = None) -> list[str]:
+        args = ["worker", "--listen", f"{self.host}:0", "--controller", self.addresses["controller"], "--name", name,
+                "--threads", str(self.worker_threads)]
+        limit = memory_limit_bytes or self.worker_memory_limit_bytes
+        if limit:
+            args += ["--memory-limit", str(limit)]
+        return args
+
+    def add_worker(self, memory_limit_bytes: int | None = None) -> str:
+        """Start one more worker (named after the last one) and wait until it has registered;
+        its name. ``memory_limit_bytes`` overrides the cluster's per-worker limit."""
+        taken = {int(n.rsplit("-", 1)[1]) for n in self.procs if n.startswith("worker-")}
+        name = f"worker-{max(taken, default=-1) + 1}"
+        self._spawn(name, self._worker_args(name, memory_limit_bytes))
+        self._wait_ready([name])
+        return name
+
+    def new_exits(self) -> dict[str, int]:
+        """Daemons that exited since the last call: name -> return code."""
+        gone = {n: p.returncode for n, p in self.procs.items() if n not in self.reported_exits and p.poll() is not None}
+        self.reported_exits.update(gone)
+        return gone
 
     @property
     def address(self) -> str:

@@ -27,3 +27,14 @@ class HeadnodeMetrics:
                                       ["stage"], registry=registry)
         self.migration_stall = Histogram("edgeheads_migration_stall_seconds", "How long a switch held steps back",
                                          buckets=STEP_BUCKETS, registry=registry)
+        self.recoveries = Counter("edgeheads_recoveries", "Recoveries from lost workers (ok, no_capacity: the "
+                                  "rest cannot hold the model, failed)", ["result"], registry=registry)
+        self.recovery_seconds = Histogram("edgeheads_recovery_seconds", "From knowing of a loss to every session "
+                                          "rebuilt", buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+                                          registry=registry)
+        self.recovery_bytes = Counter("edgeheads_recovery_bytes", "Bytes recoveries moved: weights shipped from "
+                                      "the head node, activations of the replays", ["kind"], registry=registry)
+        self.recovered_sessions = Counter("edgeheads_recovered_sessions", "Live sessions rebuilt by recoveries",
+                                          registry=registry)
+        self.replayed_tokens = Counter("edgeheads_replayed_tokens", "Tokens recoveries fed again to rebuild caches",
+                                       registry=registry)

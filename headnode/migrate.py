@@ -63,7 +63,14 @@ def moves_between(old: dict[BlockId, str], new: dict[BlockId, str]) -> list[Move
 
 async def migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId, str],
                   addresses: dict[str, str], timeout_seconds: float = 120.0) -> MigrationReport:
-    """Move to placement ``number``; raises MigrationError (old epoch kept) on failure."""
+    """Move to placement ``number``; raises MigrationError (old epoch kept) on failure.
+    Holds the cluster's placement lock throughout: a recovery waits for it to end."""
+    async with cluster.placement_lock:
+        return await _migrate(cluster, number, placement, addresses, timeout_seconds)
+
+
+async def _migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId, str],
+                   addresses: dict[str, str], timeout_seconds: float) -> MigrationReport:
     old = cluster.epoch
     if old is None:
         raise MigrationError("no placement is in use yet")

@@ -54,7 +54,7 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
             log.error("session %s failed: %s", session, err)
             if context.done():  # the client is already gone: nobody to tell
                 return
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            await context.abort(grpc.StatusCode[err.code], str(err))
         finally:
             await self.cluster.end_session(session)
         r = results[0]

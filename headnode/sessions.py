@@ -6,6 +6,11 @@ step of it failed in either dataflow, its client went away, the head node closes
 ``SessionTable.end`` forgets it and drops its caches on every worker that may hold
 them: every worker of every epoch it ran under, and of the epoch in use now (a
 migration may have moved its caches to a worker it never ran on).
+
+Workers know a session's caches by its *wire id*: its name until a recovery rebuilds
+them (headnode/recovery.py), then a fresh id each time (``rewire``), so that nothing a
+step of the old id left behind can mix with the rebuilt caches. A session keeps the
+token ids of every step that succeeded (``history``), which is what a rebuild replays.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ class Session:
     position: int = 0  # tokens already fed: the next step's first position
     epoch: int = -1  # the epoch of its last step
     workers: set[str] = field(default_factory=set)  # every worker that may hold its caches
+    wire: str = ""  # the id its caches have on workers (its name until a rebuild)
+    history: list[tuple[int, ...]] = field(default_factory=list)  # the token ids of each step done
+    rebuilds: int = 0
+
+    def __post_init__(self) -> None:
+        self.wire = self.wire or self.name
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(chunk) for chunk in self.history)
 
 
 class SessionTable:
@@ -81,9 +96,23 @@ class SessionTable:
             return
         workers = session.workers | set(current.plan.workers if current is not None else ())
         try:
-            await self.forget(name)
+            await self.forget(session.wire)
         finally:
-            await asyncio.gather(*[self._drop(w, name) for w in sorted(workers) if w in self.stubs])
+            await asyncio.gather(*[self._drop(w, session.wire) for w in sorted(workers) if w in self.stubs])
+
+    async def rewire(self, name: str, reachable: set[str]) -> Session:
+        """Start ``name`` over under a fresh wire id, at position 0 with its history kept (a
+        rebuild replays it). The old id's caches are dropped on the ``reachable`` workers."""
+        session = self._sessions[name]
+        old, workers = session.wire, session.workers
+        session.rebuilds += 1
+        session.wire = f"{session.name}~{session.rebuilds}"
+        session.position, session.epoch, session.workers = 0, -1, set()
+        try:
+            await self.forget(old)
+        finally:
+            await asyncio.gather(*[self._drop(w, old) for w in sorted(workers & reachable) if w in self.stubs])
+        return session
 
     async def _drop(self, worker: str, session: str) -> None:
         try:

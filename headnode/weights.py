@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from edgeheads.common.spec import BlockId
 from edgeheads.common.wire import chunks, sha256_hex, weights_to_blob
-from edgeheads.headnode.cluster_errors import ClusterError
+from edgeheads.headnode.cluster_errors import CapacityError, ClusterError
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 
@@ -59,10 +59,10 @@ class BlockWeights:
             await asyncio.to_thread(lambda: [self.digest(b) for b in missing])
 
     async def ship(self, placement: dict[BlockId, str], stubs: dict[str, worker_pb2_grpc.WorkerStub],
-                   progress: bool = True) -> None:
+                   progress: bool = True) -> int:
         """Bind every block of ``placement`` on its worker, sending the weights a worker
         lacks (by content hash). Workers in parallel, each worker's blocks one by one, so
-        at most one blob per worker exists at a time."""
+        at most one blob per worker exists at a time. Returns the bytes of weights sent."""
         await self.hash_all(placement)
         by_worker: dict[str, list[BlockId]] = {}
         for block, worker in sorted(placement.items()):
@@ -87,6 +87,7 @@ class BlockWeights:
             await asyncio.gather(*[load_all(w) for w in todo])
         finally:
             bar.close()
+        return total
 
     async def _load(self, stub: worker_pb2_grpc.WorkerStub, worker: str, block: BlockId, have: bool,
                     bar: tqdm) -> None:
@@ -104,4 +105,5 @@ class BlockWeights:
         try:
             await stub.LoadBlock(messages())
         except grpc.aio.AioRpcError as err:
-            raise ClusterError(f"loading {block} on {worker}: {err.code().name}: {err.details()}") from None
+            kind = CapacityError if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED else ClusterError
+            raise kind(f"loading {block} on {worker}: {err.code().name}: {err.details()}") from None

@@ -172,16 +172,18 @@ class Assignment(_message.Message):
     def __init__(self, block_id: _Optional[str] = ..., worker: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PlacementReply(_message.Message):
-    __slots__ = ("epoch", "assignments", "policy", "error")
+    __slots__ = ("epoch", "assignments", "policy", "error", "members")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
     policy: str
     error: str
-    def __init__(self, epoch: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., policy: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., policy: _Optional[str] = ..., error: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

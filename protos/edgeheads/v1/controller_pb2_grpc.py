@@ -106,7 +106,8 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchPlacement(self, request, context):
-        """Sends the current placement, then every new epoch.
+        """Sends every epoch newer than after_epoch as it is published, and every re-plan that
+        found no feasible placement (error set, the epoch unchanged).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,252 @@
+"""Recovering from a lost worker, driven by the head node, without changing a token.
+
+The head node learns of a loss in one of two ways: a step fails (a broken stream or
+relay connection, UNAVAILABLE, a step timeout) and probing the epoch's workers finds
+one that does not answer; or the controller publishes a placement that leaves out a
+worker of the epoch in use (its telemetry stream closed, or its heartbeats stopped)
+and that worker does not answer either.
+
+Recovery then holds every step back (the StepGate) and:
+1. waits for the controller's placement without the lost workers (it re-plans when a
+   worker leaves, within the survivors' memory); a re-plan that finds none ends every
+   live session with RESOURCE_EXHAUSTED, and the cluster stays down until a placement
+   comes that fits (a worker joins);
+2. gives every live session a fresh wire id and drops the old one's caches on the
+   survivors (a step that failed half-way may have advanced some of them);
+3. unloads what the new placement puts elsewhere, ships the blocks the survivors lack
+   from the head node's own weights (the lost worker's blocks cannot be pulled from it),
+   and switches to the new epoch;
+4. replays every live session's steps (the prompt, then each generated token: the same
+   steps as before, so the rebuilt caches are the same numbers) under its new wire id.
+The steps that failed then run again. A worker lost during a recovery is added to the
+lost ones and the recovery starts over. See docs/recovery.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from edgeheads.common.spec import BlockId
+from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.cluster_errors import CapacityError, ClusterError
+from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed, answers_loss
+from edgeheads.headnode.recovery_plan import RecoveryReport, block_changes, step_bytes_per_token
+from edgeheads.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_SECONDS = 5.0
+REPORTS_KEPT = 50
+
+
+async def probe(cluster: ClusterExecutor, workers, timeout_seconds: float = PROBE_TIMEOUT_SECONDS
+                ) -> dict[str, set[BlockId] | None]:
+    """The blocks each worker holds, or None for a worker that does not answer."""
+    async def one(worker: str) -> set[BlockId] | None:
+        stub = cluster.stubs.get(worker)
+        if stub is None:
+            return None
+        try:
+            reply = await stub.GetTelemetry(worker_pb2.TelemetryRequest(), timeout=timeout_seconds)
+        except grpc.aio.AioRpcError:
+            return None
+        return {BlockId.parse(b) for b in reply.blocks}
+    names = sorted(set(workers))
+    return dict(zip(names, await asyncio.gather(*[one(w) for w in names])))
+
+
+class Recovery:
+    def __init__(self, cluster: ClusterExecutor, feed: PlacementFeed, timeout_seconds: float = 120.0) -> None:
+        self.cluster = cluster
+        self.feed = feed
+        self.timeout_seconds = timeout_seconds
+        self.reports: list[RecoveryReport] = []
+        self.failures: list[str] = []
+
+    # ------------------------------------------------------------------ entry points
+    async def after_failure(self, session: str, rebuilds: int, failure: ClusterError) -> bool:
+        """A step of ``session`` that began after ``rebuilds`` recoveries failed. True: run it
+        again (every session was rebuilt since it began). False: no worker was lost, so the
+        failure stands. Raises the error that ended the session when recovery failed."""
+        cluster = self.cluster
+        since = asyncio.get_running_loop().time()
+        async with cluster.placement_lock:
+            if session in cluster.failed:
+                raise cluster.failed.pop(session)
+            if cluster.rebuilds != rebuilds:
+                return True
+            if cluster.down is not None:
+                raise cluster.down
+            epoch = cluster.epoch
+            if epoch is None:
+                return False
+            lost = {w for w, held in (await probe(cluster, epoch.plan.workers)).items() if held is None}
+            if not lost:
+                return False
+            log.warning("a step of session %s failed (%s); %s cannot be reached: recovering", session, failure,
+                        ", ".join(sorted(lost)))
+            error = await self._recover(lost, f"a step failed: {failure}", since)
+        if error is not None:
+            cluster.failed.pop(session, None)
+            raise error
+        return True
+
+    async def on_placement(self, answer: PlacementAnswer) -> bool:
+        """A new epoch from the controller. True when recovery took it in: it leaves out a
+        worker of the epoch in use that cannot be reached, or the cluster is down and it
+        fits again. False: nothing was lost, migrate to it as usual."""
+        cluster = self.cluster
+        since = asyncio.get_running_loop().time()
+        async with cluster.placement_lock:
+            epoch = cluster.epoch
+            if epoch is None or answer.error or answer.epoch <= epoch.number:
+                return True  # nothing to do (a recovery got there first)
+            if cluster.down is not None:
+                trigger = f"epoch {answer.epoch} fits the workers again"
+                lost: set[str] = set()
+            else:
+                gone = set(epoch.plan.workers) - answer.workers
+                lost = {w for w, held in (await probe(cluster, gone)).items() if held is None} if gone else set()
+                if not lost:
+                    return False
+                trigger = f"the controller's epoch {answer.epoch} leaves out {', '.join(sorted(lost))}"
+                log.warning("%s, which cannot be reached: recovering", trigger)
+            await self._recover(lost, trigger, since)
+            return True
+
+    # ------------------------------------------------------------------ the recovery
+    async def _recover(self, lost: set[str], trigger: str, since: float) -> ClusterError | None:
+        """Rebuild every live session without ``lost`` (holding the placement lock; the loss
+        was known at loop time ``since``); the error that ended them all when that was not
+        possible."""
+        cluster = self.cluster
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_seconds
+        async with cluster.gate.switch():
+            while True:
+                current = cluster.epoch.number if cluster.epoch is not None else 0
+                answer = await self.feed.wait_for(lambda a: answers_loss(a, lost, current), deadline - loop.time())
+                if answer is None:
+                    return await self._give_up(ClusterError(
+                        f"lost {', '.join(sorted(lost))}, and the controller published no placement without "
+                        f"{'it' if len(lost) == 1 else 'them'} within {self.timeout_seconds:g} s"))
+                if answer.error:
+                    survivors = ", ".join(sorted(answer.members))
+                    return await self._give_up(CapacityError(
+                        f"the remaining workers ({survivors}) cannot hold the model"
+                        + (f" after losing {', '.join(sorted(lost))}" if lost else "")
+                        + f": {answer.error}. Requests get this error until a placement fits (a worker joins)"),
+                        down=True)
+                waited = loop.time() - since
+                try:
+                    report = await self._rebuild(answer, lost, trigger)
+                except ClusterError as err:
+                    reachable = await probe(cluster, answer.workers)
+                    more = {w for w, held in reachable.items() if held is None} - lost
+                    if not more or loop.time() > deadline:
+                        log.error("recovery to epoch %d failed: %s", answer.epoch, err)
+                        return await self._give_up(err, down=isinstance(err, CapacityError))
+                    log.warning("recovery to epoch %d failed (%s); %s cannot be reached either: starting over",
+                                answer.epoch, err, ", ".join(sorted(more)))
+                    lost |= more
+                    continue
+                report.detect_seconds = waited
+                self._done(report)
+                return None
+
+    async def _rebuild(self, answer: PlacementAnswer, lost: set[str], trigger: str) -> RecoveryReport:
+        cluster = self.cluster
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        cluster.channels.connect(answer.addresses)
+        old = cluster.epoch
+        held = await probe(cluster, (set(old.plan.workers) if old else set()) - lost | answer.workers)
+        missing = sorted(w for w in answer.workers if held[w] is None)
+        if missing:
+            raise ClusterError(f"epoch {answer.epoch} places blocks on {', '.join(missing)}, which cannot be reached")
+        reachable = {w: blocks for w, blocks in held.items() if blocks is not None}
+        names = list(cluster.sessions)
+        await asyncio.gather(*[cluster.sessions.rewire(n, set(reachable)) for n in names])
+        unload, load = block_changes(reachable, answer.placement)
+        await self._unload(unload)
+        weights_bytes = await cluster.weights.ship(load, cluster.stubs, progress=False)
+        await cluster.switch_epoch(answer.epoch, answer.placement, answer.addresses)
+        cluster.down = None
+        t1 = loop.time()
+        steps, tokens = await self._replay(names)
+        cluster.rebuilds += 1
+        epoch = cluster.epoch
+        return RecoveryReport(answer.epoch, sorted(lost), trigger, sessions=len(names), replayed_steps=steps,
+                              replayed_tokens=tokens, weights_bytes=weights_bytes,
+                              activation_bytes=tokens * step_bytes_per_token(epoch.plan, cluster.dataflow.label,
+                                                                               cluster.shape),
+                              ship_seconds=t1 - t0, replay_seconds=loop.time() - t1)
+
+    async def _unload(self, unload: dict[str, list[BlockId]]) -> None:
+        async def one(worker: str, blocks: list[BlockId]) -> None:
+            try:
+                await self.cluster.stubs[worker].UnloadBlocks(
+                    worker_pb2.UnloadBlocksRequest(block_ids=[str(b) for b in blocks]), timeout=30)
+            except grpc.aio.AioRpcError as err:
+                raise ClusterError(f"unloading {len(blocks)} blocks on {worker}: {err.code().name}: "
+                                   f"{err.details()}") from None
+        await asyncio.gather(*[one(w, b) for w, b in unload.items()])
+
+    async def _replay(self, names: list[str]) -> tuple[int, int]:
+        """Feed every session's steps again, the sessions side by side; (steps, tokens)."""
+        cluster = self.cluster
+        epoch = cluster.epoch
+
+        async def one(name: str) -> None:
+            session = cluster.sessions.open(name, epoch)
+            for chunk in session.history:
+                await cluster.run(session, chunk)
+        tasks = [asyncio.create_task(one(n)) for n in names]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        sessions = [cluster.sessions.get(n) for n in names]
+        return sum(len(s.history) for s in sessions), sum(s.tokens for s in sessions)
+
+    # ------------------------------------------------------------------ outcomes
+    def _done(self, report: RecoveryReport) -> None:
+        self.reports.append(report)
+        del self.reports[:-REPORTS_KEPT]
+        log.warning("recovered to epoch %d without %s in %.2f s (%.2f probing and waiting for the controller, "
+                    "%.2f shipping "
+                    "%d bytes of weights, %.2f replaying %d steps, %d tokens, of %d sessions)", report.epoch,
+                    ", ".join(report.lost) or "any lost worker", report.seconds, report.detect_seconds,
+                    report.ship_seconds, report.weights_bytes, report.replay_seconds, report.replayed_steps,
+                    report.replayed_tokens, report.sessions)
+        metrics = self.cluster.metrics
+        if metrics is not None:
+            metrics.recoveries.labels("ok").inc()
+            metrics.recovery_seconds.observe(report.seconds)
+            metrics.recovery_bytes.labels("weights").inc(report.weights_bytes)
+            metrics.recovery_bytes.labels("activations").inc(report.activation_bytes)
+            metrics.recovered_sessions.inc(report.sessions)
+            metrics.replayed_tokens.inc(report.replayed_tokens)
+
+    async def _give_up(self, error: ClusterError, down: bool = False) -> ClusterError:
+        """End every live session with ``error`` (their next step raises it); with ``down``,
+        every new step too, until a placement fits again."""
+        cluster = self.cluster
+        names = list(cluster.sessions)
+        for name in names:
+            cluster.failed[name] = error
+            await cluster.sessions.end(name, cluster.epoch)
+        if down:
+            cluster.down = error
+        self.failures.append(str(error))
+        del self.failures[:-REPORTS_KEPT]
+        log.error("recovery failed, %d live sessions ended: %s", len(names), error)
+        if cluster.metrics is not None:
+            cluster.metrics.recoveries.labels("no_capacity" if down else "failed").inc()
+        return error
