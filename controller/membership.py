@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller.live import AlgorithmPolicy, LiveWorker, predicted_token_seconds
+from edgeheads.controller.repair import lost_workers, repair
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import POLICIES, InfeasiblePlacement, Placement, WorkerCapacity
 from edgeheads.common.spec import ModelShape
@@ -176,7 +178,10 @@ class ClusterState:
         """A snapshot of what the policy needs (None before a model is announced). With
         :func:`solve_plan` and :meth:`apply_plan` it splits :meth:`replan` so that the solve,
         which may take seconds (``exact``), can run in a worker thread while the event loop
-        keeps serving heartbeats; the snapshot never changes under the solver."""
+        keeps serving heartbeats; the snapshot never changes under the solver.
+
+        While the placement in use has blocks on workers that left, the plan is a repair
+        (controller/repair.py): only those blocks move."""
         if self.shape is None:
             return None
         extra: dict[str, Any] = {}
@@ -184,7 +189,10 @@ class ClusterState:
             extra["previous"] = dict(self.current.placement)
         if getattr(self._policy, "uses_compute", False):
             extra["live"] = self.live_workers()
-        return PlanInputs(self._policy, self.shape, [WorkerCapacity(w.name, w.memory_available_bytes)
+        policy = self._policy
+        if lost_workers(self.current.placement, self.workers):
+            policy = functools.partial(repair, self._policy, kept_from=dict(self.current.placement))
+        return PlanInputs(policy, self.shape, [WorkerCapacity(w.name, w.memory_available_bytes)
                                                      for w in self.workers.values()],
                           min(self.planning_context_tokens, self.shape.max_positions),
                           {w.name: w.address for w in self.workers.values()}, extra)

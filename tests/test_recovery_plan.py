@@ -1,15 +1,19 @@
 """The pure parts of recovering from a lost worker, and what the controller tells a head node
-that lost one: which blocks move, what a replay sends, which placement answers a loss, and
-failed re-plans published with the workers they were made for."""
+that lost one: which blocks move, what a replay sends, which placement answers a loss,
+failed re-plans published with the workers they were made for, and the repair plan that
+moves only the lost worker's blocks."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from edgeheads.common.spec import SMOLLM2_135M, BlockId, BlockKind, ModelShape, block_memory_bytes
 from edgeheads.controller.membership import ClusterState, WorkerRecord
+from edgeheads.controller.repair import repair
 from edgeheads.controller.service import ControllerService
-from edgeheads.controller.spread import WorkerCapacity, spread
+from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, spread
 from edgeheads.headnode.embedded import exit_description
 from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed, answers_loss
 from edgeheads.headnode.recovery_plan import block_changes, step_bytes_per_token, value_bytes_per_token
@@ -108,3 +112,35 @@ def test_a_failed_replan_is_published_with_its_members_and_watchers_hear_of_it()
         assert reply.error and reply.epoch == 1 and list(reply.members) == ["w0", "w2"]
         await watch.aclose()
     asyncio.run(run())
+
+
+def test_the_replan_after_a_worker_left_moves_only_its_blocks_and_the_next_one_plans_afresh():
+    state = ClusterState("spread")
+    for i in range(3):
+        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", 4 * GiB, 2e10))
+    state.set_model(SMOLLM2_135M, "smollm2")
+    before = dict(state.current.placement)
+    state.remove("w1", "telemetry stream closed")
+    repaired = state.replan("worker w1 left").placement
+    assert set(repaired) == set(before) and "w1" not in repaired.values()
+    moved = {b for b in before if repaired[b] != before[b]}
+    assert moved == {b for b, w in before.items() if w == "w1"}
+    assert state.decisions[-1].blocks_moved == len(moved)
+    fresh = state.replan("16 tokens since the last plan").placement  # no worker lost now: the policy's own
+    assert fresh == spread(SMOLLM2_135M, [WorkerCapacity(w, 4 * GiB) for w in ("w0", "w2")], 2048)
+
+
+def test_a_repair_puts_lost_blocks_where_the_policy_would_if_they_fit_and_fails_when_none_do():
+    workers = [WorkerCapacity(f"w{i}", GiB) for i in range(3)]
+    before = spread(TINY, workers, 256)
+    survivors = [w for w in workers if w.name != "w0"]
+    preferred = spread(TINY, survivors, 256)
+    repaired = repair(spread, TINY, survivors, 256, kept_from=before)
+    for block, worker in before.items():
+        assert repaired[block] == (preferred[block] if worker == "w0" else worker)
+    need = sum(block_memory_bytes(TINY, b.kind, 256) for b in TINY.block_ids())
+    small = [WorkerCapacity(w.name, need // 3) for w in survivors]
+    with pytest.raises(InfeasiblePlacement, match="the most free memory on any remaining worker"):
+        repair(spread, TINY, small, 256, kept_from=before)
+    with pytest.raises(InfeasiblePlacement, match="no workers"):
+        repair(spread, TINY, [], 256, kept_from=before)
