@@ -32,5 +32,5 @@ def run_controller_command(args: argparse.Namespace) -> int:
     from edgeheads.controller.daemon import run_controller
 
     cfg = load_section(args, ControllerConfig, "controller", {"listen": args.listen, "policy": args.policy})
-    asyncio.run(run_controller(cfg.controller, cfg.grpc, args.ready_file))
+    asyncio.run(run_controller(cfg.controller, cfg.grpc, args.ready_file, cfg.security))
     return 0

@@ -1,4 +1,4 @@
-"""The controller's settings: the ``controller`` section of a config file, plus ``grpc``."""
+"""The controller's settings: the ``controller`` section of a config file, plus ``grpc`` and ``security``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field
 
 from edgeheads.common.config import DaemonConfig, GrpcSettings, ListenAddress, Seconds, Section
+from edgeheads.common.security import SecuritySettings
 
 
 class ControllerSettings(Section):
@@ -30,3 +31,4 @@ class ControllerConfig(DaemonConfig):
 
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)

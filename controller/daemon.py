@@ -11,6 +11,7 @@ from edgeheads.controller.membership import ClusterState
 from edgeheads.controller.service import ControllerService
 from edgeheads.v1 import controller_pb2_grpc
 from edgeheads.common.config import GrpcSettings
+from edgeheads.common.security import SecuritySettings, install_security
 from edgeheads.controller.config import ControllerSettings
 from edgeheads.controller.metrics import ControllerMetrics
 from edgeheads.common.server import Daemon, serve_metrics
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettings,
-                         ready_file: str | None = None) -> None:
+                         ready_file: str | None = None, security_settings: SecuritySettings | None = None) -> None:
+    security = install_security(security_settings)
     state = ClusterState(settings.policy, settings.heartbeat_timeout_seconds, shuffle_moves=settings.shuffle_moves,
                          shuffle_seed=settings.shuffle_seed)
     service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5),
@@ -27,7 +29,7 @@ async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettin
     registry = CollectorRegistry()
     service.metrics = ControllerMetrics(registry)
     serve_metrics(settings.metrics_listen, registry, ready_file)
-    daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Controller"], grpc_settings, security=security)
     daemon.add(controller_pb2_grpc.add_ControllerServicer_to_server, service)
     await daemon.start(ready_file)
     tasks = [asyncio.create_task(service.sweep())]

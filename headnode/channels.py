@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from edgeheads.common.channels import open_channel
 from edgeheads.common.config import GrpcSettings
 from edgeheads.v1 import worker_pb2_grpc
 
@@ -16,7 +17,7 @@ class WorkerChannels:
 
     def stub(self, worker: str, address: str) -> worker_pb2_grpc.WorkerStub:
         if worker not in self.stubs:
-            self.channels[worker] = grpc.aio.insecure_channel(address, options=self.grpc_settings.channel_options())
+            self.channels[worker] = open_channel(address, self.grpc_settings)  # the process's TLS and token
             self.stubs[worker] = worker_pb2_grpc.WorkerStub(self.channels[worker])
         return self.stubs[worker]
 

@@ -70,6 +70,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster", default=None, metavar="HOST:PORT",
                    help="a running head node; without it (and without --local) a local 3-worker cluster is started")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings) at the end")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="with --cluster: a config file whose security (TLS, token) and grpc sections to use "
+                        "(EDGEHEADS_* variables are read either way)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -127,7 +130,7 @@ def _generate_remote(args: argparse.Namespace):
             sys.stdout.flush()
 
     try:
-        with Client(address) as client:
+        with Client(address, config=args.config) as client:
             return client.generate_full(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                         args.seed, args.chat, on_text=show)
     except ClientError as err:

@@ -50,7 +50,8 @@ def _cmd_headnode(args: argparse.Namespace) -> int:
         "min_workers": args.min_workers, "dataflow": args.dataflow, "relay_transport": args.relay_transport,
         "http_listen": args.http_listen})
     set_threads()
-    asyncio.run(run_headnode(cfg.headnode, cfg.grpc, args.ready_file, progress=not args.quiet))
+    asyncio.run(run_headnode(cfg.headnode, cfg.grpc, args.ready_file, progress=not args.quiet,
+                             security_settings=cfg.security))
     return 0
 
 

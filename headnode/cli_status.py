@@ -1,6 +1,9 @@
 """``edgeheads status``: what the controller decided and why, and what the head node did.
 
-    edgeheads status --controller HOST:PORT [--headnode HOST:PORT] [--json]
+    edgeheads status --controller HOST:PORT [--headnode HOST:PORT] [--json] [--config FILE]
+
+Against a cluster with mutual TLS or a token it uses the daemons' ``security`` settings
+(``EDGEHEADS_SECURITY__*`` variables, or the ``security`` section of ``--config FILE``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import time
 
 import grpc
 
+from edgeheads.common.channels import open_sync_channel
+from edgeheads.common.config import GrpcSettings
+from edgeheads.common.security import Security, load_client_config
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
 
 
@@ -20,13 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--headnode", default=None, help="head node HOST:PORT, for migrations and step timing")
     p.add_argument("--decisions", type=int, default=10, help="how many recent decisions to show (10)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="config file whose security (TLS, token) and grpc sections to use; EDGEHEADS_* variables "
+                        "too")
     p.set_defaults(func=_cmd_status)
 
 
-def gather(controller: str, headnode: str | None) -> dict:
+def gather(controller: str, headnode: str | None, security: Security | None = None,
+           grpc_settings: GrpcSettings | None = None) -> dict:
+    """``security`` and ``grpc_settings`` None: from the EDGEHEADS_* variables."""
     from edgeheads.common.cli import CliError
+    if security is None or grpc_settings is None:
+        loaded_grpc, loaded_security = load_client_config()
+        security = loaded_security if security is None else security
+        grpc_settings = loaded_grpc if grpc_settings is None else grpc_settings
     try:
-        with grpc.insecure_channel(controller) as channel:
+        with open_sync_channel(controller, grpc_settings, security) as channel:
             reply = controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),
                                                                        timeout=10)
     except grpc.RpcError as err:
@@ -50,7 +65,7 @@ def gather(controller: str, headnode: str | None) -> dict:
     if headnode:
         from edgeheads.headnode.client import Client, ClientError
         try:
-            with Client(headnode) as client:
+            with Client(headnode, security=security, grpc_settings=grpc_settings) as client:
                 head = client.status()
         except ClientError as err:
             raise CliError(f"head node {headnode}: {err}") from None
@@ -107,6 +122,7 @@ def render(status: dict, decisions: int) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    status = gather(args.controller, args.headnode)
+    grpc_settings, security = load_client_config(args.config)
+    status = gather(args.controller, args.headnode, security, grpc_settings)
     print(json.dumps(status, indent=2) if args.json else render(status, args.decisions))
     return 0

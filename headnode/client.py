@@ -4,11 +4,16 @@
     text = Client("127.0.0.1:50050").generate("Hello", max_new_tokens=32)
     for piece in Client("127.0.0.1:50050").generate("Hello", stream=True):
         print(piece, end="", flush=True)
+
+Against a cluster with mutual TLS or a token, the client reads the same ``security`` (and
+``grpc``) settings as the daemons: from ``EDGEHEADS_SECURITY__*`` variables, or a config file
+(``Client(address, config="edgeheads.yaml")``), or given as a loaded ``Security``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +21,9 @@ from typing import Any
 import grpc
 
 from edgeheads.v1 import headnode_pb2, headnode_pb2_grpc
+from edgeheads.common.channels import open_sync_channel
 from edgeheads.common.config import GrpcSettings
+from edgeheads.common.security import Security, load_client_config
 
 
 class ClientError(RuntimeError):
@@ -47,10 +54,18 @@ class Generation:
 
 
 class Client:
-    def __init__(self, address: str, timeout_seconds: float | None = None) -> None:
+    """``security`` and ``grpc_settings`` not given: read from ``config`` (a YAML file, optional)
+    and ``EDGEHEADS_*`` variables, as the daemons read theirs (ConfigError when they are wrong)."""
+
+    def __init__(self, address: str, timeout_seconds: float | None = None, *, security: Security | None = None,
+                 grpc_settings: GrpcSettings | None = None, config: str | os.PathLike[str] | None = None) -> None:
         self.address = address
         self.timeout_seconds = timeout_seconds
-        self._channel = grpc.insecure_channel(address, options=GrpcSettings().channel_options())
+        if security is None or grpc_settings is None:
+            loaded_grpc, loaded_security = load_client_config(config)
+            security = loaded_security if security is None else security
+            grpc_settings = loaded_grpc if grpc_settings is None else grpc_settings
+        self._channel = open_sync_channel(address, grpc_settings, security)
         self._stub = headnode_pb2_grpc.HeadnodeStub(self._channel)
 
     def close(self) -> None:

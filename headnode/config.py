@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field
 
 from edgeheads.common.config import DaemonConfig, DialAddress, GrpcSettings, ListenAddress, Section
+from edgeheads.common.security import SecuritySettings
 from edgeheads.controller.config import ControllerSettings
 from edgeheads.worker.config import WorkerSettings
 
@@ -45,6 +46,7 @@ class HeadnodeConfig(DaemonConfig):
 
     headnode: HeadnodeSettings = Field(default_factory=HeadnodeSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
 
 class ClusterConfig(DaemonConfig):
@@ -54,3 +56,4 @@ class ClusterConfig(DaemonConfig):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     headnode: HeadnodeSettings = Field(default_factory=HeadnodeSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)

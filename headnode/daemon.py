@@ -16,7 +16,9 @@ from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
 from edgeheads.common.spec import BlockId
+from edgeheads.common.channels import open_channel
 from edgeheads.common.config import GrpcSettings
+from edgeheads.common.security import SecuritySettings, install_security
 from edgeheads.headnode.config import HeadnodeSettings
 from edgeheads.headnode.metrics import HeadnodeMetrics
 from edgeheads.common.server import Daemon, serve_metrics, write_ready_file
@@ -45,7 +47,10 @@ async def wait_for_workers(stub: controller_pb2_grpc.ControllerStub, count: int,
 
 
 async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
-                       progress: bool = True) -> None:
+                       progress: bool = True, security_settings: SecuritySettings | None = None) -> None:
+    # first, so that a bad file fails before the model loads; the workers' channels and the
+    # relay drives (headnode.cluster) use it as the process's security
+    security = install_security(security_settings)
     registry = CollectorRegistry()
     metrics = HeadnodeMetrics(registry)
     serve_metrics(settings.metrics_listen, registry, ready_file)
@@ -53,8 +58,7 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
     cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
                               step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics,
                               relay_transport=settings.relay_transport)
-    async with grpc.aio.insecure_channel(settings.controller,
-                                         options=grpc_settings.channel_options()) as channel:
+    async with open_channel(settings.controller, grpc_settings, security) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)
         await wait_for_workers(controller, settings.min_workers, settings.worker_wait_seconds)
         reply = await controller.SetModel(controller_pb2.SetModelRequest(
@@ -66,7 +70,7 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
         await cluster.apply_placement(reply.epoch, placement, addresses, progress=progress)
         link = ControllerLink(cluster, controller, settings.migration_timeout_seconds)
         link.start()
-        daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings)
+        daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings, security=security)
         daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster, link))
         if settings.http_listen is not None:  # the OpenAI-compatible API: the same generation loop
             from edgeheads.headnode.http_api import HttpServer, OpenAIApi

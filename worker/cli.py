@@ -38,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
         "listen": args.listen, "controller": args.controller, "name": args.name,
         "memory_limit_bytes": args.memory_limit, "device": args.device, "advertise": args.advertise,
         "torch_threads": args.threads, "relay_port": args.relay_port})
-    asyncio.run(run_worker(cfg.worker, cfg.grpc, args.ready_file))
+    asyncio.run(run_worker(cfg.worker, cfg.grpc, args.ready_file, cfg.security))
     return 0

@@ -1,4 +1,4 @@
-"""The worker's settings: the ``worker`` section of a config file, plus ``grpc``."""
+"""The worker's settings: the ``worker`` section of a config file, plus ``grpc`` and ``security``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field
 
 from edgeheads.common.config import (Bytes, DaemonConfig, DialAddress, GrpcSettings, ListenAddress, Seconds, Section,
                                      WILDCARD_HOSTS, lower_str, split_host_port)
+from edgeheads.common.security import SecuritySettings
 
 
 class WorkerSettings(Section):
@@ -72,3 +73,4 @@ class WorkerConfig(DaemonConfig):
 
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)

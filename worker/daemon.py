@@ -16,7 +16,9 @@ from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
 from edgeheads.worker.links import probe_loop
 from edgeheads.worker.relay_port import RelayPort
+from edgeheads.common.channels import open_channel
 from edgeheads.common.config import GrpcSettings, split_host_port
+from edgeheads.common.security import SecuritySettings, install_security
 from edgeheads.worker.config import WorkerSettings
 from edgeheads.worker.metrics import WorkerMetrics
 from edgeheads.common.server import Daemon, serve_metrics
@@ -51,8 +53,7 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
     backoff = 0.2
     while True:
         try:
-            async with grpc.aio.insecure_channel(settings.controller,
-                                                 options=grpc_settings.channel_options()) as ch:
+            async with open_channel(settings.controller, grpc_settings) as ch:
                 stub = controller_pb2_grpc.ControllerStub(ch)
                 available = telemetry.memory_capacity_bytes(host.memory_limit_bytes)
                 ceiling = telemetry.memory_limit(host.memory_limit_bytes)
@@ -71,16 +72,18 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
                         await asyncio.sleep(period)
                 await stub.Telemetry(reports())
         except grpc.aio.AioRpcError as err:
-            log.warning("worker %s: controller %s: %s; retrying in %.1f s", host.name, settings.controller,
-                        err.code().name, backoff)
+            log.warning("worker %s: controller %s: %s (%s); retrying in %.1f s", host.name, settings.controller,
+                        err.code().name, err.details(), backoff)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
 
 
-async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, ready_file: str | None = None) -> None:
+async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
+                     security_settings: SecuritySettings | None = None) -> None:
+    security = install_security(security_settings)  # every channel and link of this process uses it
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings)
+    daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings, security=security)
     host = BlockHost(settings.name or "", settings.memory_limit_bytes, settings.device)
     service = WorkerService(host, grpc_settings=grpc_settings)
     daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, service)
@@ -94,14 +97,15 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     # ready (ready file, systemd READY=1) only once registered with the controller, below
     bound = await daemon.start(ready=False)
     name = host.name = settings.name or f"{socket.gethostname()}-{bound.rsplit(':', 1)[1]}"
-    service.relay_port = RelayPort(service.relay, grpc_settings.max_message_bytes)
+    service.relay_port = RelayPort(service.relay, grpc_settings.max_message_bytes, security)
     try:
         relay_port = await service.relay_port.start(split_host_port(settings.listen)[0], settings.relay_port)
     except OSError:
         await daemon.server.stop(0)
         raise
     daemon.on_stop.append(service.relay_port.close)
-    log.info("worker %s: relay activations on TCP port %d", name, relay_port)
+    log.info("worker %s: relay activations on TCP port %d (%s)", name, relay_port,
+             "mutual TLS" if security.tls else "plaintext")
     flops = telemetry.measure_matmul_flops()
     service.metrics.compute_flops.set(flops)
     ceiling = telemetry.memory_limit(settings.memory_limit_bytes)

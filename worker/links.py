@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from edgeheads.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
+from edgeheads.common.channels import open_channel
 from edgeheads.common.config import GrpcSettings
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class LinkTable:
 
 async def probe(address: str, grpc_settings: GrpcSettings) -> tuple[float, float]:
     """(one-way latency, bandwidth) to a worker at ``address``."""
-    async with grpc.aio.insecure_channel(address, options=grpc_settings.channel_options()) as channel:
+    async with open_channel(address, grpc_settings) as channel:  # the process's TLS and token
         stub = worker_pb2_grpc.WorkerStub(channel)
         await stub.Probe(worker_pb2.ProbeRequest(), timeout=10)  # connect
         rtts = []

@@ -12,6 +12,7 @@ import grpc
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import HostError, status_name
 from edgeheads.worker.migration import cache_lengths, export_state, import_state
+from edgeheads.common.channels import open_channel
 from edgeheads.common.wire import ChunkAssembler, WireError, chunks
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class MigrationRpcs:
         """One channel per source, kept: a warm TCP connection (no handshake, no slow start)
         for every block after the first."""
         if address not in self._sources:
-            channel = grpc.aio.insecure_channel(address, options=self.grpc_settings.channel_options())
+            channel = open_channel(address, self.grpc_settings)  # the process's TLS and token
             self._sources[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
         return self._sources[address][1]
 

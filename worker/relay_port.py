@@ -13,6 +13,11 @@ RelayEndpoint, as the gRPC servicer is (the dialling side is common/relay_transp
   anything on its way through it is lost, so the head node of its latest epoch is told at
   once and fails that epoch's steps in flight rather than waiting for its step timeout.
   That can include other sessions' steps; connections of other epochs are not touched.
+- With mutual TLS configured, a connection is TLS from its first byte: nothing is read before
+  the handshake, and one that fails (a plaintext client, a certificate of another CA) is closed.
+  With a cluster token, a hello without it (or with another) gets an UNAUTHENTICATED ERROR
+  frame and the connection closes. Both refusals are logged with the peer's address (rate-
+  limited, edgeheads.common.auth.RefusalLog); the port goes on serving everyone else.
 """
 
 from __future__ import annotations
@@ -20,14 +25,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from edgeheads.v1 import worker_pb2
 from edgeheads.worker.host import status_name
 from edgeheads.worker.relay_endpoint import RelayEndpoint
+from edgeheads.common.auth import RefusalLog, token_matches
 from edgeheads.common.relay_wire import (
-    HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode_message, error_frame, parse, read_frame, tune)
+    HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode_message, error_frame, parse, read_frame, read_hello, tune)
+from edgeheads.common.security import Security, current_security
 
 log = logging.getLogger(__name__)
+
+
+class _Unread(asyncio.StreamReaderProtocol):
+    """A stream protocol that reads nothing until the handler says so (``resume_reading`` or
+    ``start_tls``): bytes read before a TLS handshake would be lost to it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        super().connection_made(transport)
+
+
+def _handshake_failure(err: BaseException) -> str:
+    """Why a TLS handshake on the relay port failed, in words."""
+    if isinstance(err, ssl.SSLError):
+        reason = err.reason or str(err)
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_RECORD", "RECORD_LAYER_FAILURE"):
+            return f"not a TLS client (a plaintext connection to a TLS relay port; {reason})"
+        return f"TLS handshake failed ({reason}): no certificate of the cluster CA?"
+    if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
+        return f"no TLS handshake within {HELLO_TIMEOUT_SECONDS:.0f} s"
+    return f"TLS handshake broken off by the client ({type(err).__name__}): it does not trust this worker's " \
+           "certificate?"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -53,9 +83,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class RelayPort:
-    def __init__(self, endpoint: RelayEndpoint, max_bytes: int) -> None:
+    """``security`` None: the process's (edgeheads.common.security.install_security)."""
+
+    def __init__(self, endpoint: RelayEndpoint, max_bytes: int, security: Security | None = None) -> None:
         self.endpoint = endpoint
         self.max_bytes = max_bytes
+        self.security = current_security() if security is None else security
+        self.refusals = RefusalLog(log)
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self.frames_received = 0
@@ -66,9 +100,32 @@ class RelayPort:
             sock = listening_socket(host, port)
         except OSError as err:
             raise OSError(f"cannot listen for relay traffic on {host or '*'}:{port}: {err.strerror or err}") from None
-        self.server = await asyncio.start_server(self._handle, sock=sock)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Unread(asyncio.StreamReader(), self._handle), sock=sock)
         self.port = sock.getsockname()[1]
         return self.port
+
+    async def _secure(self, writer: asyncio.StreamWriter, peer) -> bool:
+        """Start reading: after a TLS handshake when TLS is configured. False (logged) if it failed."""
+        if self.security.tls is None:
+            writer.transport.resume_reading()  # type: ignore[attr-defined]
+            return True
+        try:
+            await writer.start_tls(self.security.ssl_contexts[0], ssl_handshake_timeout=HELLO_TIMEOUT_SECONDS)
+        except (OSError, asyncio.TimeoutError) as err:  # ssl.SSLError is an OSError
+            self.refusals.refused(_handshake_failure(err), peer, f"a relay connection to worker {self.endpoint.name}")
+            return False
+        return True
+
+    def _authorized(self, token: bytes | None, writer: asyncio.StreamWriter, peer) -> bool:
+        """Whether the hello's token is the cluster's (always, without one); a refusal is logged
+        and answered with an UNAUTHENTICATED ERROR frame."""
+        if not self.security.token or token_matches(token, self.security.token):
+            return True
+        reason = "no cluster token" if token is None else "a wrong cluster token"
+        self.refusals.refused(reason, peer, f"a relay hello to worker {self.endpoint.name}")
+        self._send_error(writer, "UNAUTHENTICATED", f"{reason}: this relay port needs the cluster's token")
+        return False
 
     async def close(self) -> None:
         if self.server is not None:
@@ -84,15 +141,19 @@ class RelayPort:
         live: list[int] = []  # the epoch of the latest batch a peer connection delivered
         name = self.endpoint.name
         try:
+            if not await self._secure(writer, peer):
+                return
             try:
-                first = await asyncio.wait_for(read_frame(reader, self.max_bytes), HELLO_TIMEOUT_SECONDS)
+                first = await asyncio.wait_for(read_hello(reader), HELLO_TIMEOUT_SECONDS)
             except asyncio.TimeoutError:
                 raise FrameError("DEADLINE_EXCEEDED", f"no hello frame within {HELLO_TIMEOUT_SECONDS:.0f} s") from None
             if first is None:
                 return
-            kind, payload = first
+            kind, payload, token = first
             if kind not in (Kind.HELLO_DRIVE, Kind.HELLO_FORWARD):
                 raise FrameError("INVALID_ARGUMENT", f"a relay connection must open with a hello frame, not {kind.name}")
+            if not self._authorized(token, writer, peer):
+                return
             hello = parse(worker_pb2.ValueBatch, payload)
             if kind is Kind.HELLO_DRIVE:  # the head node reads any ERROR frame itself
                 await self._drive(hello.epoch, reader, writer)

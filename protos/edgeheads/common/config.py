@@ -186,7 +186,8 @@ class GrpcSettings(Section):
 # ---------------------------------------------------------------- the whole config
 
 class DaemonConfig(BaseSettings):
-    """Base of each daemon's config: its own sections as fields (``grpc`` plus the daemon's).
+    """Base of each daemon's config: its own sections as fields (``grpc``, ``security`` -- in
+    edgeheads.common.security -- and the daemon's).
 
     Each daemon package defines its subclass next to its settings (``edgeheads.worker.config``,
     ``edgeheads.controller.config``, ``edgeheads.headnode.config``). ``DaemonConfig()`` reads
@@ -206,7 +207,7 @@ class DaemonConfig(BaseSettings):
         return (init_settings, env_settings) + ((yaml_file,) if yaml_file is not None else ())
 
 
-SECTIONS = ("grpc", "worker", "controller", "headnode")
+SECTIONS = ("grpc", "security", "worker", "controller", "headnode")
 """Every section a config file may hold. One file can configure a whole cluster: each daemon
 validates its own sections and ignores the others' (a misspelt section name is still an error)."""
 

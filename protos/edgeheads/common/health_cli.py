@@ -2,7 +2,9 @@
 
 Exit 0 when the daemon answers SERVING, 1 otherwise (NOT_SERVING, unreachable, timed out), with
 one line saying which. Docker's ``HEALTHCHECK``, compose healthchecks and scripts call it; it needs
-only grpcio and grpcio-health-checking, which the plain (worker) install has.
+only the plain (worker) install. Against a daemon with mutual TLS or a cluster token it uses the
+same ``security`` settings as the daemons (``EDGEHEADS_SECURITY__*``, or ``--config FILE``): the
+health service is not exempt from the token.
 """
 
 from __future__ import annotations
@@ -33,17 +35,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the service to ask about, e.g. edgeheads.v1.Worker (default: the whole server)")
     p.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
                    help=f"give up after this long (default {DEFAULT_TIMEOUT_SECONDS:g})")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="config file whose security (TLS, token) and grpc sections to use; EDGEHEADS_* variables "
+                        "too")
     p.set_defaults(func=run)
 
 
-def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_SECONDS) -> tuple[bool, str]:
-    """(serving, one-line description) for the daemon at ``address``."""
+def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_SECONDS,
+          security=None, grpc_settings=None) -> tuple[bool, str]:
+    """(serving, one-line description) for the daemon at ``address``; ``security`` (an
+    edgeheads.common.security.Security) None: plaintext without a token."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from edgeheads.common.channels import open_sync_channel
+    from edgeheads.common.security import PLAINTEXT
+
     what = f"{address} ({service})" if service else address
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_sync_channel(address, grpc_settings, PLAINTEXT if security is None else security) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as err:
@@ -54,6 +64,8 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_SECO
             return False, f"{what}: unknown service"
         if code == grpc.StatusCode.UNAVAILABLE:
             return False, f"{what}: unreachable ({_first_line(err)})"
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return False, f"{what}: refused ({_first_line(err)}); set security.token or security.token_file"
         return False, f"{what}: {code.name if code else 'error'} ({_first_line(err)})"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"
@@ -65,6 +77,9 @@ def _first_line(err: Exception) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    serving, message = check(args.address, args.service, args.timeout)
+    from edgeheads.common.security import load_client_config
+
+    grpc_settings, security = load_client_config(args.config)
+    serving, message = check(args.address, args.service, args.timeout, security, grpc_settings)
     print(message, file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1

@@ -6,7 +6,8 @@ drive (step inputs out, results and errors back) or a worker's forward link to a
 PeerLinks both open their links here, with ``connect``:
 
 - ``tcp``: a connection to the worker's relay port (asked for with the RelayEndpoint
-  RPC, dialled on the host of its gRPC address), carrying frames (relay_wire.py). A
+  RPC, dialled on the host of its gRPC address), carrying frames (relay_wire.py), over
+  mutual TLS when the node has it, opening with the cluster token when there is one. A
   ``send`` writes at once and never waits; it is the hop path, so it makes no call it
   does not need (docs/decisions.md, "Where a relay hop's time goes").
 - ``grpc``: a Drive or Forward stream. A stream allows one write at a time, so ``send``
@@ -29,8 +30,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from edgeheads.common.channels import aio_channel
 from edgeheads.common.relay_wire import (
-    HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode, encode_message, parse, read_frame, relay_address, tune)
+    HELLO_TIMEOUT_SECONDS, FrameError, Kind, encode, encode_hello, parse, read_frame, relay_address, tune)
+from edgeheads.common.security import Security, current_security
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 
 TRANSPORTS = ("tcp", "grpc")
@@ -67,16 +70,18 @@ class RelayLink:
     transport = ""
 
     def __init__(self, role: Role, address: str, epoch: int, max_bytes: int,
-                 stub: worker_pb2_grpc.WorkerStub | None, channel_options: Sequence[tuple[str, int]]) -> None:
+                 stub: worker_pb2_grpc.WorkerStub | None, channel_options: Sequence[tuple[str, int]],
+                 security: Security) -> None:
         self.role = role
         self.address = address
         self.epoch = epoch
         self.max_bytes = max_bytes
+        self.security = security
         self.sent_epoch: int | None = None  # of the latest batch written
         self.closed = False
         self._channel = None  # owned when no stub was given
         if stub is None:
-            self._channel = grpc.aio.insecure_channel(address, options=list(channel_options))
+            self._channel = aio_channel(address, list(channel_options), security)
             stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._stub = stub
         self._opening: asyncio.Future | None = None
@@ -136,13 +141,17 @@ class TcpLink(RelayLink):
         except grpc.aio.AioRpcError as err:
             raise LinkError(err.code().name, f"asking {self.address} for its relay port: {err.details()}") from None
         host, port = relay_address(self.address, port)
+        tls = {}
+        if self.security.tls is not None:  # the worker's certificate must name the host dialed
+            tls = dict(ssl=self.security.ssl_contexts[1], server_hostname=self.security.relay_server_hostname(host),
+                       ssl_handshake_timeout=HELLO_TIMEOUT_SECONDS)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HELLO_TIMEOUT_SECONDS)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **tls), HELLO_TIMEOUT_SECONDS)
         except (OSError, asyncio.TimeoutError) as err:
             raise LinkError("UNAVAILABLE", f"connecting to the relay port {host}:{port}: {err!r}") from None
         tune(writer)
         hello = Kind.HELLO_DRIVE if self.role is Role.DRIVE else Kind.HELLO_FORWARD
-        writer.write(encode_message(hello, worker_pb2.ValueBatch(epoch=self.epoch))
+        writer.write(encode_hello(hello, self.epoch, self.security.token)
                      + b"".join(frame for _, frame in self._queued))
         if self._queued:
             self.sent_epoch = self._queued[-1][0].epoch
@@ -271,10 +280,13 @@ class GrpcLink(RelayLink):
 
 def connect(transport: str, role: Role, address: str, epoch: int, max_bytes: int, *,
             stub: worker_pb2_grpc.WorkerStub | None = None,
-            channel_options: Sequence[tuple[str, int]] = ()) -> RelayLink:
+            channel_options: Sequence[tuple[str, int]] = (), security: Security | None = None) -> RelayLink:
     """Start opening a relay link to the worker serving gRPC at ``address``, for ``epoch``.
     ``stub`` is a Worker stub on a channel the caller keeps; without one the link opens
-    its own channel (with ``channel_options``) and closes it when done with it."""
+    its own channel (with ``channel_options``) and closes it when done with it.
+    ``security`` (TLS, token; None: the process's) is the TCP link's and its own channel's."""
     if transport not in TRANSPORTS:
         raise ValueError(f"relay transport must be 'tcp' or 'grpc', not {transport!r}")
-    return (TcpLink if transport == "tcp" else GrpcLink)(role, address, epoch, max_bytes, stub, channel_options)
+    security = current_security() if security is None else security
+    return (TcpLink if transport == "tcp" else GrpcLink)(role, address, epoch, max_bytes, stub, channel_options,
+                                                         security)

@@ -11,8 +11,11 @@ A frame is a 16-byte header and a payload::
 
 The payload is a serialized protobuf (ValueBatch or DriveReply, the same messages the
 gRPC transport sends), so tensors are still {dtype, shape, raw bytes} and nothing is
-ever unpickled. A connection opens with a HELLO_DRIVE (the head node) or HELLO_FORWARD
-(a peer worker) frame. The receiver answers bad input with an ERROR frame carrying a
+ever unpickled. A connection opens with a hello: a TOKEN frame holding the cluster token (when
+the sender has one) and a HELLO_DRIVE (the head node) or HELLO_FORWARD (a peer worker) frame,
+written together; before the hello is accepted no frame may exceed HELLO_MAX_BYTES. With TLS
+configured the connection is a TLS one from its first byte (the worker's relay port).
+The receiver answers bad input with an ERROR frame carrying a
 DriveReply whose error_code is a gRPC status name: a broken frame (magic, kind, size,
 checksum, truncation) also closes the connection, since nothing after it can be trusted;
 a well-formed batch with bad values names its step and the connection goes on.
@@ -36,6 +39,7 @@ MAGIC = b"EHR1"
 HEADER = struct.Struct("<4sB3sII")
 RESERVED = bytes(3)
 HELLO_TIMEOUT_SECONDS = 10.0
+HELLO_MAX_BYTES = 64 << 10  # a hello is an epoch and a token; nobody unauthenticated sends more
 
 
 class Kind(enum.IntEnum):
@@ -44,6 +48,7 @@ class Kind(enum.IntEnum):
     BATCH = 3          # ValueBatch
     REPLY = 4          # DriveReply, worker -> head node
     ERROR = 5          # DriveReply with error_code set (without a step: the sender then closes)
+    TOKEN = 6          # the cluster token (UTF-8), just before the hello frame
 
 
 class FrameError(Exception):
@@ -106,6 +111,25 @@ def parse(message_type, payload: bytes):
         return message_type.FromString(payload)
     except Exception:  # protobuf's DecodeError; anything it raises is the same verdict
         raise FrameError("INVALID_ARGUMENT", f"relay frame is not a valid {message_type.__name__}") from None
+
+
+def encode_hello(kind: Kind, epoch: int, token: str | None) -> bytes:
+    """The frames that open a connection: the token's (when there is one) and the hello."""
+    hello = encode_message(kind, worker_pb2.ValueBatch(epoch=epoch))
+    return (encode(Kind.TOKEN, token.encode("utf-8")) + hello) if token else hello
+
+
+async def read_hello(reader: asyncio.StreamReader) -> tuple[Kind, bytes, bytes | None] | None:
+    """(hello kind, hello payload, token or None) of a connection's opening frames, or None if it
+    ended before any. The kind is the second frame's when a TOKEN frame came first; checking
+    that it is a hello kind is the caller's."""
+    first = await read_frame(reader, HELLO_MAX_BYTES)
+    if first is None or first[0] is not Kind.TOKEN:
+        return None if first is None else (first[0], first[1], None)
+    hello = await read_frame(reader, HELLO_MAX_BYTES)
+    if hello is None:
+        raise FrameError("INVALID_ARGUMENT", "a relay connection sent its token but no hello")
+    return hello[0], hello[1], first[1]
 
 
 def error_frame(code: str, message: str, batch: worker_pb2.ValueBatch | None = None) -> bytes:

@@ -1,6 +1,8 @@
 """What every edgeheads daemon's gRPC server has: explicit message limits and keepalive
-(GrpcSettings), grpc.health.v1, server reflection, a ready file, systemd's notify protocol
-(readiness, watchdog, stopping; edgeheads.common.sdnotify) and a graceful stop on SIGTERM."""
+(GrpcSettings), mutual TLS and the cluster token when configured (edgeheads.common.security;
+this is the one place a port is bound), grpc.health.v1, server reflection, a ready file,
+systemd's notify protocol (readiness, watchdog, stopping; edgeheads.common.sdnotify) and a
+graceful stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from edgeheads.common import metrics
+from edgeheads.common.auth import TokenCheck
 from edgeheads.common.config import GrpcSettings
+from edgeheads.common.security import Security, current_security, exposure_warning
 from edgeheads.common.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -40,16 +44,33 @@ def serve_metrics(listen: str | None, registry, ready_file: str | None) -> str |
     return bound
 
 
+def bind(server: grpc.aio.Server, listen: str, security: Security) -> int:
+    """Bind ``server`` to ``listen``: with mutual TLS when ``security`` has it (plaintext
+    connections are then refused), else plaintext. The port bound; OSError if none."""
+    if security.tls is not None:
+        port = server.add_secure_port(listen, security.server_credentials)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return port
+
+
 class Daemon:
-    """A grpc.aio server with health and reflection; ``run`` blocks until SIGTERM/SIGINT."""
+    """A grpc.aio server with health and reflection; ``run`` blocks until SIGTERM/SIGINT.
+    ``security`` None: the process's (edgeheads.common.security.install_security)."""
 
     def __init__(self, listen: str, service_names: list[str], grpc_settings: GrpcSettings | None = None,
-                 grace_seconds: float = 5.0) -> None:
+                 grace_seconds: float = 5.0, security: Security | None = None) -> None:
         self.listen = listen
         self.service_names = service_names
         self.grace_seconds = grace_seconds
+        self.security = current_security() if security is None else security
+        # every call, health and reflection included, must carry the cluster token (if there is one)
+        interceptors = [TokenCheck(self.security.token)] if self.security.token else None
         # explicit message limits and keepalive, from the config (never gRPC's 4 MiB default)
-        self.server = grpc.aio.server(options=(grpc_settings or GrpcSettings()).server_options())
+        self.server = grpc.aio.server(options=(grpc_settings or GrpcSettings()).server_options(),
+                                      interceptors=interceptors)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -68,9 +89,10 @@ class Daemon:
         """Serve; with ``ready`` (the default) also say so (``mark_ready``). A daemon that is
         ready only later (the worker, once registered) passes False and calls ``mark_ready``."""
         host = self.listen.rsplit(":", 1)[0]
-        port = self.server.add_insecure_port(self.listen)
-        if port == 0:
-            raise OSError(f"cannot listen on {self.listen}")
+        port = bind(self.server, self.listen, self.security)
+        warning = exposure_warning(self.listen, self.security, f"serving {', '.join(self.service_names)}")
+        if warning:
+            log.warning("%s", warning)
         await self.server.start()
         self.address = f"{host}:{port}"
         for name in ["", *self.service_names]:
@@ -91,7 +113,8 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        log.info("serving %s on %s", ", ".join(self.service_names), self.address)
+        log.info("serving %s on %s (%s)", ", ".join(self.service_names), self.address,
+                 "mutual TLS" if self.security.tls else "plaintext")
         return self.address
 
     def mark_ready(self, ready_file: str | None = None, status: str | None = None) -> None:
