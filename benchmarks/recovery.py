@@ -6,7 +6,8 @@ token, and the bytes moved, on a 3-worker loopback cluster, at several context l
                                   [--dataflow relay]
 
 For each context length a fresh cluster runs the same greedy generation twice: once
-undisturbed (the baseline: its median time per decoded token), then again with the victim
+undisturbed (the baseline: its prefill, the time to the first token, and its median time
+per decoded token), then again with the victim
 SIGKILLed as soon as --kill-after tokens have arrived. The gap between the kill and the next
 token is what a client waits for the recovery (noticing the loss, the controller's new
 placement, shipping the lost blocks from the head node, replaying every live session's
@@ -29,7 +30,6 @@ import os
 import re
 import signal
 import statistics
-import threading
 import time
 import urllib.request
 
@@ -54,16 +54,17 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 
 
 def generate(address: str, ids: list[int], new_tokens: int, on_token=None) -> list[tuple[int, float]]:
-    """(token id, arrival time) of each generated token."""
+    """(token id, arrival time) of each generated token, after (-1, the time the request left)."""
     request = headnode_pb2.GenerateRequest(prompt_token_ids=ids, max_new_tokens=new_tokens)
-    out = []
+    out: list[tuple[int, float]] = []
+    sent = time.perf_counter()
     with grpc.insecure_channel(address) as channel:
         for event in headnode_pb2_grpc.HeadnodeStub(channel).Generate(request, timeout=900):
             if not event.done:
                 out.append((event.token_id, time.perf_counter()))
                 if on_token is not None:
                     on_token(len(out))
-    return out
+    return [(-1, sent), *out]
 
 
 def scrape(address: str) -> dict[str, float]:
@@ -77,7 +78,8 @@ def run(args, tokenizer, context: int) -> dict:
     env = {"EDGEHEADS_HEADNODE__DATAFLOW": args.dataflow, "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": "0"}
     with LocalCluster(args.model, workers=3, progress=False, extra_env=env) as cluster:
         generate(cluster.address, ids[:8], 4)  # warm up
-        base = generate(cluster.address, ids, args.new_tokens)
+        (_, sent), *base = generate(cluster.address, ids, args.new_tokens)
+        prefill = base[0][1] - sent
         per_token = statistics.median(b[1] - a[1] for a, b in zip(base, base[1:]))
         killed = {}
 
@@ -85,16 +87,12 @@ def run(args, tokenizer, context: int) -> dict:
             if count == args.kill_after:
                 killed["at"] = time.perf_counter()
                 os.kill(cluster.procs[args.victim].pid, signal.SIGKILL)
-        holder: dict = {}
-        thread = threading.Thread(target=lambda: holder.update(got=generate(cluster.address, ids, args.new_tokens,
-                                                                              kill)))
-        thread.start()
-        thread.join()
-        got = holder["got"]
+        got = generate(cluster.address, ids, args.new_tokens, kill)[1:]  # kill() runs as tokens arrive
         metrics = scrape(cluster.metrics["headnode"])
         report = REPORT.search(cluster.log_tail("headnode", 200))
     gap = got[args.kill_after][1] - killed["at"]
-    return dict(context=context, per_token=per_token, gap=gap, identical=[t for t, _ in got] == [t for t, _ in base],
+    return dict(context=context, prefill=prefill, per_token=per_token, gap=gap,
+                identical=[t for t, _ in got] == [t for t, _ in base],
                 weights=metrics.get('edgeheads_recovery_bytes_total{kind="weights"}', 0.0),
                 activations=metrics.get('edgeheads_recovery_bytes_total{kind="activations"}', 0.0),
                 replayed=metrics.get("edgeheads_replayed_tokens_total", 0.0),
@@ -116,13 +114,13 @@ def main() -> None:
     rows = [run(args, tokenizer, int(c)) for c in args.contexts.split(",")]
     print(f"\n{args.model}, 3 workers, {args.dataflow} dataflow, {args.victim} SIGKILLed after {args.kill_after} of "
           f"{args.new_tokens} new tokens; one live session")
-    print(f"{'context':>8} {'ms/token':>9} {'kill->next s':>12} {'ratio':>7} {'weights MB':>10} "
+    print(f"{'context':>8} {'prefill s':>9} {'ms/token':>9} {'kill->next s':>12} {'ratio':>7} {'weights MB':>10} "
           f"{'activ. MB':>9} {'replayed':>8} {'detect s':>8} {'ship s':>7} {'replay s':>8} {'identical':>9}")
     for r in rows:
         detect, ship, replay = r["breakdown"][1:] if r["breakdown"] else (float("nan"),) * 3
-        print(f"{r['context']:>8} {r['per_token'] * 1e3:>9.1f} {r['gap']:>12.2f} {r['gap'] / r['per_token']:>6.0f}x "
-              f"{r['weights'] / 1e6:>10.1f} {r['activations'] / 1e6:>9.1f} {r['replayed']:>8.0f} {detect:>8.2f} "
-              f"{ship:>7.2f} {replay:>8.2f} {str(r['identical']):>9}")
+        print(f"{r['context']:>8} {r['prefill']:>9.2f} {r['per_token'] * 1e3:>9.1f} {r['gap']:>12.2f} "
+              f"{r['gap'] / r['per_token']:>6.0f}x {r['weights'] / 1e6:>10.1f} {r['activations'] / 1e6:>9.1f} "
+              f"{r['replayed']:>8.0f} {detect:>8.2f} {ship:>7.2f} {replay:>8.2f} {str(r['identical']):>9}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from edgeheads.common.spec import ModelShape
 
 log = logging.getLogger(__name__)
 
+MEMORY_RETURN_MARGIN = 64 << 10  # or 1 %: less than this much more memory is not worth a re-plan
+
 
 @dataclass
 class WorkerRecord:
@@ -101,6 +103,7 @@ class ClusterState:
         self.model_name = ""
         self.current = PlacementEpoch(0, {}, {}, policy)
         self.version = 0  # bumped whenever ``current`` is replaced: a new epoch, or a re-plan that failed
+        self._short_of: dict[str, int] = {}  # while no placement fits: the memory each worker had then
         self.decisions: list[PlanDecision] = []
         self.decisions_kept = 50
 
@@ -147,6 +150,18 @@ class ClusterState:
             return None
         return (f"memory violation on {name}: uses {record.memory_used_bytes} of {record.memory_available_bytes} "
                 "bytes")
+
+    def memory_returned(self, name: str) -> str | None:
+        """A reason to re-plan now when no placement fits and worker ``name`` reports clearly
+        more memory than the failed plan counted on (once per increase)."""
+        record, counted = self.workers.get(name), self._short_of.get(name)
+        if not self.current.error or record is None or counted is None:
+            return None
+        if record.memory_available_bytes <= counted + max(MEMORY_RETURN_MARGIN, counted // 100):
+            return None
+        self._short_of[name] = record.memory_available_bytes
+        more = record.memory_available_bytes - counted
+        return f"{name} has {record.memory_available_bytes} bytes available, {more} more than when no placement fitted"
 
     def remove(self, name: str, reason: str) -> bool:
         if self.workers.pop(name, None) is None:
@@ -204,10 +219,12 @@ class ClusterState:
         members = tuple(sorted(inputs.addresses))
         if isinstance(outcome, InfeasiblePlacement):
             log.error("no feasible placement (%s): %s", reason, outcome)
+            self._short_of = {c.name: c.memory_available_bytes for c in inputs.capacities}
             self._publish(PlacementEpoch(self.current.epoch, self.current.placement, self.current.addresses,
                                          self.policy, error=str(outcome), members=members))
             return self.current
         placement = outcome
+        self._short_of = {}
         stale = {n for n in set(placement.values())
                  if n not in self.workers or self.workers[n].address != inputs.addresses.get(n)}
         if stale:

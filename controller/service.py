@@ -122,9 +122,9 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                     self.metrics.memory_used.labels(report.name).set(report.memory_used_bytes)
                     self.metrics.memory_available.labels(report.name).set(report.memory_available_bytes)
                     self.metrics.compute_flops.labels(report.name).set(report.compute_flops)
-                violation = self.state.memory_violation(report.name)
-                if violation:
-                    self.request_replan("memory", violation)
+                reason = self.state.memory_violation(report.name) or self.state.memory_returned(report.name)
+                if reason:
+                    self.request_replan("memory", reason)
         finally:
             # the stream ending means the worker stopped or its link died
             if name is not None and self.state.remove(name, "telemetry stream closed"):

@@ -53,7 +53,8 @@ class PlacementFeed:
             self.latest = answer
             self._changed.notify_all()
 
-    async def wait_for(self, suits: Callable[[PlacementAnswer], bool], timeout_seconds: float) -> PlacementAnswer | None:
+    async def wait_for(self, suits: Callable[[PlacementAnswer], bool],
+                       timeout_seconds: float) -> PlacementAnswer | None:
         """The latest answer once it suits; None if none does within ``timeout_seconds``."""
         def ready() -> bool:
             return self.latest is not None and suits(self.latest)

@@ -138,7 +138,7 @@ class Recovery:
                     return await self._give_up(CapacityError(
                         f"the remaining workers ({survivors}) cannot hold the model"
                         + (f" after losing {', '.join(sorted(lost))}" if lost else "")
-                        + f": {answer.error}. Requests get this error until a placement fits (a worker joins)"),
+                        + f": {answer.error}. Requests get this error until a placement fits (a worker joins or gets more memory)"),
                         down=True)
                 waited = loop.time() - since
                 try:

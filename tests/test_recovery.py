@@ -3,7 +3,7 @@ two concurrent generations (one greedy, one sampled with a seed), in both datafl
 every generation completes with the tokens of an undisturbed run; a hung worker (found by
 the step timeout and the controller's heartbeat timeout); survivors that cannot hold the
 model end the sessions with RESOURCE_EXHAUSTED, and the cluster serves again once a
-worker joins.
+worker joins or the survivors get more memory.
 
 Each kill run prints its seed, victim and step: rerun one with
 ``pytest tests/test_recovery.py -k "relay and 3" -s``.
@@ -26,7 +26,7 @@ from edgeheads.headnode.embedded import LocalCluster
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.local import LocalGenerator
 from edgeheads.headnode.sampling import SamplingParams
-from edgeheads.v1 import headnode_pb2, headnode_pb2_grpc
+from edgeheads.v1 import headnode_pb2, headnode_pb2_grpc, worker_pb2, worker_pb2_grpc
 from test_live_migration import scrape
 from tiny_configs import TINY_CONFIGS
 
@@ -186,34 +186,48 @@ def tight_memory_limit(shape) -> int:
     return limit
 
 
-def test_survivors_that_cannot_hold_the_model_say_resource_exhausted_until_a_worker_joins(tiny):
+def serves_again(address: str, prompt: str, timeout_seconds: float = 60) -> list[int]:
+    """Generate once the head node has taken in a placement that fits (RESOURCE_EXHAUSTED until then)."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            return generate(address, prompt)
+        except grpc.RpcError as err:
+            assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, err
+            time.sleep(0.2)
+
+
+def killed_mid_generation_is_resource_exhausted(cluster: LocalCluster, victim: str) -> None:
+    stream = Stream(cluster.address, PROMPTS[1], SamplingParams(max_new_tokens=200))
+    stream.start()
+    wait_for_tokens(stream, 3)
+    cluster.procs[victim].kill()
+    stream.join(timeout=120)
+    assert stream.error is not None, "the generation went on without room for the model"
+    assert stream.error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error.details()
+    assert "cannot hold the model" in stream.error.details() and victim in stream.error.details()
+    with pytest.raises(grpc.RpcError) as refused:  # new requests too, at once
+        generate(cluster.address, PROMPTS[0])
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_survivors_that_cannot_hold_the_model_say_resource_exhausted_until_memory_returns(tiny):
+    """Memory returns twice: a worker joins, then (after that one is lost too) the survivors'
+    memory limits are raised at runtime."""
     path, model, local = tiny
     expected = local.generate(PROMPTS[0], GREEDY).token_ids
-    long = SamplingParams(max_new_tokens=200)
+    limit = tight_memory_limit(model.parts.shape)
     env = {"EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": "0"}
-    with LocalCluster(str(path), workers=3, progress=False, extra_env=env,
-                      worker_memory_limit_bytes=tight_memory_limit(model.parts.shape)) as cluster:
-        stream = Stream(cluster.address, PROMPTS[1], long)
-        stream.start()
-        wait_for_tokens(stream, 3)
-        cluster.procs["worker-1"].kill()
-        stream.join(timeout=120)
-        assert stream.error is not None, "the generation went on without room for the model"
-        assert stream.error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error.details()
-        assert "cannot hold the model" in stream.error.details() and "worker-1" in stream.error.details()
-        with pytest.raises(grpc.RpcError) as refused:  # new requests too, at once
-            generate(cluster.address, PROMPTS[0])
-        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        cluster.add_worker()
-        deadline = time.monotonic() + 60
-        while True:  # the head node takes the controller's new placement in
-            try:
-                got = generate(cluster.address, PROMPTS[0])
-                break
-            except grpc.RpcError as err:
-                assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, err
-                time.sleep(0.2)
+    with LocalCluster(str(path), workers=3, progress=False, extra_env=env, worker_memory_limit_bytes=limit) as cluster:
+        killed_mid_generation_is_resource_exhausted(cluster, "worker-1")
+        joined = cluster.add_worker()
+        assert serves_again(cluster.address, PROMPTS[0]) == expected
+        killed_mid_generation_is_resource_exhausted(cluster, joined)
+        for survivor in ("worker-0", "worker-2"):
+            with grpc.insecure_channel(cluster.addresses[survivor]) as channel:
+                worker_pb2_grpc.WorkerStub(channel).SetMemoryLimit(
+                    worker_pb2.SetMemoryLimitRequest(memory_limit_bytes=2 * limit), timeout=10)
+        assert serves_again(cluster.address, PROMPTS[0]) == expected
         counts = recoveries(cluster)
-    assert got == expected
-    assert counts['edgeheads_recoveries_total{result="no_capacity"}'] == 1
-    assert counts['edgeheads_recoveries_total{result="ok"}'] == 1
+    assert counts['edgeheads_recoveries_total{result="no_capacity"}'] == 2
+    assert counts['edgeheads_recoveries_total{result="ok"}'] == 2

@@ -144,3 +144,21 @@ def test_a_repair_puts_lost_blocks_where_the_policy_would_if_they_fit_and_fails_
         repair(spread, TINY, small, 256, kept_from=before)
     with pytest.raises(InfeasiblePlacement, match="no workers"):
         repair(spread, TINY, [], 256, kept_from=before)
+
+
+def test_more_memory_while_no_placement_fits_asks_for_a_replan_once_per_increase():
+    state = ClusterState("spread")
+    total = sum(block_memory_bytes(SMOLLM2_135M, b.kind, 2048) for b in SMOLLM2_135M.block_ids())
+    for i in range(2):
+        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", int(total / 2.5), 2e10))
+    state.set_model(SMOLLM2_135M, "smollm2")
+    assert state.current.error and state.memory_returned("w0") is None  # nothing new yet
+    state.heartbeat("w0", memory_available_bytes=int(total / 2.5 * 1.005), memory_used_bytes=0, compute_flops=0)
+    assert state.memory_returned("w0") is None  # within the noise margin
+    state.heartbeat("w0", memory_available_bytes=total, memory_used_bytes=0, compute_flops=0)
+    reason = state.memory_returned("w0")
+    assert reason and "w0 has" in reason and "more than when no placement fitted" in reason
+    assert state.memory_returned("w0") is None  # once per increase
+    assert state.replan(reason).epoch == 1 and not state.current.error
+    state.heartbeat("w1", memory_available_bytes=total, memory_used_bytes=0, compute_flops=0)
+    assert state.memory_returned("w1") is None  # a placement fits: nothing to ask for
