@@ -33,7 +33,7 @@ from edgeheads.common.spec import BlockId
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.cluster_errors import CapacityError, ClusterError
 from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed, answers_loss
-from edgeheads.headnode.recovery_plan import RecoveryReport, block_changes, step_bytes_per_token
+from edgeheads.headnode.recovery_plan import RecoveryReport, block_changes, capacity_message, step_bytes_per_token
 from edgeheads.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,7 @@ class Recovery:
                         f"lost {', '.join(sorted(lost))}, and the controller published no placement without "
                         f"{'it' if len(lost) == 1 else 'them'} within {self.timeout_seconds:g} s"))
                 if answer.error:
-                    survivors = ", ".join(sorted(answer.members))
-                    return await self._give_up(CapacityError(
-                        f"the remaining workers ({survivors}) cannot hold the model"
-                        + (f" after losing {', '.join(sorted(lost))}" if lost else "")
-                        + f": {answer.error}. Requests get this error until a placement fits (a worker joins or gets more memory)"),
-                        down=True)
+                    return await self._give_up(CapacityError(capacity_message(answer, lost)), down=True)
                 waited = loop.time() - since
                 try:
                     report = await self._rebuild(answer, lost, trigger)

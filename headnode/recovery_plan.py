@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgeheads.common.spec import BlockId, ModelShape
+from edgeheads.headnode.placement_feed import PlacementAnswer
 from edgeheads.headnode.relay_plan import relay_plan
 from edgeheads.headnode.step_plan import StepPlan
 
@@ -19,6 +20,13 @@ def block_changes(held: dict[str, set[BlockId]], placement: dict[BlockId, str]
     unload = {w: sorted(b for b in blocks if placement.get(b) != w) for w, blocks in held.items()}
     load = {b: w for b, w in sorted(placement.items()) if b not in held.get(w, set())}
     return {w: blocks for w, blocks in unload.items() if blocks}, load
+
+
+def capacity_message(answer: PlacementAnswer, lost: set[str]) -> str:
+    """What a session ended for lack of room (and every request until a placement fits) is told."""
+    losing = f" after losing {', '.join(sorted(lost))}" if lost else ""
+    return (f"the remaining workers ({', '.join(sorted(answer.members)) or 'none'}) cannot hold the model{losing}: "
+            f"{answer.error}. Requests get this error until a placement fits (a worker joins or gets more memory)")
 
 
 def value_bytes_per_token(name: str, shape: ModelShape) -> int:

@@ -16,7 +16,8 @@ from edgeheads.controller.service import ControllerService
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity, spread
 from edgeheads.headnode.embedded import exit_description
 from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed, answers_loss
-from edgeheads.headnode.recovery_plan import block_changes, step_bytes_per_token, value_bytes_per_token
+from edgeheads.headnode.recovery_plan import (block_changes, capacity_message, step_bytes_per_token,
+                                              value_bytes_per_token)
 from edgeheads.headnode.step_plan import compile_plan
 from edgeheads.v1 import controller_pb2
 
@@ -162,3 +163,10 @@ def test_more_memory_while_no_placement_fits_asks_for_a_replan_once_per_increase
     assert state.replan(reason).epoch == 1 and not state.current.error
     state.heartbeat("w1", memory_available_bytes=total, memory_used_bytes=0, compute_flops=0)
     assert state.memory_returned("w1") is None  # a placement fits: nothing to ask for
+
+
+def test_the_capacity_message_names_the_survivors_the_lost_and_the_way_back():
+    answer = PlacementAnswer(4, {}, {}, error="ffn(2) need 9 bytes", members=frozenset({"w2", "w0"}))
+    message = capacity_message(answer, {"w1"})
+    assert message.startswith("the remaining workers (w0, w2) cannot hold the model after losing w1: ffn(2) need 9")
+    assert "until a placement fits (a worker joins or gets more memory)" in message
