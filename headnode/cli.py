@@ -79,6 +79,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.local and args.cluster:
         raise CliError("--local and --cluster exclude each other", 2)
+    if args.config and not args.cluster:
+        raise CliError("--config goes with --cluster (a local cluster reads EDGEHEADS_* variables)", 2)
     if args.local:
         result = _generate_local(args)
     else:

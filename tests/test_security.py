@@ -106,6 +106,20 @@ def test_a_generation_over_tls_and_token_is_identical_to_plaintext(secured, pki,
     assert frames > 0
 
 
+@pytest.mark.parametrize("dataflow", ["relay/grpc", "head"])
+def test_the_other_dataflows_are_identical_over_tls_and_token_too(tiny_model, pki, plaintext_tokens, dataflow):
+    """Their activations travel on gRPC streams, written message by message through the token's
+    client interceptor."""
+    flow, _, transport = dataflow.partition("/")
+    env = {**security_env(pki / "cluster"), "EDGEHEADS_HEADNODE__DATAFLOW": flow,
+           "EDGEHEADS_HEADNODE__RELAY_TRANSPORT": transport or "tcp"}
+    with LocalCluster(str(tiny_model), workers=3, progress=False, extra_env=env) as cluster, \
+            Client(cluster.address, security=client_security(pki)) as client:
+        got = client.generate_full(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert client.status()["dataflow"] == dataflow
+    assert got.token_ids == plaintext_tokens
+
+
 def test_a_client_without_the_token_is_refused_and_logged(secured, pki):
     with Client(secured.address, security=client_security(pki, token=None)) as client:
         with pytest.raises(ClientError) as err:

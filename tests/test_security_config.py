@@ -163,6 +163,11 @@ def test_daemons_and_commands_exit_non_zero_with_one_line_on_bad_security(tmp_pa
     assert "Traceback" not in err
 
 
+def test_generate_takes_a_config_only_for_a_running_cluster(tmp_path, capsys):
+    assert main(["generate", "x", "--config", str(write(tmp_path, ""))]) == 2
+    assert "--config goes with --cluster" in capsys.readouterr().err
+
+
 def test_the_example_file_documents_every_field():
     text = EXAMPLE.read_text(encoding="utf-8")
     assert "\nsecurity:\n" in text
