@@ -65,7 +65,7 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_SECO
         if code == grpc.StatusCode.UNAVAILABLE:
             return False, f"{what}: unreachable ({_first_line(err)})"
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            return False, f"{what}: refused ({_first_line(err)}); set security.token or security.token_file"
+            return False, f"{what}: refused ({_first_line(err)})"
         return False, f"{what}: {code.name if code else 'error'} ({_first_line(err)})"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"

@@ -90,7 +90,7 @@ class Daemon:
         ready only later (the worker, once registered) passes False and calls ``mark_ready``."""
         host = self.listen.rsplit(":", 1)[0]
         port = bind(self.server, self.listen, self.security)
-        warning = exposure_warning(self.listen, self.security, f"serving {', '.join(self.service_names)}")
+        warning = exposure_warning(self.listen, self.security, f"serving {', '.join(self.service_names) or 'gRPC'}")
         if warning:
             log.warning("%s", warning)
         await self.server.start()
