@@ -1,7 +1,8 @@
 """Recovery from a lost worker, with real processes: a worker SIGKILLed at a random step of
 two concurrent generations (one greedy, one sampled with a seed), in both dataflows, and
-every generation completes with the tokens of an undisturbed run; a hung worker (found by
-the step timeout and the controller's heartbeat timeout); survivors that cannot hold the
+every generation completes with the tokens of an undisturbed run; two workers lost while
+blocks migrate every few tokens; a hung worker (found by the step timeout and the
+controller's heartbeat timeout); survivors that cannot hold the
 model end the sessions with RESOURCE_EXHAUSTED, and the cluster serves again once a
 worker joins or the survivors get more memory.
 
@@ -139,6 +140,32 @@ def test_a_worker_killed_at_a_random_step_changes_no_token_of_two_sessions(tiny,
     assert counts["edgeheads_recovered_sessions_total"] >= 1, log
     assert counts['edgeheads_recovery_bytes_total{kind="weights"}'] > 0
     assert counts.get('edgeheads_migrations_total{result="abandoned"}', 0) == 0, log
+
+
+def test_two_workers_lost_while_blocks_migrate_every_few_tokens(tiny):
+    """Recovery and live migration take turns: the shuffle policy moves blocks every 6 tokens,
+    and two of four workers are killed, the first one a source of migrations in flight."""
+    path, _, local = tiny
+    params = SamplingParams(max_new_tokens=80)
+    expected = [local.generate(p, params).token_ids for p in PROMPTS]
+    env = {"EDGEHEADS_CONTROLLER__POLICY": "shuffle", "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": "6",
+           "EDGEHEADS_CONTROLLER__SHUFFLE_MOVES": "3"}
+    with LocalCluster(str(path), workers=4, progress=False, extra_env=env) as cluster:
+        streams = [Stream(cluster.address, p, params) for p in PROMPTS]
+        for stream in streams:
+            stream.start()
+        for victim, after in (("worker-1", 15), ("worker-3", 45)):
+            wait_for_tokens(streams[0], after)
+            cluster.procs[victim].kill()
+        for stream in streams:
+            stream.join(timeout=240)
+        counts = recoveries(cluster)
+        log = cluster.log_tail("headnode", 40)
+    for stream, want in zip(streams, expected):
+        assert stream.error is None, f"{stream.error.code().name}: {stream.error.details()}\n{log}"
+        assert stream.tokens == want, log
+    assert counts['edgeheads_recoveries_total{result="ok"}'] == 2, log
+    assert counts['edgeheads_migrations_total{result="ok"}'] >= 3, log
 
 
 def test_a_hung_worker_is_found_by_timeouts_and_recovered(tiny):
