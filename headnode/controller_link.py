@@ -89,7 +89,11 @@ class ControllerLink:
         if reply.error or self.cluster.epoch is None or reply.epoch <= self.cluster.epoch.number:
             return
         answer = PlacementAnswer.from_reply(reply)
-        if await self.recovery.on_placement(answer):
+        try:
+            if await self.recovery.on_placement(answer):
+                return
+        except Exception:  # a bug must not stop this link from following later epochs
+            log.exception("taking in epoch %d after a lost worker failed", answer.epoch)
             return
         try:
             report = await migrate(self.cluster, answer.epoch, answer.placement, answer.addresses,
