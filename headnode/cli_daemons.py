@@ -57,8 +57,10 @@ def _cmd_headnode(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     """Run the cluster until SIGINT, SIGTERM or SIGHUP (Ctrl-C, ``kill``, ``docker stop``, systemd),
-    or until a daemon exits; every daemon is stopped before returning, whichever it was."""
-    from edgeheads.headnode.embedded import LaunchError, LocalCluster, Stopped, stop_signals_raise
+    or until the controller or the head node exits; every daemon is stopped before returning,
+    whichever it was. A worker that exits is reported, and the cluster goes on without it (the
+    head node recovers its sessions on the others)."""
+    from edgeheads.headnode.embedded import LaunchError, LocalCluster, Stopped, exit_description, stop_signals_raise
 
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
