@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -133,8 +132,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
 
     async def SetModel(self, request, context):
         try:
-            shape = ModelShape(**json.loads(request.model_shape_json))
-        except (TypeError, ValueError) as err:
+            shape = ModelShape.from_json(request.model_shape_json)
+        except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad model shape: {err}")
         self.state.announce_model(shape, request.model_name)
         await self.replan_and_wait("model", "model announced")

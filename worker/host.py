@@ -8,7 +8,6 @@ and leave everything else on the worker untouched.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -57,8 +56,8 @@ def parse_block_id(text: str) -> BlockId:
 
 def parse_shape(text: str) -> ModelShape:
     try:
-        return ModelShape(**json.loads(text))
-    except (TypeError, ValueError) as err:
+        return ModelShape.from_json(text)
+    except ValueError as err:
         raise HostError("INVALID_ARGUMENT", f"bad model shape: {err}") from None
 
 

@@ -16,7 +16,9 @@ A FLOP is one multiply or one add, so a (m x n) @ (n x k) matmul is 2*m*n*k.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -89,6 +91,34 @@ class ModelShape:
             raise ValueError(f"unknown block arch {self.arch!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.n_heads} query heads do not split into {self.n_kv_heads} KV groups")
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelShape":
+        """A shape sent over the wire (the JSON of ``to_dict``), every field checked for its type
+        (and sizes for being positive), since the dataclass takes anything and a wrong type fails
+        only later, deep in the placement or a block. ValueError says what is wrong."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("model shape JSON nested too deeply") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"a model shape is a JSON object, not {type(data).__name__}")
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise ValueError(f"unknown model shape fields {unknown}")
+        for name, value in data.items():
+            kind = types[name]
+            if kind == "int" and (type(value) is not int or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if kind == "float" and (type(value) not in (int, float) or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if kind in ("bool", "str") and type(value).__name__ != kind:
+                raise ValueError(f"{name} must be a {kind}, got {value!r}")
+        try:
+            return cls(**data)
+        except TypeError as err:  # a required field missing
+            raise ValueError(str(err)) from None
 
     @property
     def heads_per_group(self) -> int:
