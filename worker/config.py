@@ -31,6 +31,9 @@ class WorkerSettings(Section):
     # the TCP port for relay activations (tcp relay transport), on the host of ``listen``;
     # 0: any free port (peers ask for it over gRPC). Open it in firewalls next to ``listen``.
     relay_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    # drop a session that has seen no call for this long, and free its K/V caches (its head
+    # node is gone or stopped driving it); 0: keep sessions until the head node drops them
+    session_ttl_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 300.0
 
     def advertise_address(self, bound_port: int | None = None) -> str:
         """The address other processes should dial to reach this worker.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 
 import grpc
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2_grpc
 from edgeheads.worker import telemetry
 from edgeheads.worker.host import BlockHost
+from edgeheads.worker.idle_sessions import sweep_idle_sessions
 from edgeheads.worker.links import probe_loop
 from edgeheads.worker.relay_port import RelayPort
 from edgeheads.common.channels import open_channel
@@ -25,6 +27,9 @@ from edgeheads.common.server import Daemon, serve_metrics
 from edgeheads.worker.service import WorkerService
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_SECONDS = 0.2  # the controller is retried after this, doubling up to RETRY_MAX_SECONDS
+RETRY_MAX_SECONDS = 5.0
 
 
 def telemetry_report(host: BlockHost, service: WorkerService,
@@ -49,8 +54,9 @@ def telemetry_report(host: BlockHost, service: WorkerService,
 async def _register_and_report(host: BlockHost, service: WorkerService, settings: WorkerSettings,
                                grpc_settings: GrpcSettings, address: str, compute: telemetry.ComputeEstimate,
                                registered: asyncio.Event) -> None:
-    """Register, then stream telemetry every period; reconnect with backoff on failure."""
-    backoff = 0.2
+    """Register, then stream telemetry every period; reconnect with backoff on failure (a
+    controller that restarts gets every worker back within about RETRY_MAX_SECONDS)."""
+    backoff = RETRY_FIRST_SECONDS
     while True:
         try:
             async with open_channel(settings.controller, grpc_settings) as ch:
@@ -63,7 +69,7 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
                     memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source), timeout=10)
                 log.info("worker %s registered with controller %s", host.name, settings.controller)
                 registered.set()
-                backoff = 0.2
+                backoff = RETRY_FIRST_SECONDS
                 period = settings.telemetry_period_seconds or reply.heartbeat_seconds
 
                 async def reports():
@@ -74,8 +80,9 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
         except grpc.aio.AioRpcError as err:
             log.warning("worker %s: controller %s: %s (%s); retrying in %.1f s", host.name, settings.controller,
                         err.code().name, err.details(), backoff)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+        # jittered, so that the workers of a restarted controller do not all call at once
+        await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+        backoff = min(backoff * 2, RETRY_MAX_SECONDS)
 
 
 async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, ready_file: str | None = None,
@@ -116,14 +123,15 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
     task = asyncio.create_task(_register_and_report(
         host, service, settings, grpc_settings, settings.advertise_address(int(bound.rsplit(':', 1)[1])), compute,
         registered))
-    probing = None
+    loops = []
     if settings.link_probe_seconds:
-        probing = asyncio.create_task(probe_loop(service.links, service.relay.peer_addresses,
-                                                 grpc_settings, settings.link_probe_seconds))
+        loops.append(asyncio.create_task(probe_loop(service.links, service.relay.peer_addresses,
+                                                    grpc_settings, settings.link_probe_seconds)))
+    if settings.session_ttl_seconds:
+        loops.append(asyncio.create_task(sweep_idle_sessions(host, service.relay, settings.session_ttl_seconds)))
     if await daemon.unless_stopped(registered.wait()):
         daemon.mark_ready(ready_file, f"serving on {bound}, registered with {settings.controller} as {name}")
     await daemon.wait()
-    task.cancel()
-    if probing is not None:
-        probing.cancel()
+    for running in [task, *loops]:
+        running.cancel()
     await service.relay.close()

@@ -90,6 +90,7 @@ class BlockHost:
         self.flops_done = 0.0
         self._version = 0  # bumped whenever self.blocks changes
         self.ended: OrderedDict[str, None] = OrderedDict()  # sessions the head node ended (end_session)
+        self.last_used: dict[str, float] = {}  # session -> time.monotonic() of its last call (worker/idle_sessions.py)
 
     # ------------------------------------------------------------------ weights and blocks
     def has_weights(self, hashes: list[str]) -> list[str]:
@@ -189,7 +190,12 @@ class BlockHost:
         if session in self.ended:
             raise HostError("FAILED_PRECONDITION", f"session {session!r} has ended on {self.name}")
 
+    def touch(self, session: str) -> None:
+        """A call of ``session`` starts or ends: it is not idle (worker/idle_sessions.py)."""
+        self.last_used[session] = time.monotonic()
+
     def drop_session(self, session: str) -> int:
+        self.last_used.pop(session, None)
         dropped = 0
         for block in self.blocks.values():
             if isinstance(block, AttentionBlock) and session in block.caches:
@@ -250,6 +256,7 @@ class BlockHost:
         lengths = {t.shape[1] if t.dim() == 3 else -1 for t in inputs.values()}
         if len(lengths) > 1:
             raise HostError("INVALID_ARGUMENT", "request inputs cover different numbers of tokens")
+        self.touch(session)
 
     def run_call(self, session: str, position: int, inputs: dict[str, torch.Tensor], ops: list[OpSpec],
                   returns: list[str]) -> dict[str, torch.Tensor]:
@@ -286,6 +293,7 @@ class BlockHost:
                         block.drop_session(session)
             raise HostError("INVALID_ARGUMENT", str(err)) from None
         self.compute_seconds += time.perf_counter() - start
+        self.touch(session)  # a call longer than the TTL must not leave its session looking idle
         first = next(iter(values.values()), None)
         tokens = first.shape[1] if first is not None and first.dim() == 3 else 1
         self.flops_done += tokens * sum(b.flops_decode(position + tokens) for b in blocks)
