@@ -36,5 +36,13 @@ class HeadnodeMetrics:
                                       "the head node, activations of the replays", ["kind"], registry=registry)
         self.recovered_sessions = Counter("edgeheads_recovered_sessions", "Live sessions rebuilt by recoveries",
                                           registry=registry)
+        self.admitted_sessions = Gauge("edgeheads_admitted_sessions", "Sessions holding a K/V reservation",
+                                       registry=registry)
+        self.reserved_kv_bytes = Gauge("edgeheads_reserved_kv_bytes", "K/V cache bytes the admitted sessions "
+                                       "reserve on each worker", ["worker"], registry=registry)
+        self.admission_refusals = Counter("edgeheads_admission_refusals", "Requests refused before they started "
+                                          "(sessions: the session limit; memory: their K/V caches do not fit), and "
+                                          "sessions ended after a loss because they no longer fit (evicted)",
+                                          ["reason"], registry=registry)
         self.replayed_tokens = Counter("edgeheads_replayed_tokens", "Tokens recoveries fed again to rebuild caches",
                                        registry=registry)

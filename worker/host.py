@@ -18,6 +18,7 @@ import torch
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
+from edgeheads.worker.cache_guard import cache_shortfall
 from edgeheads.worker.executor import FUSED_NAMES, CallUnit, pack_attention_weights, plan_units
 from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 from edgeheads.common.wire import DataLossError, WireError, blob_to_weights, sha256_hex
@@ -259,15 +260,21 @@ class BlockHost:
         self.touch(session)
 
     def run_call(self, session: str, position: int, inputs: dict[str, torch.Tensor], ops: list[OpSpec],
-                  returns: list[str]) -> dict[str, torch.Tensor]:
+                  returns: list[str], reserve_tokens: int = 0) -> dict[str, torch.Tensor]:
         """Run ops in order over a value table seeded with ``inputs``; return ``returns``.
 
-        Attention caches advance only if the whole call succeeds."""
-        return self.run_compiled(session, position, inputs, self.compile_call(ops, inputs, returns))
+        Attention caches advance only if the whole call succeeds. A session's caches are
+        allocated for ``reserve_tokens`` tokens at once (its reservation; 0: grow as needed),
+        unless that would exceed this worker's memory budget (RESOURCE_EXHAUSTED)."""
+        return self.run_compiled(session, position, inputs, self.compile_call(ops, inputs, returns), reserve_tokens)
 
     def run_compiled(self, session: str, position: int, inputs: dict[str, torch.Tensor],
-                     compiled: CompiledCall) -> dict[str, torch.Tensor]:
+                     compiled: CompiledCall, reserve_tokens: int = 0) -> dict[str, torch.Tensor]:
         self._check_request(session, position, inputs, compiled)
+        fed = next((t.shape[1] for t in inputs.values() if t.dim() == 3), 1)
+        shortfall = cache_shortfall(self, compiled.units, session, position + fed, reserve_tokens)
+        if shortfall is not None:
+            raise HostError("RESOURCE_EXHAUSTED", shortfall)
         blocks, returns = compiled.blocks, compiled.returns
         values = dict(inputs) if self.device.type == "cpu" else {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
@@ -277,7 +284,7 @@ class BlockHost:
                 for unit in compiled.units:
                     if unit.group is not None:
                         touched += unit.group.blocks
-                        parts = unit.group.split(unit.group.forward(session, values[unit.inputs[0]]))
+                        parts = unit.group.split(unit.group.forward(session, values[unit.inputs[0]], reserve_tokens))
                         values.update(zip(unit.outputs, parts))
                     elif unit.block.block_id.kind is BlockKind.PROJECTION:
                         args = [values[n] for n in unit.inputs]
@@ -291,7 +298,8 @@ class BlockHost:
                     cache.length = position
                     if position == 0:
                         block.drop_session(session)
-            raise HostError("INVALID_ARGUMENT", str(err)) from None
+            raise HostError("RESOURCE_EXHAUSTED" if isinstance(err, torch.OutOfMemoryError) else "INVALID_ARGUMENT",
+                            str(err)) from None
         self.compute_seconds += time.perf_counter() - start
         self.touch(session)  # a call longer than the TTL must not leave its session looking idle
         first = next(iter(values.values()), None)

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from edgeheads.worker import telemetry
 from edgeheads.worker.blocks.attention import AttentionBlock
+from edgeheads.worker.blocks.kv_cache import DEFAULT_CAPACITY, store_bytes
 from edgeheads.worker.host import BlockHost, HostError, parse_block_id
 from edgeheads.common.wire import weights_to_blob
 
@@ -32,6 +34,7 @@ def export_state(host: BlockHost, block_text: str, include_weights: bool,
     if include_weights:
         tensors |= {f"w.{k}": v for k, v in block.weights.items()}
     rows: dict[str, list[int]] = {}
+    capacity: dict[str, int] = {}  # rows allocated per session: the destination allocates as many
     sessions: list[str] = []
     if isinstance(block, AttentionBlock):
         sessions = sorted(block.caches)
@@ -43,8 +46,9 @@ def export_state(host: BlockHost, block_text: str, include_weights: bool,
             k, v = cache.export(start)
             tensors[f"k.{session}"], tensors[f"v.{session}"] = k.cpu(), v.cpu()
             rows[session] = [start, cache.length]
+            capacity[session] = cache.capacity
     meta = {"block_id": str(block.block_id), "content_hash": host.block_hash[block.block_id],
-            "weights": include_weights, "rows": rows, "sessions": sessions}
+            "weights": include_weights, "rows": rows, "sessions": sessions, "capacity": capacity}
     tensors[META] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
     return st_save({k: t.contiguous() for k, t in tensors.items()})
 
@@ -78,6 +82,13 @@ def import_state(host: BlockHost, blob: bytes, block_text: str, shape_json: str,
     if block is None or host.block_hash.get(block.block_id) != content_hash:
         block = host.bind_block(block_text, shape_json, content_hash)
     if isinstance(block, AttentionBlock):
+        capacity = import_capacity(meta, block)
+        needed = sum(store_bytes(1, rows, block.shape.head_dim, block.dtype.itemsize) for rows in capacity.values())
+        used = host.memory_used_bytes()
+        budget = telemetry.memory_capacity_bytes(host.memory_limit_bytes, used)
+        if used + needed > budget:
+            raise HostError("RESOURCE_EXHAUSTED", f"{block_text}: the K/V caches of {len(capacity)} sessions need "
+                            f"{needed} bytes on {host.name}, but {used} of its {budget}-byte budget are in use")
         for session, (start, stop) in meta["rows"].items():
             k, v = tensors[f"k.{session}"], tensors[f"v.{session}"]
             if k.shape[0] != stop - start or v.shape != k.shape:
@@ -87,10 +98,26 @@ def import_state(host: BlockHost, blob: bytes, block_text: str, shape_json: str,
             if start > have:
                 raise HostError("FAILED_PRECONDITION", f"session {session!r}: rows start at {start} but "
                                 f"{block_text} here has {have}")
-            block.cache(session).load(k.to(host.device), v.to(host.device), start)
+            block.cache(session, capacity.get(session, DEFAULT_CAPACITY)).load(k.to(host.device), v.to(host.device),
+                                                                               start)
         for session in set(block.caches) - set(meta["sessions"]):
             block.drop_session(session)
     return meta
+
+
+def import_capacity(meta: dict, block: AttentionBlock) -> dict[str, int]:
+    """Rows to allocate for each session the payload brings that ``block`` has no cache of yet:
+    what the source allocated (its reservation), at least the rows it carries."""
+    sent = meta.get("capacity")
+    sent = sent if isinstance(sent, dict) else {}
+    out = {}
+    for session, span in meta["rows"].items():
+        if session in block.caches:
+            continue
+        rows = sent.get(session)
+        stop = span[1] if isinstance(span, list) and len(span) == 2 and isinstance(span[1], int) else 0
+        out[session] = max(rows if isinstance(rows, int) and rows > 0 else DEFAULT_CAPACITY, stop)
+    return out
 
 
 def cache_lengths(host: BlockHost, block_text: str) -> dict[str, int]:

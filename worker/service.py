@@ -78,7 +78,8 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
                 inputs = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in req.inputs}
                 ops = [OpSpec(op.block_id, list(op.inputs), op.output) for op in req.ops]
                 t0 = time.perf_counter()
-                outputs = self.host.run_call(req.session, req.position, inputs, ops, list(req.return_values))
+                outputs = self.host.run_call(req.session, req.position, inputs, ops, list(req.return_values),
+                                             req.reserve_tokens)
                 compute_seconds = time.perf_counter() - t0
             except (HostError, WireError) as err:
                 log.warning("worker %s: rejected a call of session %s: %s", self.host.name, req.session, err)
@@ -101,9 +102,12 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
 
     async def GetTelemetry(self, request, context):
         ceiling = telemetry.memory_limit(self.host.memory_limit_bytes)
+        used = self.host.memory_used_bytes()
+        # available as in the controller's TelemetryReport: what blocks and caches may use in total
+        # (the head node's admission budgets sessions with it)
         return worker_pb2.WorkerTelemetry(
-            memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source,
-            name=self.host.name, memory_available_bytes=self.host.memory_limit_bytes or 0,
-            memory_used_bytes=self.host.memory_used_bytes(), blocks=sorted(map(str, self.host.blocks)),
+            memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source, name=self.host.name,
+            memory_available_bytes=telemetry.memory_capacity_bytes(self.host.memory_limit_bytes, used),
+            memory_used_bytes=used, blocks=sorted(map(str, self.host.blocks)),
             sessions=len(self.host.sessions()),
             relay_frames_received=self.relay_port.frames_received if self.relay_port is not None else 0)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from edgeheads.worker.blocks.base import Block
 from edgeheads.worker.blocks.functional import apply_rope, grouped_attention, layer_norm, rms_norm, rope_tables
-from edgeheads.worker.blocks.kv_cache import DEFAULT_CAPACITY, KVCache, new_store, share_store, shared_store
+from edgeheads.worker.blocks.kv_cache import (DEFAULT_CAPACITY, KVCache, new_store, share_store, shared_store,
+                                              store_capacity)
 
 
 class AttentionBlock(Block):
@@ -46,11 +47,12 @@ class AttentionBlock(Block):
         return want
 
     # ------------------------------------------------------------------ sessions
-    def cache(self, session: str) -> KVCache:
-        """The session's cache, created empty on first use."""
+    def cache(self, session: str, capacity: int = DEFAULT_CAPACITY) -> KVCache:
+        """The session's cache, created empty with room for ``capacity`` rows on first use."""
         cache = self.caches.get(session)
         if cache is None:
-            cache = self.caches[session] = KVCache(self.shape.head_dim, self.dtype, self.weights["qkv.weight"].device)
+            cache = self.caches[session] = KVCache(self.shape.head_dim, self.dtype, self.weights["qkv.weight"].device,
+                                                   capacity)
         return cache
 
     def drop_session(self, session: str) -> None:
@@ -93,24 +95,37 @@ class AttentionBlock(Block):
         return attend([self], session, x, w["qkv.weight"], w.get("qkv.bias"), normed, reserve_tokens)
 
 
+def planned_capacity(blocks: list[AttentionBlock], session: str, needed: int, reserve_tokens: int) -> int | None:
+    """The rows of the store ``session_caches`` will allocate for these blocks' caches of
+    ``session`` to hold ``needed`` rows, or None when the store they share suffices.
+    The worker's memory guard (worker/cache_guard.py) asks this before a call runs."""
+    caches = [b.caches.get(session) for b in blocks]
+    if all(c is None for c in caches):
+        return store_capacity(needed, reserve_tokens)
+    if any(c is None for c in caches):  # a block new to the session joins the others' store
+        capacity = max(c.capacity for c in caches if c is not None)
+        return store_capacity(needed, reserve_tokens, capacity)
+    store = shared_store(caches)  # type: ignore[arg-type]
+    if store is not None and store.shape[2] >= needed:
+        return None
+    return store_capacity(needed, reserve_tokens, caches[0].capacity)  # type: ignore[union-attr]
+
+
 def session_caches(blocks: list[AttentionBlock], session: str, needed: int, reserve_tokens: int) -> torch.Tensor:
     """The session's caches of ``blocks`` as slots 0..G-1 of one store with room for ``needed``
     rows: (2, G, capacity, d). Allocates only for a new session, growth or a re-pack (after a
-    migration brought in one block's cache alone); a new store has room for ``reserve_tokens``."""
-    caches = [b.caches.get(session) for b in blocks]
+    migration brought in one block's cache alone), ``planned_capacity`` rows: a new store
+    holds exactly the session's reservation (``reserve_tokens``) when it has one."""
     first = blocks[0]
-    if all(c is None for c in caches):
-        store = new_store(len(blocks), max(needed, reserve_tokens, DEFAULT_CAPACITY), first.shape.head_dim,
-                          first.dtype, first.weights["qkv.weight"].device)
+    capacity = planned_capacity(blocks, session, needed, reserve_tokens)
+    if capacity is None:
+        return blocks[0].caches[session].store
+    if all(session not in b.caches for b in blocks):
+        store = new_store(len(blocks), capacity, first.shape.head_dim, first.dtype, first.weights["qkv.weight"].device)
         for slot, block in enumerate(blocks):
             block.caches[session] = KVCache.in_store(store, slot)
         return store
-    caches = [b.cache(session) for b in blocks]
-    store = shared_store(caches)
-    if store is None or store.shape[2] < needed:
-        capacity = caches[0].capacity
-        store = share_store(caches, capacity if needed <= capacity else max(needed, reserve_tokens, 2 * capacity))
-    return store
+    return share_store([b.cache(session, 1) for b in blocks], capacity)  # a missing cache: empty, 1 row
 
 
 def attend(blocks: list[AttentionBlock], session: str, x: torch.Tensor, qkv_weight: torch.Tensor,

@@ -13,6 +13,25 @@ import torch
 DEFAULT_CAPACITY = 64
 
 
+def store_capacity(needed: int, reserve_tokens: int = 0, capacity: int | None = None) -> int:
+    """Rows for a store of a session's caches that must hold ``needed`` rows, when the
+    session has none yet (``capacity`` None) or its store is being replaced (too small, or
+    re-packed after a migration). A session with a reservation that covers ``needed`` gets
+    exactly its reservation: that is what the head node's admission ledger counts
+    (headnode/admission.py). Past its reservation, or without one, a store grows by
+    doubling (at least DEFAULT_CAPACITY rows), and a re-pack keeps a capacity that suffices."""
+    if reserve_tokens >= needed:
+        return reserve_tokens
+    if capacity is None:
+        return max(needed, DEFAULT_CAPACITY)
+    return capacity if needed <= capacity else max(needed, 2 * capacity)
+
+
+def store_bytes(groups: int, capacity: int, head_dim: int, element_size: int) -> int:
+    """Bytes of a store (2, G, capacity, d): K and V rows of ``groups`` caches."""
+    return 2 * groups * capacity * head_dim * element_size
+
+
 def new_store(groups: int, capacity: int, head_dim: int, dtype: torch.dtype,
               device: torch.device | str) -> torch.Tensor:
     """An uninitialized store for ``groups`` caches: (2, G, capacity, d); [0] keys, [1] values."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgeheads.v1 import tensor_pb2 as edgeheads_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geheads/v1/worker.proto\x12\x0c\x65\x64geheads.v1\x1a\x19\x65\x64geheads/v1/tensor.proto\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1e\n\nProbeReply\x12\x10\n\x08received\x18\x01 \x01(\x04\"3\n\x15SetMemoryLimitRequest\x12\x1a\n\x12memory_limit_bytes\x18\x01 \x01(\x04\"+\n\x11HasWeightsRequest\x12\x16\n\x0e\x63ontent_hashes\x18\x01 \x03(\t\"\"\n\x0fHasWeightsReply\x12\x0f\n\x07present\x18\x01 \x03(\t\"v\n\x0eLoadBlockChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x18\n\x10model_shape_json\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.edgeheads.v1.Chunk\"^\n\x0eLoadBlockReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reused\x18\x04 \x01(\x08\"(\n\x13UnloadBlocksRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\t\"%\n\x11UnloadBlocksReply\x12\x10\n\x08unloaded\x18\x01 \x03(\t\";\n\x07\x42lockOp\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xa5\x01\n\x0b\x43\x61llRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\"\n\x03ops\x18\x05 \x03(\x0b\x32\x15.edgeheads.v1.BlockOp\x12\x15\n\rreturn_values\x18\x06 \x03(\t\"P\n\tCallReply\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\",\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"f\n\x0bProgramCall\x12\"\n\x03ops\x18\x01 \x03(\x0b\x32\x15.edgeheads.v1.BlockOp\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12#\n\x06routes\x18\x03 \x03(\x0b\x32\x13.edgeheads.v1.Route\"\xd0\x01\n\x15InstallProgramRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x05\x63\x61lls\x18\x02 \x03(\x0b\x32\x19.edgeheads.v1.ProgramCall\x12=\n\x05peers\x18\x03 \x03(\x0b\x32..edgeheads.v1.InstallProgramRequest.PeersEntry\x12\x11\n\ttransport\x18\x04 \x01(\t\x1a,\n\nPeersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x13InstallProgramReply\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\r\"\x16\n\x14RelayEndpointRequest\"\"\n\x12RelayEndpointReply\x12\x0c\n\x04port\x18\x01 \x01(\r\"\x87\x01\n\nValueBatch\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x1c\n\x14path_compute_seconds\x18\x05 \x01(\x01\"\xb2\x01\n\nDriveReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x1c\n\x14path_compute_seconds\x18\x07 \x01(\x01\"\x0e\n\x0c\x46orwardReply\"%\n\x12\x44ropSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"*\n\x10\x44ropSessionReply\x12\x16\n\x0e\x63\x61\x63hes_dropped\x18\x01 \x01(\r\"\xcc\x01\n\x17\x45xportBlockStateRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_weights\x18\x02 \x01(\x08\x12P\n\x0e\x66rom_positions\x18\x03 \x03(\x0b\x32\x38.edgeheads.v1.ExportBlockStateRequest.FromPositionsEntry\x1a\x34\n\x12\x46romPositionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x94\x01\n\x10PullBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x16\n\x0esource_address\x18\x02 \x01(\t\x12\x18\n\x10model_shape_json\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"x\n\x0ePullBlockReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x14\n\x0cweights_sent\x18\x03 \x01(\x08\x12\x10\n\x08sessions\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x12\n\x10TelemetryRequest\"\xeb\x01\n\x0fWorkerTelemetry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x62locks\x18\x05 \x03(\t\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x1d\n\x15relay_frames_received\x18\x07 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x08 \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\t \x01(\t2\xbf\x08\n\x06Worker\x12L\n\nHasWeights\x12\x1f.edgeheads.v1.HasWeightsRequest\x1a\x1d.edgeheads.v1.HasWeightsReply\x12I\n\tLoadBlock\x12\x1c.edgeheads.v1.LoadBlockChunk\x1a\x1c.edgeheads.v1.LoadBlockReply(\x01\x12R\n\x0cUnloadBlocks\x12!.edgeheads.v1.UnloadBlocksRequest\x1a\x1f.edgeheads.v1.UnloadBlocksReply\x12\x41\n\x07RunCall\x12\x19.edgeheads.v1.CallRequest\x1a\x17.edgeheads.v1.CallReply(\x01\x30\x01\x12O\n\x0b\x44ropSession\x12 .edgeheads.v1.DropSessionRequest\x1a\x1e.edgeheads.v1.DropSessionReply\x12X\n\x0eInstallProgram\x12#.edgeheads.v1.InstallProgramRequest\x1a!.edgeheads.v1.InstallProgramReply\x12?\n\x05\x44rive\x12\x18.edgeheads.v1.ValueBatch\x1a\x18.edgeheads.v1.DriveReply(\x01\x30\x01\x12\x41\n\x07\x46orward\x12\x18.edgeheads.v1.ValueBatch\x1a\x1a.edgeheads.v1.ForwardReply(\x01\x12U\n\rRelayEndpoint\x12\".edgeheads.v1.RelayEndpointRequest\x1a .edgeheads.v1.RelayEndpointReply\x12P\n\x10\x45xportBlockState\x12%.edgeheads.v1.ExportBlockStateRequest\x1a\x13.edgeheads.v1.Chunk0\x01\x12I\n\tPullBlock\x12\x1e.edgeheads.v1.PullBlockRequest\x1a\x1c.edgeheads.v1.PullBlockReply\x12M\n\x0cGetTelemetry\x12\x1e.edgeheads.v1.TelemetryRequest\x1a\x1d.edgeheads.v1.WorkerTelemetry\x12T\n\x0eSetMemoryLimit\x12#.edgeheads.v1.SetMemoryLimitRequest\x1a\x1d.edgeheads.v1.WorkerTelemetry\x12=\n\x05Probe\x12\x1a.edgeheads.v1.ProbeRequest\x1a\x18.edgeheads.v1.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64geheads/v1/worker.proto\x12\x0c\x65\x64geheads.v1\x1a\x19\x65\x64geheads/v1/tensor.proto\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1e\n\nProbeReply\x12\x10\n\x08received\x18\x01 \x01(\x04\"3\n\x15SetMemoryLimitRequest\x12\x1a\n\x12memory_limit_bytes\x18\x01 \x01(\x04\"+\n\x11HasWeightsRequest\x12\x16\n\x0e\x63ontent_hashes\x18\x01 \x03(\t\"\"\n\x0fHasWeightsReply\x12\x0f\n\x07present\x18\x01 \x03(\t\"v\n\x0eLoadBlockChunk\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x18\n\x10model_shape_json\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x13.edgeheads.v1.Chunk\"^\n\x0eLoadBlockReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reused\x18\x04 \x01(\x08\"(\n\x13UnloadBlocksRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\t\"%\n\x11UnloadBlocksReply\x12\x10\n\x08unloaded\x18\x01 \x03(\t\";\n\x07\x42lockOp\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xbd\x01\n\x0b\x43\x61llRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\"\n\x03ops\x18\x05 \x03(\x0b\x32\x15.edgeheads.v1.BlockOp\x12\x15\n\rreturn_values\x18\x06 \x03(\t\x12\x16\n\x0ereserve_tokens\x18\x07 \x01(\x04\"P\n\tCallReply\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\",\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"f\n\x0bProgramCall\x12\"\n\x03ops\x18\x01 \x03(\x0b\x32\x15.edgeheads.v1.BlockOp\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12#\n\x06routes\x18\x03 \x03(\x0b\x32\x13.edgeheads.v1.Route\"\xd0\x01\n\x15InstallProgramRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x05\x63\x61lls\x18\x02 \x03(\x0b\x32\x19.edgeheads.v1.ProgramCall\x12=\n\x05peers\x18\x03 \x03(\x0b\x32..edgeheads.v1.InstallProgramRequest.PeersEntry\x12\x11\n\ttransport\x18\x04 \x01(\t\x1a,\n\nPeersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x13InstallProgramReply\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\r\"\x16\n\x14RelayEndpointRequest\"\"\n\x12RelayEndpointReply\x12\x0c\n\x04port\x18\x01 \x01(\r\"\x9f\x01\n\nValueBatch\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x1c\n\x14path_compute_seconds\x18\x05 \x01(\x01\x12\x16\n\x0ereserve_tokens\x18\x06 \x01(\x04\"\xb2\x01\n\nDriveReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12)\n\x06values\x18\x04 \x03(\x0b\x32\x19.edgeheads.v1.NamedTensor\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x1c\n\x14path_compute_seconds\x18\x07 \x01(\x01\"\x0e\n\x0c\x46orwardReply\"%\n\x12\x44ropSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"*\n\x10\x44ropSessionReply\x12\x16\n\x0e\x63\x61\x63hes_dropped\x18\x01 \x01(\r\"\xcc\x01\n\x17\x45xportBlockStateRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_weights\x18\x02 \x01(\x08\x12P\n\x0e\x66rom_positions\x18\x03 \x03(\x0b\x32\x38.edgeheads.v1.ExportBlockStateRequest.FromPositionsEntry\x1a\x34\n\x12\x46romPositionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x94\x01\n\x10PullBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x16\n\x0esource_address\x18\x02 \x01(\t\x12\x18\n\x10model_shape_json\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x04 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"x\n\x0ePullBlockReply\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x14\n\x0cweights_sent\x18\x03 \x01(\x08\x12\x10\n\x08sessions\x18\x04 \x01(\r\x12\x0c\n\x04rows\x18\x05 \x01(\x04\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x12\n\x10TelemetryRequest\"\xeb\x01\n\x0fWorkerTelemetry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x62locks\x18\x05 \x03(\t\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x1d\n\x15relay_frames_received\x18\x07 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x08 \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\t \x01(\t2\xbf\x08\n\x06Worker\x12L\n\nHasWeights\x12\x1f.edgeheads.v1.HasWeightsRequest\x1a\x1d.edgeheads.v1.HasWeightsReply\x12I\n\tLoadBlock\x12\x1c.edgeheads.v1.LoadBlockChunk\x1a\x1c.edgeheads.v1.LoadBlockReply(\x01\x12R\n\x0cUnloadBlocks\x12!.edgeheads.v1.UnloadBlocksRequest\x1a\x1f.edgeheads.v1.UnloadBlocksReply\x12\x41\n\x07RunCall\x12\x19.edgeheads.v1.CallRequest\x1a\x17.edgeheads.v1.CallReply(\x01\x30\x01\x12O\n\x0b\x44ropSession\x12 .edgeheads.v1.DropSessionRequest\x1a\x1e.edgeheads.v1.DropSessionReply\x12X\n\x0eInstallProgram\x12#.edgeheads.v1.InstallProgramRequest\x1a!.edgeheads.v1.InstallProgramReply\x12?\n\x05\x44rive\x12\x18.edgeheads.v1.ValueBatch\x1a\x18.edgeheads.v1.DriveReply(\x01\x30\x01\x12\x41\n\x07\x46orward\x12\x18.edgeheads.v1.ValueBatch\x1a\x1a.edgeheads.v1.ForwardReply(\x01\x12U\n\rRelayEndpoint\x12\".edgeheads.v1.RelayEndpointRequest\x1a .edgeheads.v1.RelayEndpointReply\x12P\n\x10\x45xportBlockState\x12%.edgeheads.v1.ExportBlockStateRequest\x1a\x13.edgeheads.v1.Chunk0\x01\x12I\n\tPullBlock\x12\x1e.edgeheads.v1.PullBlockRequest\x1a\x1c.edgeheads.v1.PullBlockReply\x12M\n\x0cGetTelemetry\x12\x1e.edgeheads.v1.TelemetryRequest\x1a\x1d.edgeheads.v1.WorkerTelemetry\x12T\n\x0eSetMemoryLimit\x12#.edgeheads.v1.SetMemoryLimitRequest\x1a\x1d.edgeheads.v1.WorkerTelemetry\x12=\n\x05Probe\x12\x1a.edgeheads.v1.ProbeRequest\x1a\x18.edgeheads.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,45 +57,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKOP']._serialized_start=566
   _globals['_BLOCKOP']._serialized_end=625
   _globals['_CALLREQUEST']._serialized_start=628
-  _globals['_CALLREQUEST']._serialized_end=793
-  _globals['_CALLREPLY']._serialized_start=795
-  _globals['_CALLREPLY']._serialized_end=875
-  _globals['_ROUTE']._serialized_start=877
-  _globals['_ROUTE']._serialized_end=921
-  _globals['_PROGRAMCALL']._serialized_start=923
-  _globals['_PROGRAMCALL']._serialized_end=1025
-  _globals['_INSTALLPROGRAMREQUEST']._serialized_start=1028
-  _globals['_INSTALLPROGRAMREQUEST']._serialized_end=1236
-  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_start=1192
-  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_end=1236
-  _globals['_INSTALLPROGRAMREPLY']._serialized_start=1238
-  _globals['_INSTALLPROGRAMREPLY']._serialized_end=1274
-  _globals['_RELAYENDPOINTREQUEST']._serialized_start=1276
-  _globals['_RELAYENDPOINTREQUEST']._serialized_end=1298
-  _globals['_RELAYENDPOINTREPLY']._serialized_start=1300
-  _globals['_RELAYENDPOINTREPLY']._serialized_end=1334
-  _globals['_VALUEBATCH']._serialized_start=1337
-  _globals['_VALUEBATCH']._serialized_end=1472
-  _globals['_DRIVEREPLY']._serialized_start=1475
-  _globals['_DRIVEREPLY']._serialized_end=1653
-  _globals['_FORWARDREPLY']._serialized_start=1655
-  _globals['_FORWARDREPLY']._serialized_end=1669
-  _globals['_DROPSESSIONREQUEST']._serialized_start=1671
-  _globals['_DROPSESSIONREQUEST']._serialized_end=1708
-  _globals['_DROPSESSIONREPLY']._serialized_start=1710
-  _globals['_DROPSESSIONREPLY']._serialized_end=1752
-  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_start=1755
-  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_end=1959
-  _globals['_EXPORTBLOCKSTATEREQUEST_FROMPOSITIONSENTRY']._serialized_start=1907
-  _globals['_EXPORTBLOCKSTATEREQUEST_FROMPOSITIONSENTRY']._serialized_end=1959
-  _globals['_PULLBLOCKREQUEST']._serialized_start=1962
-  _globals['_PULLBLOCKREQUEST']._serialized_end=2110
-  _globals['_PULLBLOCKREPLY']._serialized_start=2112
-  _globals['_PULLBLOCKREPLY']._serialized_end=2232
-  _globals['_TELEMETRYREQUEST']._serialized_start=2234
-  _globals['_TELEMETRYREQUEST']._serialized_end=2252
-  _globals['_WORKERTELEMETRY']._serialized_start=2255
-  _globals['_WORKERTELEMETRY']._serialized_end=2490
-  _globals['_WORKER']._serialized_start=2493
-  _globals['_WORKER']._serialized_end=3580
+  _globals['_CALLREQUEST']._serialized_end=817
+  _globals['_CALLREPLY']._serialized_start=819
+  _globals['_CALLREPLY']._serialized_end=899
+  _globals['_ROUTE']._serialized_start=901
+  _globals['_ROUTE']._serialized_end=945
+  _globals['_PROGRAMCALL']._serialized_start=947
+  _globals['_PROGRAMCALL']._serialized_end=1049
+  _globals['_INSTALLPROGRAMREQUEST']._serialized_start=1052
+  _globals['_INSTALLPROGRAMREQUEST']._serialized_end=1260
+  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_start=1216
+  _globals['_INSTALLPROGRAMREQUEST_PEERSENTRY']._serialized_end=1260
+  _globals['_INSTALLPROGRAMREPLY']._serialized_start=1262
+  _globals['_INSTALLPROGRAMREPLY']._serialized_end=1298
+  _globals['_RELAYENDPOINTREQUEST']._serialized_start=1300
+  _globals['_RELAYENDPOINTREQUEST']._serialized_end=1322
+  _globals['_RELAYENDPOINTREPLY']._serialized_start=1324
+  _globals['_RELAYENDPOINTREPLY']._serialized_end=1358
+  _globals['_VALUEBATCH']._serialized_start=1361
+  _globals['_VALUEBATCH']._serialized_end=1520
+  _globals['_DRIVEREPLY']._serialized_start=1523
+  _globals['_DRIVEREPLY']._serialized_end=1701
+  _globals['_FORWARDREPLY']._serialized_start=1703
+  _globals['_FORWARDREPLY']._serialized_end=1717
+  _globals['_DROPSESSIONREQUEST']._serialized_start=1719
+  _globals['_DROPSESSIONREQUEST']._serialized_end=1756
+  _globals['_DROPSESSIONREPLY']._serialized_start=1758
+  _globals['_DROPSESSIONREPLY']._serialized_end=1800
+  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_start=1803
+  _globals['_EXPORTBLOCKSTATEREQUEST']._serialized_end=2007
+  _globals['_EXPORTBLOCKSTATEREQUEST_FROMPOSITIONSENTRY']._serialized_start=1955
+  _globals['_EXPORTBLOCKSTATEREQUEST_FROMPOSITIONSENTRY']._serialized_end=2007
+  _globals['_PULLBLOCKREQUEST']._serialized_start=2010
+  _globals['_PULLBLOCKREQUEST']._serialized_end=2158
+  _globals['_PULLBLOCKREPLY']._serialized_start=2160
+  _globals['_PULLBLOCKREPLY']._serialized_end=2280
+  _globals['_TELEMETRYREQUEST']._serialized_start=2282
+  _globals['_TELEMETRYREQUEST']._serialized_end=2300
+  _globals['_WORKERTELEMETRY']._serialized_start=2303
+  _globals['_WORKERTELEMETRY']._serialized_end=2538
+  _globals['_WORKER']._serialized_start=2541
+  _globals['_WORKER']._serialized_end=3628
 # @@protoc_insertion_point(module_scope)

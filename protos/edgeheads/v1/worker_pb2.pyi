@@ -84,20 +84,22 @@ class BlockOp(_message.Message):
     def __init__(self, block_id: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("session", "epoch", "position", "inputs", "ops", "return_values")
+    __slots__ = ("session", "epoch", "position", "inputs", "ops", "return_values", "reserve_tokens")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     RETURN_VALUES_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session: str
     epoch: int
     position: int
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     ops: _containers.RepeatedCompositeFieldContainer[BlockOp]
     return_values: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., ops: _Optional[_Iterable[_Union[BlockOp, _Mapping]]] = ..., return_values: _Optional[_Iterable[str]] = ...) -> None: ...
+    reserve_tokens: int
+    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., ops: _Optional[_Iterable[_Union[BlockOp, _Mapping]]] = ..., return_values: _Optional[_Iterable[str]] = ..., reserve_tokens: _Optional[int] = ...) -> None: ...
 
 class CallReply(_message.Message):
     __slots__ = ("outputs", "compute_seconds")
@@ -161,18 +163,20 @@ class RelayEndpointReply(_message.Message):
     def __init__(self, port: _Optional[int] = ...) -> None: ...
 
 class ValueBatch(_message.Message):
-    __slots__ = ("session", "epoch", "position", "values", "path_compute_seconds")
+    __slots__ = ("session", "epoch", "position", "values", "path_compute_seconds", "reserve_tokens")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PATH_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session: str
     epoch: int
     position: int
     values: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     path_compute_seconds: float
-    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., values: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., path_compute_seconds: _Optional[float] = ...) -> None: ...
+    reserve_tokens: int
+    def __init__(self, session: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., values: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., path_compute_seconds: _Optional[float] = ..., reserve_tokens: _Optional[int] = ...) -> None: ...
 
 class DriveReply(_message.Message):
     __slots__ = ("session", "epoch", "position", "values", "error_code", "error_message", "path_compute_seconds")
