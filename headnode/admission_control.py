@@ -54,6 +54,7 @@ class Admission:
         self.metrics = metrics
         self.weights = block_weight_bytes(parts)
         self.row_bytes = cache_row_bytes(parts)
+        self.max_positions = parts.shape.max_positions  # no session runs past it (HeadNodeCompute.embed)
         self.budgets: dict[str, WorkerBudget] = {}
         self._asked: dict[str, float] = {}  # worker -> loop time its budget was read
 
@@ -99,9 +100,11 @@ class Admission:
     # ------------------------------------------------------------------ sessions
     async def admit(self, session: str, prompt_tokens: int, max_new_tokens: int,
                     placement: Mapping[BlockId, str]) -> int:
-        """Reserve the session's tokens under ``placement`` (the epoch in use); the tokens
-        reserved. Raises SessionLimitError or AdmissionError, having reserved nothing."""
+        """Reserve the session's tokens under ``placement`` (the epoch in use): the prompt and
+        ``max_new_tokens``, but no more than the model's context holds; the tokens reserved.
+        Raises SessionLimitError or AdmissionError, having reserved nothing."""
         ledger = self.ledger
+        max_new_tokens = max(0, min(max_new_tokens, self.max_positions - prompt_tokens))
         try:
             ledger.check_limit()  # before asking the workers anything
             await self.refresh(placement.values(), BUDGET_MAX_AGE_SECONDS)

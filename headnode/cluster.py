@@ -7,7 +7,9 @@ ClusterExecutor composes one part per concern:
 - a dataflow (headnode/dataflow.py: ``relay`` or ``head``) that runs a step's phases;
 - metrics (StepStats, and the Prometheus metrics when given);
 - recovery (headnode/recovery.py), when something can tell it placements: a step that
-  fails because a worker was lost is retried once the sessions are rebuilt without it.
+  fails because a worker was lost is retried once the sessions are rebuilt without it;
+- admission (headnode/admission_control.py): a session reserves its K/V memory before its
+  first step (``admit``), and workers allocate its caches for that many tokens at once.
 A *step* feeds a session's new tokens through the model: the head node embeds them,
 the dataflow runs the step's phases on the workers, and the head node turns the final
 value into the last token's logits.
@@ -25,6 +27,7 @@ import torch
 
 from edgeheads.common.config import GrpcSettings
 from edgeheads.common.spec import BlockId
+from edgeheads.headnode.admission_control import Admission
 from edgeheads.headnode.channels import WorkerChannels
 from edgeheads.headnode.cluster_errors import ClusterError
 from edgeheads.headnode.dataflow import Dataflow, StepStats, make_dataflow
@@ -50,7 +53,7 @@ RETRIES_PER_STEP = 3  # recoveries one step may wait for before its failure stan
 class ClusterExecutor:
     def __init__(self, parts: ModelParts, grpc_settings: GrpcSettings | None = None, dataflow: str = "relay",
                  step_timeout_seconds: float = 60.0, metrics: HeadnodeMetrics | None = None,
-                 relay_transport: str = "tcp") -> None:
+                 relay_transport: str = "tcp", max_sessions: int | None = None) -> None:
         self.parts = parts
         self.shape = parts.shape
         self.head = HeadNodeCompute(parts.shape, parts.head)
@@ -62,6 +65,7 @@ class ClusterExecutor:
         self.dataflow: Dataflow = make_dataflow(dataflow, self.channels.stubs, self.stats, step_timeout_seconds,
                                                 relay_transport, self.grpc_settings.max_message_bytes)
         self.sessions = SessionTable(self.channels.stubs, self.dataflow.forget)
+        self.admission = Admission(parts, self.channels.stubs, max_sessions, metrics)
         self.gate = StepGate()  # steps run concurrently; an epoch switch holds them back
         self.epoch: Epoch | None = None
         self.on_step: Callable[[int, float, int], None] | None = None  # (tokens, seconds, epoch) after a step
@@ -118,6 +122,16 @@ class ClusterExecutor:
                  epoch.plan.messages())
 
     # ------------------------------------------------------------------ steps and sessions
+    async def admit(self, session: str, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Reserve K/V memory for a session of ``prompt_tokens + max_new_tokens`` on the workers
+        of the epoch in use, before its first step; the tokens reserved. RESOURCE_EXHAUSTED
+        (an AdmissionError, or ``down``) when it does not fit. ``end_session`` releases it."""
+        if self.down is not None:
+            raise self.down
+        if self.epoch is None:
+            raise ClusterError("no placement is in use yet")
+        return await self.admission.admit(session, prompt_tokens, max_new_tokens, self.epoch.placement)
+
     async def step(self, session: str, token_ids: list[int]) -> torch.Tensor:
         """Feed new tokens for ``session`` through every phase; logits of the last token (V,).
 
@@ -167,13 +181,17 @@ class ClusterExecutor:
         """Feed ``token_ids`` at the session's position under the current epoch; the final value.
         The caller holds the gate (a step, or a recovery's exclusive hold)."""
         x0 = self.head.embed(torch.as_tensor(token_ids, dtype=torch.long), session.position)
-        final = await self.dataflow.step(session.wire, session.position, x0)
+        final = await self.dataflow.step(session.wire, session.position, x0, self.admission.tokens(session.name))
         session.position += len(token_ids)
         return final
 
     async def end_session(self, session: str) -> None:
         """Drop a session's caches everywhere. Gated like a step: a migration's switch never
-        sees a session vanish between measuring and pulling its cache rows."""
+        sees a session vanish between measuring and pulling its cache rows. Its reservation
+        is released at once."""
+        self.admission.release(session, self.epoch.placement if self.epoch is not None else None)
+        if session not in self.sessions and session not in self.failed:  # it never ran a step
+            return
         async with self.gate.step():
             self.failed.pop(session, None)
             await self.sessions.end(session, self.epoch)

@@ -39,6 +39,9 @@ class HeadnodeSettings(Section):
     step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
     # give up a migration (and keep the old placement) after this many seconds
     migration_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    # sessions (gRPC and HTTP generations together) that may run at once; one more is refused
+    # with RESOURCE_EXHAUSTED (HTTP 429). null or off: no limit but the workers' memory
+    max_sessions: Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_off_is_none)] = 32
 
 
 class HeadnodeConfig(DaemonConfig):

@@ -34,9 +34,10 @@ class Dataflow(Protocol):
         """Get ready to run ``epoch``'s steps and use it from now on. Called between steps
         (under the StepGate's exclusive hold); on failure nothing changes."""
 
-    async def step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
+    async def step(self, session: str, position: int, x0: torch.Tensor, reserve_tokens: int = 0) -> torch.Tensor:
         """Run one step of ``session`` from ``position`` under the current epoch; the final
-        value (the last layer's output). Raises ClusterError when a worker fails it."""
+        value (the last layer's output). Raises ClusterError when a worker fails it.
+        ``reserve_tokens``: the session's reservation, which the workers allocate its caches for."""
 
     async def forget(self, session: str) -> None:
         """Close what the dataflow keeps for ``session`` (not its caches: SessionTable.end)."""

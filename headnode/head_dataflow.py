@@ -59,17 +59,17 @@ class HeadDataflow:
                                                        {w: self.stubs[w].RunCall() for w in epoch.plan.workers})
         return streams.by_worker
 
-    async def step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
+    async def step(self, session: str, position: int, x0: torch.Tensor, reserve_tokens: int = 0) -> torch.Tensor:
         """x0: (1, T, D) -> the final value (1, T, D). ClusterError when a worker fails or the
         step takes longer than ``step_timeout_seconds`` (a hung worker must not hold the step
         gate, and with it every migration, for ever)."""
         try:
-            return await asyncio.wait_for(self._step(session, position, x0), self.step_timeout_seconds)
+            return await asyncio.wait_for(self._step(session, position, x0, reserve_tokens), self.step_timeout_seconds)
         except asyncio.TimeoutError:
             raise ClusterError(f"session {session}: no result within {self.step_timeout_seconds:g} s "
                                f"(position {position})") from None
 
-    async def _step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
+    async def _step(self, session: str, position: int, x0: torch.Tensor, reserve_tokens: int) -> torch.Tensor:
         epoch, ops = self.epoch, self.ops
         assert epoch is not None, "no epoch yet"
         streams = await self._streams_for(session, epoch)
@@ -79,7 +79,7 @@ class HeadDataflow:
         for phase, phase_ops in zip(epoch.plan.phases, ops):
             t0 = loop.time()
             requests = [(call.worker, worker_pb2.CallRequest(
-                session=session, epoch=epoch.number, position=position,
+                session=session, epoch=epoch.number, position=position, reserve_tokens=reserve_tokens,
                 inputs=[tensor_pb2.NamedTensor(name=n, tensor=values[n]) for n in call.inputs],
                 ops=call_ops, return_values=call.returns)) for call, call_ops in zip(phase.calls, phase_ops)]
             written = await asyncio.gather(*[self._write(streams[w], w, session, r) for w, r in requests],

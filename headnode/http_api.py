@@ -4,6 +4,11 @@ serves gRPC ``Generate`` (generation.agenerate_stream over the cluster's step).
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, with
 ``temperature``, ``top_p``, ``max_tokens``, ``seed``, ``stop`` and ``stream`` (server-sent
 events). Starlette serves them, under uvicorn in the head node daemon's own event loop.
+
+A request is admitted (headnode/admission_control.py) before its reply starts, streamed or
+not: one over ``headnode.max_sessions`` gets 429 (``too_many_sessions``), one whose K/V
+caches do not fit the workers' memory gets 503 (``insufficient_memory``), as gRPC clients
+get RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from edgeheads.common.config import split_host_port
+from edgeheads.headnode.admission import AdmissionError, SessionLimitError
 from edgeheads.headnode.cluster import ClusterError
 from edgeheads.headnode.generation import agenerate_stream, encode_prompt
 from edgeheads.headnode.openai_schema import ApiError, ChatRequest, CompletionRequest, parse
@@ -71,9 +77,19 @@ class Generation:
         self.scanner = StopScanner(stops)
         self.finish_reason = "length"
         self.completion_tokens = 0
+        self.session = uuid.uuid4().hex
+
+    async def admit(self) -> None:
+        """Reserve the session's K/V memory; a ClusterError (RESOURCE_EXHAUSTED) when it does not fit."""
+        await self.cluster.admit(self.session, len(self.prompt_ids), self.params.max_new_tokens)
+
+    async def close(self) -> None:
+        """End the session (its reservation and caches); a no-op when it has ended."""
+        with anyio.CancelScope(shield=True):
+            await self.cluster.end_session(self.session)
 
     async def deltas(self) -> AsyncIterator[str]:
-        session = uuid.uuid4().hex
+        session = self.session
         results: list = []
         stream = agenerate_stream(self.cluster.step, self.model.tokenizer, self.prompt_ids, self.params,
                                   self.model.eos_token_ids, session, on_finish=results.append)
@@ -89,8 +105,7 @@ class Generation:
                         self.finish_reason = "stop"
                         return
         finally:  # also when the client went away (cancelled, or the generator closed)
-            with anyio.CancelScope(shield=True):
-                await self.cluster.end_session(session)
+            await self.close()
         if results:
             self.finish_reason = "stop" if results[0].finish_reason == "eos" else "length"
             out = self.scanner.feed(results[0].unstreamed_text)
@@ -107,7 +122,12 @@ class Generation:
 
 class _ClosingStreamingResponse(StreamingResponse):
     """Closes its body generator however the response ends (a client that left included), so
-    the generation's session ends now rather than when the garbage collector gets to it."""
+    the generation's session ends now rather than when the garbage collector gets to it; then
+    ``on_close`` (a body that never started has no ``finally`` of its own to run)."""
+
+    def __init__(self, *args, on_close=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -115,10 +135,21 @@ class _ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                if self.on_close is not None:
+                    await self.on_close()
 
 
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def refusal(err: ClusterError) -> ApiError:
+    """The HTTP error for a request the cluster did not admit."""
+    if isinstance(err, SessionLimitError):
+        return ApiError(429, str(err), "rate_limit_error", code="too_many_sessions")
+    if isinstance(err, AdmissionError):
+        return ApiError(503, str(err), "server_error", code="insufficient_memory")
+    return ApiError(503, f"generation failed: {err}", "server_error")
 
 
 def _sse(data: Any) -> str:
@@ -195,13 +226,20 @@ class OpenAIApi:
 
     async def _reply(self, req, gen: Generation, prefix: str, chat: bool):
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model.name}
+        try:
+            await gen.admit()  # before the reply starts: a refusal gets its own status, streamed or not
+        except ClusterError as err:
+            await gen.close()
+            return _error_response(refusal(err))
         if req.stream:
             return _ClosingStreamingResponse(self._events(req, gen, head, chat), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache"})
+                                             headers={"Cache-Control": "no-cache"}, on_close=gen.close)
         try:
             text = "".join([delta async for delta in gen.deltas()])
         except ClusterError as err:
-            return _error_response(ApiError(503, f"generation failed: {err}", "server_error"))
+            return _error_response(refusal(err))
+        finally:
+            await gen.close()
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:

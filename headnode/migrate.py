@@ -8,7 +8,9 @@ step boundary (the StepGate holds new steps back), each destination pulls only t
 cache rows added since, and the head node switches to the new epoch. Only then do
 the sources free the blocks. If anything fails before the switch (a worker dies, a
 checksum fails, a timeout passes), the destinations drop their copies and the old
-epoch keeps serving.
+epoch keeps serving. So does a placement that cannot hold the K/V memory the live
+sessions reserved (headnode/admission_control.py): checked before the pre-copy, and again
+at the switch for the sessions admitted meanwhile.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ async def _migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockI
                 return await pull(move, delta)
         return list(await asyncio.gather(*[limited(m) for m in moves]))
 
+    refused = await cluster.admission.placement_refusal(placement)
+    if refused is not None:
+        raise MigrationError(f"migration to epoch {number} abandoned, epoch {old.number} stays: {refused}")
     try:
         start = time.perf_counter()
         pre = await pull_all(delta=False)
@@ -111,6 +116,9 @@ async def _migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockI
         async with cluster.gate.switch():
             held = time.perf_counter()
             try:
+                refused = await cluster.admission.placement_refusal(placement, refresh=False)
+                if refused is not None:  # sessions admitted during the pre-copy
+                    raise ClusterError(refused)
                 delta = await pull_all(delta=True)
                 await cluster.switch_epoch(number, placement, all_addresses)
             finally:

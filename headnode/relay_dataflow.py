@@ -71,14 +71,14 @@ class RelayDataflow:
             self.driver = await self._started(old.epoch, old.plan, self.epoch.addresses)
             await old.close()
 
-    async def step(self, session: str, position: int, x0: torch.Tensor) -> torch.Tensor:
+    async def step(self, session: str, position: int, x0: torch.Tensor, reserve_tokens: int = 0) -> torch.Tensor:
         assert self.driver is not None, "no epoch yet"
         if self.driver.broken:
             await self._reopen()
         driver = self.driver
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        final, path_compute_seconds = await driver.step(session, position, tensor_to_proto(x0))
+        final, path_compute_seconds = await driver.step(session, position, tensor_to_proto(x0), reserve_tokens)
         self.stats.path(self.label, driver.plan.phases, loop.time() - t0, path_compute_seconds)
         return tensor_from_proto(final, driver.plan.final)
 

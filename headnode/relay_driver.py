@@ -109,7 +109,8 @@ class RelayDriver:
                 future.set_exception(ClusterError(message))
         self.pending.clear()
 
-    async def step(self, session: str, position: int, x0: tensor_pb2.Tensor) -> tuple[tensor_pb2.Tensor, float]:
+    async def step(self, session: str, position: int, x0: tensor_pb2.Tensor,
+                   reserve_tokens: int = 0) -> tuple[tensor_pb2.Tensor, float]:
         """The final value, and the compute seconds on the step's critical path."""
         key = (session, position)
         if self.broken:
@@ -117,7 +118,7 @@ class RelayDriver:
         if key in self.pending:
             raise ClusterError(f"session {session} already has a step at position {position} in flight")
         future = self.pending[key] = asyncio.get_running_loop().create_future()
-        batch = worker_pb2.ValueBatch(session=session, epoch=self.epoch, position=position,
+        batch = worker_pb2.ValueBatch(session=session, epoch=self.epoch, position=position, reserve_tokens=reserve_tokens,
                                       values=[tensor_pb2.NamedTensor(name="x0", tensor=x0)])
         try:
             for worker in self.plan.head_sends:

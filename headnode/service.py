@@ -47,6 +47,7 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
         results = []
         log.info("session %s: %d prompt tokens, up to %d new", session, len(prompt_ids), params.max_new_tokens)
         try:
+            await self.cluster.admit(session, len(prompt_ids), params.max_new_tokens)  # before anything runs
             async for event in agenerate_stream(self.cluster.step, self.model.tokenizer, prompt_ids, params,
                                                 self.model.eos_token_ids, session, on_finish=results.append):
                 yield headnode_pb2.GenerateEvent(token_id=event.token_id, text=event.text)
