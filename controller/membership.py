@@ -104,6 +104,8 @@ class ClusterState:
         self.current = PlacementEpoch(0, {}, {}, policy)
         self.version = 0  # bumped whenever ``current`` is replaced: a new epoch, or a re-plan that failed
         self._short_of: dict[str, int] = {}  # while no placement fits: the memory each worker had then
+        self._seeded = False  # the placement is a head node's (adopt): the next plan keeps what still fits
+        self._rejoining: tuple[float, frozenset[str]] | None = None  # (until, workers): no plan before they register
         self.decisions: list[PlanDecision] = []
         self.decisions_kept = 50
 
@@ -184,6 +186,36 @@ class ClusterState:
         """Set the model to place, without planning (the service plans off its event loop)."""
         self.shape, self.model_name = shape, name
 
+    def adopt(self, epoch: int, placement: Placement, addresses: dict[str, str], grace_seconds: float) -> bool:
+        """Take over the placement a head node uses, at its epoch, when this controller knows
+        an older one (it restarted; the head node announced its model again). Nothing is
+        planned until the placement's workers have registered again or ``grace_seconds``
+        passed; the next plan is then a repair of it (controller/repair.py), which keeps it
+        as it is when every worker is back and it still fits, so that no block moves. False
+        (nothing changes) when this controller is not behind or the placement is not one of
+        the announced model."""
+        if self.shape is None or epoch <= self.current.epoch or set(placement) != set(self.shape.block_ids()):
+            return False
+        self._publish(PlacementEpoch(epoch, dict(placement), dict(addresses), self.policy,
+                                     members=tuple(sorted(set(placement.values())))))
+        self._record("placement in use, taken over from the head node", dict(placement),
+                     min(self.planning_context_tokens, self.shape.max_positions))
+        self._seeded = True
+        self._rejoining = (time.monotonic() + grace_seconds, frozenset(placement.values()))
+        return True
+
+    def rejoining(self, now: float | None = None) -> set[str]:
+        """The workers of an adopted placement that have not registered again, while the
+        grace lasts; empty once they all have or it has passed."""
+        if self._rejoining is None:
+            return set()
+        until, names = self._rejoining
+        missing = set(names) - set(self.workers)
+        if not missing or (time.monotonic() if now is None else now) > until:
+            self._rejoining = None
+            return set()
+        return missing
+
     def replan(self, reason: str) -> PlacementEpoch:
         """Compute a placement for the current members; a new epoch when it differs."""
         inputs = self.plan_inputs()
@@ -196,8 +228,9 @@ class ClusterState:
         keeps serving heartbeats; the snapshot never changes under the solver.
 
         While the placement in use has blocks on workers that left, the plan is a repair
-        (controller/repair.py): only those blocks move."""
-        if self.shape is None:
+        (controller/repair.py): only those blocks move. So is the first plan after taking over
+        a head node's placement (``adopt``), which waits for its workers to register again."""
+        if self.shape is None or self.rejoining():
             return None
         extra: dict[str, Any] = {}
         if getattr(self._policy, "uses_previous", False):
@@ -205,7 +238,8 @@ class ClusterState:
         if getattr(self._policy, "uses_compute", False):
             extra["live"] = self.live_workers()
         policy = self._policy
-        if lost_workers(self.current.placement, self.workers):
+        seeded, self._seeded = self._seeded, False
+        if seeded or lost_workers(self.current.placement, self.workers):
             policy = functools.partial(repair, self._policy, kept_from=dict(self.current.placement))
         return PlanInputs(policy, self.shape, [WorkerCapacity(w.name, w.memory_available_bytes)
                                                      for w in self.workers.values()],

@@ -10,9 +10,13 @@ import grpc
 
 from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord, solve_plan
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
-from edgeheads.common.spec import ModelShape
+from edgeheads.common.spec import BlockId, ModelShape
 
 log = logging.getLogger(__name__)
+
+# how long a restarted controller waits for the workers of a head node's placement to register
+# again before planning: workers retry every 5 s at most (worker/daemon.py), jittered by 20 %
+REJOIN_GRACE_SECONDS = 10.0
 
 
 def placement_reply(p: PlacementEpoch) -> controller_pb2.PlacementReply:
@@ -135,8 +139,25 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             shape = ModelShape.from_json(request.model_shape_json)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad model shape: {err}")
+        try:
+            in_use = {BlockId.parse(a.block_id): a.worker for a in request.assignments}
+            if any(not a.worker or not a.address for a in request.assignments):
+                raise ValueError("an assignment needs a worker and its address")
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad assignment: {err}")
         self.state.announce_model(shape, request.model_name)
-        await self.replan_and_wait("model", "model announced")
+        reason = "model announced"
+        if in_use and self.state.adopt(request.epoch, in_use, {a.worker: a.address for a in request.assignments},
+                                       REJOIN_GRACE_SECONDS):
+            log.warning("took over the head node's placement at epoch %d (%d blocks on %s); waiting up to %g s "
+                        "for its workers to register", request.epoch, len(in_use),
+                        ", ".join(sorted(set(in_use.values()))), REJOIN_GRACE_SECONDS)
+            while self.state.rejoining():
+                await asyncio.sleep(0.1)
+            missing = set(in_use.values()) - set(self.state.workers)
+            reason = "model announced again with its placement" + (
+                f"; {', '.join(sorted(missing))} did not register again" if missing else "")
+        await self.replan_and_wait("model", reason)
         return placement_reply(self.state.current)
 
     async def GetPlacement(self, request, context):

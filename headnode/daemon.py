@@ -4,7 +4,6 @@ controller, ship the blocks, and serve Generate."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import grpc
@@ -16,7 +15,7 @@ from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
 from edgeheads.common.spec import BlockId
-from edgeheads.common.channels import open_channel
+from edgeheads.headnode.channels import daemon_channel
 from edgeheads.common.config import GrpcSettings
 from edgeheads.common.security import SecuritySettings, install_security
 from edgeheads.headnode.config import HeadnodeSettings
@@ -58,17 +57,17 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
     cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
                               step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics,
                               relay_transport=settings.relay_transport)
-    async with open_channel(settings.controller, grpc_settings, security) as channel:
+    # the controller may restart: the channel reconnects quickly, and the link announces the model again
+    async with daemon_channel(settings.controller, grpc_settings) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)
+        link = ControllerLink(cluster, controller, settings.migration_timeout_seconds, model.name)
         await wait_for_workers(controller, settings.min_workers, settings.worker_wait_seconds)
-        reply = await controller.SetModel(controller_pb2.SetModelRequest(
-            model_shape_json=json.dumps(model.parts.shape.to_dict()), model_name=model.name))
+        reply = await controller.SetModel(link.model_request())
         if reply.error:
             raise StartupError(f"controller found no placement: {reply.error}")
         placement = {BlockId.parse(a.block_id): a.worker for a in reply.assignments}
         addresses = {a.worker: a.address for a in reply.assignments}
         await cluster.apply_placement(reply.epoch, placement, addresses, progress=progress)
-        link = ControllerLink(cluster, controller, settings.migration_timeout_seconds)
         link.start()
         daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings, security=security)
         daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster, link))

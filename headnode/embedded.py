@@ -143,6 +143,7 @@ class LocalCluster:
         self.env = {**os.environ, **(extra_env or {})}
         self.dir = Path(tempfile.mkdtemp(prefix="edgeheads-cluster-"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.args: dict[str, list[str]] = {}  # daemon -> the arguments it was started with
         # workers on one machine share its cores: one thread each unless there are cores to spare
         # (measured here: 2 threads per worker on 2 shared cores is 1.4x slower per phase)
         cores = len(os.sched_getaffinity(0))
@@ -159,9 +160,10 @@ class LocalCluster:
         self.env.setdefault("EDGEHEADS_HEADNODE__HTTP_LISTEN", f"{host}:0")
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, args: list[str], show_stderr: bool = False) -> None:
+    def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False) -> None:
         command = self.worker_command if args[0] == "worker" else self.cli_command
-        with open(self.dir / f"{name}.log", "wb") as log_file, _stop_signals_deferred():
+        self.args[name] = list(args)
+        with open(self.dir / f"{name}.log", "ab" if append else "wb") as log_file, _stop_signals_deferred():
             self.procs[name] = subprocess.Popen(
                 [*command, *args, "--ready-file", str(self.dir / f"{name}.ready")],
                 stdout=log_file, stderr=None if show_stderr else subprocess.STDOUT, env=self.env,
@@ -234,6 +236,30 @@ class LocalCluster:
         self._spawn(name, self._worker_args(name, memory_limit_bytes))
         self._wait_ready([name])
         return name
+
+    def restart(self, name: str, same_address: bool = True, wait: bool = True) -> str | None:
+        """Start daemon ``name`` again once it has exited (a test killed it), with the arguments it
+        had: on the address it had, or with ``same_address`` False on a free port (a controller
+        always on its own: the others dial it). With ``wait``, waits until it is ready and
+        returns its address (a worker is ready once registered: without a controller, pass
+        False). Its log goes on in the same file."""
+        old = self.procs[name]
+        try:
+            old.wait(timeout=10)  # a signal just sent takes a moment
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"{name} is still running") from None
+        self._kill_group(old)
+        args = list(self.args[name])
+        if same_address or name == "controller":
+            args[args.index("--listen") + 1] = self.addresses[name]
+        for suffix in ("", ".metrics", ".http"):
+            (self.dir / f"{name}.ready{suffix}").unlink(missing_ok=True)
+        self.reported_exits.discard(name)
+        self._spawn(name, args, show_stderr=name == "headnode" and self.progress, append=True)
+        if not wait:
+            return None
+        self._wait_ready([name])
+        return self.addresses[name]
 
     def new_exits(self) -> dict[str, int]:
         """Daemons that exited since the last call: name -> return code."""

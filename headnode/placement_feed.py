@@ -43,6 +43,14 @@ def answers_loss(answer: PlacementAnswer, lost: set[str], after_epoch: int) -> b
     return answer.epoch > after_epoch and not answer.workers & lost
 
 
+def returning(answer: PlacementAnswer, lost: set[str], after_epoch: int) -> set[str]:
+    """The ``lost`` workers a placement newer than ``after_epoch`` places blocks on again: the
+    controller has them registered again (restarted under the same name)."""
+    if answer.error or answer.epoch <= after_epoch:
+        return set()
+    return answer.workers & lost
+
+
 class PlacementFeed:
     def __init__(self) -> None:
         self.latest: PlacementAnswer | None = None

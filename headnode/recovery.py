@@ -4,7 +4,14 @@ The head node learns of a loss in one of two ways: a step fails (a broken stream
 relay connection, UNAVAILABLE, a step timeout) and probing the epoch's workers finds
 one that does not answer; or the controller publishes a placement that leaves out a
 worker of the epoch in use (its telemetry stream closed, or its heartbeats stopped)
-and that worker does not answer either.
+and that worker does not answer either. A worker that answers but lacks blocks the
+epoch in use puts on it was restarted under the same name: its blocks and caches are
+lost just the same, but it stays in the cluster, so it is rebuilt in place (from the
+newest placement the head node knows) instead of waiting for a placement without it.
+While a recovery waits for the controller, the lost workers are probed again every
+second, and at once when the controller places blocks on one of them again (it
+restarted and registered again): one that answers is rebuilt in place too. So a worker
+restarted while the controller is away (which publishes nothing then) is taken back.
 
 Recovery then holds every step back (the StepGate) and:
 1. waits for the controller's placement without the lost workers (it re-plans when a
@@ -32,30 +39,52 @@ import grpc
 from edgeheads.common.spec import BlockId
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.cluster_errors import CapacityError, ClusterError
-from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed, answers_loss
-from edgeheads.headnode.recovery_plan import RecoveryReport, block_changes, capacity_message, step_bytes_per_token
+from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed, answers_loss, returning
+from edgeheads.headnode.recovery_plan import (RecoveryReport, block_changes, capacity_message, restarted_workers,
+                                              step_bytes_per_token)
 from edgeheads.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_SECONDS = 5.0
+REPROBE_SECONDS = 1.0  # while waiting for the controller, lost workers are probed again this often
 REPORTS_KEPT = 50
 
 
 async def probe(cluster: ClusterExecutor, workers, timeout_seconds: float = PROBE_TIMEOUT_SECONDS
                 ) -> dict[str, set[BlockId] | None]:
-    """The blocks each worker holds, or None for a worker that does not answer."""
+    """The blocks each worker holds, or None for a worker that does not answer.
+
+    A worker found UNAVAILABLE is tried once more over a new channel: a channel whose
+    worker died waits between connection attempts (up to 2 s), so a worker restarted at
+    the same address could look dead for that long; a new channel connects at once (and a
+    dead worker refuses it at once)."""
+    async def ask(stub) -> set[BlockId]:
+        reply = await stub.GetTelemetry(worker_pb2.TelemetryRequest(), timeout=timeout_seconds)
+        return {BlockId.parse(b) for b in reply.blocks}
+
     async def one(worker: str) -> set[BlockId] | None:
         stub = cluster.stubs.get(worker)
         if stub is None:
             return None
         try:
-            reply = await stub.GetTelemetry(worker_pb2.TelemetryRequest(), timeout=timeout_seconds)
+            return await ask(stub)
+        except grpc.aio.AioRpcError as err:
+            if err.code() is not grpc.StatusCode.UNAVAILABLE:
+                return None
+        try:
+            return await ask(cluster.channels.reopen(worker))
         except grpc.aio.AioRpcError:
             return None
-        return {BlockId.parse(b) for b in reply.blocks}
     names = sorted(set(workers))
     return dict(zip(names, await asyncio.gather(*[one(w) for w in names])))
+
+
+def _describe(lost: set[str], restarted: set[str]) -> str:
+    parts = [f"{', '.join(sorted(lost))} cannot be reached"] if lost else []
+    if restarted:
+        parts.append(f"{', '.join(sorted(restarted))} restarted (lacks its blocks)")
+    return "; ".join(parts)
 
 
 class Recovery:
@@ -83,12 +112,14 @@ class Recovery:
             epoch = cluster.epoch
             if epoch is None:
                 return False
-            lost = {w for w, held in (await probe(cluster, epoch.plan.workers)).items() if held is None}
-            if not lost:
+            held = await probe(cluster, epoch.plan.workers)
+            lost = {w for w, blocks in held.items() if blocks is None}
+            restarted = restarted_workers(epoch.placement, held)
+            if not lost and not restarted:
                 return False
-            log.warning("a step of session %s failed (%s); %s cannot be reached: recovering", session, failure,
-                        ", ".join(sorted(lost)))
-            error = await self._recover(lost, f"a step failed: {failure}", since)
+            log.warning("a step of session %s failed (%s); %s: recovering", session, failure,
+                        _describe(lost, restarted))
+            error = await self._recover(lost, f"a step failed: {failure}", since, restarted)
         if error is not None:
             cluster.failed.pop(session, None)
             raise error
@@ -107,40 +138,64 @@ class Recovery:
             if cluster.down is not None:
                 trigger = f"epoch {answer.epoch} fits the workers again"
                 lost: set[str] = set()
+                restarted: set[str] = set()
             else:
+                # a worker of the epoch in use that the controller has at a new address restarted there
+                cluster.channels.connect({w: a for w, a in answer.addresses.items() if w in epoch.plan.workers})
+                held = await probe(cluster, epoch.plan.workers)
                 gone = set(epoch.plan.workers) - answer.workers
-                lost = {w for w, held in (await probe(cluster, gone)).items() if held is None} if gone else set()
-                if not lost:
+                lost = {w for w in gone if held[w] is None}
+                restarted = restarted_workers(epoch.placement, held)
+                if not lost and not restarted:
                     return False
-                trigger = f"the controller's epoch {answer.epoch} leaves out {', '.join(sorted(lost))}"
-                log.warning("%s, which cannot be reached: recovering", trigger)
-            await self._recover(lost, trigger, since)
+                trigger = (f"the controller's epoch {answer.epoch} leaves out {', '.join(sorted(lost))}" if lost
+                           else f"epoch {answer.epoch}")
+                log.warning("%s; %s: recovering", trigger, _describe(lost, restarted))
+            await self._recover(lost, trigger, since, restarted)
             return True
 
     # ------------------------------------------------------------------ the recovery
-    async def _recover(self, lost: set[str], trigger: str, since: float) -> ClusterError | None:
-        """Rebuild every live session without ``lost`` (holding the placement lock; the loss
-        was known at loop time ``since``); the error that ended them all when that was not
-        possible."""
+    async def _recover(self, lost: set[str], trigger: str, since: float,
+                       restarted: set[str] = frozenset()) -> ClusterError | None:
+        """Rebuild every live session without ``lost`` and with ``restarted`` rebuilt in place
+        (holding the placement lock; the loss was known at loop time ``since``); the error
+        that ended them all when that was not possible."""
         cluster = self.cluster
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_seconds
+        lost, restarted = set(lost), set(restarted)
+        examined = 0  # the newest epoch that placed lost workers again and was probed for them
         async with cluster.gate.switch():
             while True:
                 current = cluster.epoch.number if cluster.epoch is not None else 0
-                answer = await self.feed.wait_for(lambda a: answers_loss(a, lost, current), deadline - loop.time())
-                if answer is None:
-                    return await self._give_up(ClusterError(
-                        f"lost {', '.join(sorted(lost))}, and the controller published no placement without "
-                        f"{'it' if len(lost) == 1 else 'them'} within {self.timeout_seconds:g} s"))
-                if answer.error:
-                    return await self._give_up(CapacityError(capacity_message(answer, lost)), down=True)
+                if not lost:  # only restarted workers: rebuild them where the newest placement puts blocks
+                    answer = self._newest_placement()
+                else:
+                    answer = await self.feed.wait_for(
+                        lambda a: answers_loss(a, lost, current) or bool(returning(a, lost, max(current, examined))),
+                        min(REPROBE_SECONDS, deadline - loop.time()))
+                    if answer is None:  # no word from the controller yet: has a lost worker come back?
+                        if loop.time() >= deadline:
+                            return await self._give_up(ClusterError(
+                                f"lost {', '.join(sorted(lost))}, and the controller published no placement without "
+                                f"{'it' if len(lost) == 1 else 'them'} within {self.timeout_seconds:g} s"))
+                        if await self._came_back(set(lost), lost, restarted):
+                            continue
+                        answer = self._newest_placement()
+                    elif answer.error:
+                        return await self._give_up(CapacityError(capacity_message(answer, lost)), down=True)
+                    elif back := returning(answer, lost, max(current, examined)):
+                        examined = answer.epoch
+                        self.cluster.channels.connect({w: answer.addresses[w] for w in back})
+                        if await self._came_back(back, lost, restarted):
+                            continue  # others are still lost: wait for a placement without them
                 waited = loop.time() - since
                 try:
-                    report = await self._rebuild(answer, lost, trigger)
+                    report = await self._rebuild(answer, lost, trigger, restarted)
                 except ClusterError as err:
                     reachable = await probe(cluster, answer.workers)
                     more = {w for w, held in reachable.items() if held is None} - lost
+                    restarted -= more
                     if not more or loop.time() > deadline:
                         log.error("recovery to epoch %d failed: %s", answer.epoch, err)
                         return await self._give_up(err, down=isinstance(err, CapacityError))
@@ -152,7 +207,28 @@ class Recovery:
                 self._done(report)
                 return None
 
-    async def _rebuild(self, answer: PlacementAnswer, lost: set[str], trigger: str) -> RecoveryReport:
+    def _newest_placement(self) -> PlacementAnswer:
+        """The controller's newest placement if it is newer than the epoch in use, else that epoch."""
+        latest, epoch = self.feed.latest, self.cluster.epoch
+        if latest is not None and not latest.error and latest.epoch > epoch.number:
+            return latest
+        return PlacementAnswer(epoch.number, dict(epoch.placement), dict(epoch.addresses),
+                               members=frozenset(epoch.plan.workers))
+
+    async def _came_back(self, back: set[str], lost: set[str], restarted: set[str]) -> bool:
+        """Probe the lost workers ``back``: those that answer now (restarted under their name,
+        or reachable again) move from ``lost`` to ``restarted``. True while some stay lost."""
+        found = await probe(self.cluster, back)
+        returned = {w for w, held in found.items() if held is not None}
+        if returned:
+            log.warning("%s answer%s again: rebuilding in place", ", ".join(sorted(returned)),
+                        "s" if len(returned) == 1 else "")
+        lost -= returned
+        restarted |= returned
+        return bool(lost)
+
+    async def _rebuild(self, answer: PlacementAnswer, lost: set[str], trigger: str,
+                       restarted: set[str] = frozenset()) -> RecoveryReport:
         cluster = self.cluster
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -174,7 +250,8 @@ class Recovery:
         steps, tokens = await self._replay(names)
         cluster.rebuilds += 1
         epoch = cluster.epoch
-        return RecoveryReport(answer.epoch, sorted(lost), trigger, sessions=len(names), replayed_steps=steps,
+        return RecoveryReport(answer.epoch, sorted(lost), trigger, restarted=sorted(restarted),
+                              sessions=len(names), replayed_steps=steps,
                               replayed_tokens=tokens, weights_bytes=weights_bytes,
                               activation_bytes=tokens * step_bytes_per_token(epoch.plan, cluster.dataflow.label,
                                                                                cluster.shape),
@@ -214,10 +291,12 @@ class Recovery:
     def _done(self, report: RecoveryReport) -> None:
         self.reports.append(report)
         del self.reports[:-REPORTS_KEPT]
-        log.warning("recovered to epoch %d without %s in %.2f s (%.2f probing and waiting for the controller, "
+        log.warning("recovered to epoch %d without %s%s in %.2f s (%.2f probing and waiting for the controller, "
                     "%.2f shipping "
                     "%d bytes of weights, %.2f replaying %d steps, %d tokens, of %d sessions)", report.epoch,
-                    ", ".join(report.lost) or "any lost worker", report.seconds, report.detect_seconds,
+                    ", ".join(report.lost) or "any lost worker",
+                    f", {', '.join(report.restarted)} restarted" if report.restarted else "",
+                    report.seconds, report.detect_seconds,
                     report.ship_seconds, report.weights_bytes, report.replay_seconds, report.replayed_steps,
                     report.replayed_tokens, report.sessions)
         metrics = self.cluster.metrics

@@ -4,7 +4,7 @@ and the report of one recovery."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeheads.common.spec import BlockId, ModelShape
 from edgeheads.headnode.placement_feed import PlacementAnswer
@@ -20,6 +20,13 @@ def block_changes(held: dict[str, set[BlockId]], placement: dict[BlockId, str]
     unload = {w: sorted(b for b in blocks if placement.get(b) != w) for w, blocks in held.items()}
     load = {b: w for b, w in sorted(placement.items()) if b not in held.get(w, set())}
     return {w: blocks for w, blocks in unload.items() if blocks}, load
+
+
+def restarted_workers(placement: dict[BlockId, str], held: dict[str, set[BlockId] | None]) -> set[str]:
+    """Workers that answer (``held`` not None) but lack blocks ``placement`` puts on them: they
+    restarted under the same name, so their blocks and every session's caches there are gone."""
+    return {w for w, blocks in held.items()
+            if blocks is not None and any(x == w and b not in blocks for b, x in placement.items())}
 
 
 def capacity_message(answer: PlacementAnswer, lost: set[str]) -> str:
@@ -64,6 +71,7 @@ class RecoveryReport:
     detect_seconds: float = 0.0  # probing workers and waiting for the controller's placement
     ship_seconds: float = 0.0  # unloading, shipping weights and switching epochs
     replay_seconds: float = 0.0
+    restarted: list[str] = field(default_factory=list)  # workers that came back without their blocks
 
     @property
     def seconds(self) -> float:

@@ -148,12 +148,16 @@ class TelemetryAck(_message.Message):
     def __init__(self) -> None: ...
 
 class SetModelRequest(_message.Message):
-    __slots__ = ("model_shape_json", "model_name")
+    __slots__ = ("model_shape_json", "model_name", "epoch", "assignments")
     MODEL_SHAPE_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     model_shape_json: str
     model_name: str
-    def __init__(self, model_shape_json: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...
+    epoch: int
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, model_shape_json: _Optional[str] = ..., model_name: _Optional[str] = ..., epoch: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class GetPlacementRequest(_message.Message):
     __slots__ = ("after_epoch",)
