@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

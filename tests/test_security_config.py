@@ -106,8 +106,8 @@ def test_token_and_token_file_together_are_an_error_naming_the_source(tmp_path, 
 @pytest.mark.parametrize("token,message", [("short", "at least 16"), ("a b c d e f g h i j", "without spaces")])
 def test_a_weak_or_unsendable_token_is_refused_without_showing_it(monkeypatch, token, message):
     monkeypatch.setenv("EDGEHEADS_SECURITY__TOKEN", token)
-    with pytest.raises(ConfigError, match=f"environment variable EDGEHEADS_SECURITY__TOKEN: security.token: .*{message}") \
-            as err:
+    where = "environment variable EDGEHEADS_SECURITY__TOKEN: security.token: "
+    with pytest.raises(ConfigError, match=f"{where}.*{message}") as err:
         common_config.load_config(WorkerConfig)
     assert repr(token) not in str(err.value)
 
@@ -218,5 +218,6 @@ def test_refusals_are_logged_once_per_reason_and_host_per_interval(caplog):
         assert refusals.refused("no cluster token", "ipv4:10.0.0.5:4", "an RPC")
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "refused an RPC from ipv4:10.0.0.5:1: no cluster token"
-    assert lines[-1] == "refused an RPC from ipv4:10.0.0.5:4: no cluster token (1 more from this host since the last report)"
+    assert lines[-1] == ("refused an RPC from ipv4:10.0.0.5:4: no cluster token "
+                         "(1 more from this host since the last report)")
     assert len(lines) == 4
