@@ -51,7 +51,10 @@ class MigrationRpcs:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PullBlock needs block_id, source_address "
                                 "and content_hash")
         include_weights = request.content_hash not in self.host.weights
-        from_positions = cache_lengths(self.host, request.block_id) if request.delta else {}
+        try:
+            from_positions = cache_lengths(self.host, request.block_id) if request.delta else {}
+        except HostError as err:  # not a block id
+            await context.abort(grpc.StatusCode[err.code], f"pulling {request.block_id}: {err}")
         export = worker_pb2.ExportBlockStateRequest(block_id=request.block_id, include_weights=include_weights,
                                                     from_positions=from_positions)
         assembler = ChunkAssembler(self.max_payload_bytes)

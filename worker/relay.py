@@ -93,6 +93,8 @@ class RelayExecutor:
                     raise HostError("INVALID_ARGUMENT", f"epoch {epoch}: call {i} keeps {name!r}, "
                                     "which none of its ops makes")
             for dest, names in call.routes.items():
+                if not names:
+                    raise HostError("INVALID_ARGUMENT", f"epoch {epoch}: call {i} routes no values to {dest!r}")
                 if dest == self.host.name:
                     raise HostError("INVALID_ARGUMENT", f"epoch {epoch}: call {i} routes values to itself")
                 missing = [n for n in names if n not in call.keep]

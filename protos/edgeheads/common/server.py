@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import os
 import signal
@@ -56,6 +57,75 @@ def bind(server: grpc.aio.Server, listen: str, security: Security) -> int:
     return port
 
 
+class _Undecodable:
+    """What a handler is given instead of a request its deserializer refused."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not decode: {request.error}")
+
+
+class DecodeCheck(grpc.aio.ServerInterceptor):
+    """A request that does not decode (bytes that are not a message of the method's type) ends
+    with INVALID_ARGUMENT: grpc.aio answers it with UNKNOWN and a traceback in the log, as if the
+    servicer had failed. Plain generators and plain functions of request streams are left as they are
+    (the daemons have none)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        kind = (handler.request_streaming, handler.response_streaming)
+        behavior = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
+                    (True, False): handler.stream_unary, (True, True): handler.stream_stream}[kind]
+        if inspect.isasyncgenfunction(behavior):
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for reply in behavior(await _checked(request, context, handler.request_streaming), context):
+                    yield reply
+        elif inspect.iscoroutinefunction(behavior):
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(await _checked(request, context, handler.request_streaming), context)
+        elif kind == (False, False):  # a plain function (grpc.health's unimplemented List, say)
+            def checked(request: Any, context: Any) -> Any:
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not decode: {request.error}")
+                return behavior(request, context)
+        else:
+            return handler
+        deserialize = handler.request_deserializer
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as err:  # protobuf's DecodeError; whatever a deserializer raises, the same verdict
+                return _Undecodable(err)
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[kind]
+        return make(checked, request_deserializer=lenient, response_serializer=handler.response_serializer)
+
+
+async def _checked(request: Any, context: grpc.aio.ServicerContext, streaming: bool) -> Any:
+    """The request, or for a request stream an iterator over it, that aborts at an undecodable one."""
+    if not streaming:
+        if isinstance(request, _Undecodable):
+            await _refuse(context, request)
+        return request
+
+    async def each() -> Any:
+        async for message in request:
+            if isinstance(message, _Undecodable):
+                await _refuse(context, message)
+            yield message
+    return each()
+
+
 class Daemon:
     """A grpc.aio server with health and reflection; ``run`` blocks until SIGTERM/SIGINT.
     ``security`` None: the process's (edgeheads.common.security.install_security)."""
@@ -66,8 +136,9 @@ class Daemon:
         self.service_names = service_names
         self.grace_seconds = grace_seconds
         self.security = current_security() if security is None else security
-        # every call, health and reflection included, must carry the cluster token (if there is one)
-        interceptors = [TokenCheck(self.security.token)] if self.security.token else None
+        # every call, health and reflection included, must carry the cluster token (if there is one);
+        # then a request that does not decode is refused with INVALID_ARGUMENT
+        interceptors = [*([TokenCheck(self.security.token)] if self.security.token else []), DecodeCheck()]
         # explicit message limits and keepalive, from the config (never gRPC's 4 MiB default)
         self.server = grpc.aio.server(options=(grpc_settings or GrpcSettings()).server_options(),
                                       interceptors=interceptors)
