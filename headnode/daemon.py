@@ -56,7 +56,7 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
     model = await asyncio.to_thread(load_model, settings.model, progress=progress)
     cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
                               step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics,
-                              relay_transport=settings.relay_transport)
+                              relay_transport=settings.relay_transport, max_sessions=settings.max_sessions)
     # the controller may restart: the channel reconnects quickly, and the link announces the model again
     async with daemon_channel(settings.controller, grpc_settings) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)

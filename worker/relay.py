@@ -44,6 +44,7 @@ class _Step:
     next_call: int = 0
     running: bool = False
     path_compute: float = 0.0  # compute seconds on the longest chain of calls so far
+    reserve_tokens: int = 0  # the session's reservation, as its batches carry it
     values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -109,7 +110,7 @@ class RelayExecutor:
             del self.programs[old], self.expected[old]
 
     def deliver(self, session: str, epoch: int, position: int, values: dict[str, torch.Tensor],
-                path_compute: float = 0.0) -> Iterator[Outgoing]:
+                path_compute: float = 0.0, reserve_tokens: int = 0) -> Iterator[Outgoing]:
         """Add values to a step and run what became ready, yielding the messages to send
         after each segment. Values that arrive while the step runs join it.
 
@@ -131,6 +132,7 @@ class RelayExecutor:
             step = self.steps[key] = _Step()
         step.values.update(values)
         step.path_compute = max(step.path_compute, path_compute)
+        step.reserve_tokens = max(step.reserve_tokens, reserve_tokens)
         if step.running:  # the delivery already running this step will see the new values
             return
         step.running = True
@@ -139,7 +141,8 @@ class RelayExecutor:
                 for seg in program[step.next_call][1]:
                     inputs = {n: step.values[n] for n in seg.inputs}
                     t0 = time.perf_counter()
-                    step.values.update(self.host.run_compiled(session, position, inputs, seg.compiled))
+                    step.values.update(self.host.run_compiled(session, position, inputs, seg.compiled,
+                                                              step.reserve_tokens))
                     step.path_compute += time.perf_counter() - t0
                     if seg.routes:
                         yield Outgoing([(dest, {n: step.values[n] for n in names}) for dest, names in seg.routes],

@@ -89,13 +89,15 @@ class RelayEndpoint:
         try:
             values = {nt.name: tensor_from_proto(nt.tensor, nt.name) for nt in batch.values}
             for out, path in self.executor.deliver(batch.session, batch.epoch, batch.position, values,
-                                                   batch.path_compute_seconds):
+                                                   batch.path_compute_seconds, batch.reserve_tokens):
                 made: dict[str, tensor_pb2.NamedTensor] = {}  # a value sent to two places is encoded once
                 for dest, tensors in out:
                     # the same fields either way: a ValueBatch to a peer, a DriveReply to the head node
                     kind = worker_pb2.ValueBatch if dest else worker_pb2.DriveReply
                     message = kind(session=batch.session, epoch=batch.epoch, position=batch.position,
                                    path_compute_seconds=path)
+                    if dest:
+                        message.reserve_tokens = batch.reserve_tokens
                     for n, t in tensors.items():
                         nt = message.values.add(name=n)
                         if n in made:
