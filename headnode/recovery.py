@@ -23,8 +23,10 @@ Recovery then holds every step back (the StepGate) and:
 3. unloads what the new placement puts elsewhere, ships the blocks the survivors lack
    from the head node's own weights (the lost worker's blocks cannot be pulled from it),
    and switches to the new epoch;
-4. replays every live session's steps (the prompt, then each generated token: the same
-   steps as before, so the rebuilt caches are the same numbers) under its new wire id.
+4. ends the sessions whose K/V reservations the survivors cannot hold (RESOURCE_EXHAUSTED,
+   the newest first), then replays every other live session's steps (the prompt, then each
+   generated token: the same steps as before, so the rebuilt caches are the same numbers)
+   under its new wire id.
 The steps that failed then run again. A worker lost during a recovery is added to the
 lost ones and the recovery starts over. See docs/recovery.md.
 """
@@ -246,6 +248,7 @@ class Recovery:
         weights_bytes = await cluster.weights.ship(load, cluster.stubs, progress=False)
         await cluster.switch_epoch(answer.epoch, answer.placement, answer.addresses)
         cluster.down = None
+        names = await self._evict(names, trigger)
         t1 = loop.time()
         steps, tokens = await self._replay(names)
         cluster.rebuilds += 1
@@ -266,6 +269,17 @@ class Recovery:
                 raise ClusterError(f"unloading {len(blocks)} blocks on {worker}: {err.code().name}: "
                                    f"{err.details()}") from None
         await asyncio.gather(*[one(w, b) for w, b in unload.items()])
+
+    async def _evict(self, names: list[str], trigger: str) -> list[str]:
+        """End with RESOURCE_EXHAUSTED the sessions whose K/V reservations the new placement
+        cannot hold (the newest first; headnode/admission_control.py), rather than overcommit
+        the survivors; the rest of ``names``, to replay."""
+        cluster = self.cluster
+        ended = await cluster.admission.evict(cluster.epoch.placement, f"recovering ({trigger})")
+        for name, error in ended.items():
+            cluster.failed[name] = error  # its next step raises it (a session not started yet too)
+            await cluster.sessions.end(name, cluster.epoch)
+        return [n for n in names if n not in ended]
 
     async def _replay(self, names: list[str]) -> tuple[int, int]:
         """Feed every session's steps again, the sessions side by side; (steps, tokens)."""

@@ -1,7 +1,8 @@
 """Admission wired into the head node, without worker processes: the gRPC Generate service and
 the HTTP API admit a request before it starts (RESOURCE_EXHAUSTED, HTTP 429 for the session
-limit, 503 for memory), the steps carry the reservation to the workers, and the reservation is
-released however the session ends: normally, on an error, or when the client goes away. The
+limit, 503 for memory), the steps carry the reservation to the workers, the reservation is
+released however the session ends (normally, on an error, or when the client goes away), and
+after a loss the sessions the survivors cannot hold end with RESOURCE_EXHAUSTED. The
 cluster's dataflow is a stand-in that returns zeros (the numbers are other tests' business)."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from edgeheads.headnode.admission import WorkerBudget
 from edgeheads.headnode.cluster import ClusterError, ClusterExecutor
 from edgeheads.headnode.http_api import OpenAIApi
 from edgeheads.headnode.loading import load_model
+from edgeheads.headnode.placement_feed import PlacementFeed
+from edgeheads.headnode.recovery import Recovery
 from edgeheads.headnode.service import HeadnodeService
 from edgeheads.headnode.sessions import Epoch
 from edgeheads.headnode.step_plan import compile_plan
@@ -214,4 +217,33 @@ def test_the_http_api_refuses_with_429_for_sessions_and_503_for_memory(model, st
         reply = await post(app, "/completions", {**body, "max_tokens": 5})
         assert reply.status_code == 200, reply.text
         assert len(cluster.admission.ledger) == 0  # released after the reply, streamed or not
+    asyncio.run(run())
+
+
+def test_after_a_loss_the_sessions_the_survivors_cannot_hold_end_with_resource_exhausted(model):
+    async def run():
+        cluster, steps = cluster_of(model, room=0)
+        room = cluster.admission.cost(cluster.epoch.placement).kv_bytes(100)
+        for w in WORKERS:
+            b = cluster.admission.budgets[w]
+            cluster.admission.budgets[w] = WorkerBudget(b.available + room[w], b.used)
+        service = HeadnodeService(model, cluster)
+        older, newer = service.Generate(request(50), Context()), service.Generate(request(30), Context())
+        await anext(older)  # 60 tokens
+        await anext(newer)  # 40: 100 in all
+        # w1 is lost and everything lands on w0, which has room for 70 tokens of its caches
+        placement = {b: "w0" for b in cluster.epoch.placement}
+        cost = cluster.admission.cost(placement)
+        cluster.admission.budgets = {"w0": WorkerBudget(cost.weights["w0"] + cost.kv_bytes(70)["w0"], 12345)}
+        cluster.epoch = Epoch(2, placement, {}, compile_plan(model.parts.shape, placement))
+        names = list(cluster.sessions)
+        left = await Recovery(cluster, PlacementFeed())._evict(names, "lost w1")
+        assert left == names[:1] and list(cluster.admission.ledger.tokens) == names[:1]
+        with pytest.raises(Aborted) as ended:
+            await anext(newer)
+        assert ended.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "recovering (lost w1): the remaining workers cannot hold" in ended.value.details
+        assert (await anext(older)).token_id >= 0  # the older one goes on
+        await older.aclose()
+        assert len(cluster.admission.ledger) == 0 and len(cluster.sessions) == 0
     asyncio.run(run())
