@@ -66,8 +66,13 @@ class _Undecodable:
         self.error = error
 
 
-async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not decode: {request.error}")
+class _UndecodableRequest(Exception):
+    """Raised by a request stream at a message that does not decode; DecodeCheck's wrapper turns it
+    into INVALID_ARGUMENT."""
+
+
+def _details(request: _Undecodable) -> str:
+    return f"the request does not decode: {request.error}"
 
 
 class DecodeCheck(grpc.aio.ServerInterceptor):
@@ -85,15 +90,21 @@ class DecodeCheck(grpc.aio.ServerInterceptor):
                     (True, False): handler.stream_unary, (True, True): handler.stream_stream}[kind]
         if inspect.isasyncgenfunction(behavior):
             async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async for reply in behavior(await _checked(request, context, handler.request_streaming), context):
-                    yield reply
+                try:
+                    async for reply in behavior(await _checked(request, context, handler.request_streaming), context):
+                        yield reply
+                except _UndecodableRequest as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         elif inspect.iscoroutinefunction(behavior):
             async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await behavior(await _checked(request, context, handler.request_streaming), context)
+                try:
+                    return await behavior(await _checked(request, context, handler.request_streaming), context)
+                except _UndecodableRequest as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         elif kind == (False, False):  # a plain function (grpc.health's unimplemented List, say)
             def checked(request: Any, context: Any) -> Any:
                 if isinstance(request, _Undecodable):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not decode: {request.error}")
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
                 return behavior(request, context)
         else:
             return handler
@@ -112,16 +123,24 @@ class DecodeCheck(grpc.aio.ServerInterceptor):
 
 
 async def _checked(request: Any, context: grpc.aio.ServicerContext, streaming: bool) -> Any:
-    """The request, or for a request stream an iterator over it, that aborts at an undecodable one."""
+    """The request, or for a request stream an iterator over it that stops at an undecodable one.
+
+    The iterator does not abort the call itself: a servicer may read its requests in a task of its
+    own (the Worker's Drive does) while the handler writes replies, and grpc.aio loses an abort
+    sent from that task during a write (the client hears nothing until its deadline). It sets the
+    status and raises _UndecodableRequest instead: the wrapper aborts from the handler's task,
+    and a servicer that swallows the exception still ends with the status set."""
     if not streaming:
         if isinstance(request, _Undecodable):
-            await _refuse(context, request)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
         return request
 
     async def each() -> Any:
         async for message in request:
             if isinstance(message, _Undecodable):
-                await _refuse(context, message)
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(_details(message))
+                raise _UndecodableRequest(_details(message))
             yield message
     return each()
 
