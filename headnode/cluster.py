@@ -154,8 +154,8 @@ class ClusterExecutor:
                     final = await self.run(record, token_ids)
                 except ClusterError as err:
                     failure = err
-                except BaseException:
-                    await self.sessions.end(session, self.epoch)  # already inside the gate
+                except BaseException:  # cancelled: its client went away
+                    await self._end_cancelled(session)  # already inside the gate
                     raise
                 else:
                     record.history.append(tuple(token_ids))
@@ -184,6 +184,20 @@ class ClusterExecutor:
         final = await self.dataflow.step(session.wire, session.position, x0, self.admission.tokens(session.name))
         session.position += len(token_ids)
         return final
+
+    async def _end_cancelled(self, session: str) -> None:
+        """End a session whose step was cancelled. The cleanup runs as a task of its own, and
+        the step waits for it even when cancelled again: under anyio (the HTTP API) every
+        await of a cancelled task is cancelled too, which would stop the cleanup after the
+        session left the table and before any worker dropped its caches."""
+        task = asyncio.get_running_loop().create_task(self.sessions.end(session, self.epoch))
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("session %s: ending it after its step was cancelled failed: %r", session, task.exception())
 
     async def end_session(self, session: str) -> None:
         """Drop a session's caches everywhere. Gated like a step: a migration's switch never

@@ -14,6 +14,7 @@ class StepGate:
         self._cond = asyncio.Condition()
         self._running = 0
         self._switching = False
+        self._notifying: set[asyncio.Task] = set()
 
     @asynccontextmanager
     async def step(self) -> AsyncIterator[None]:
@@ -23,9 +24,7 @@ class StepGate:
         try:
             yield
         finally:
-            async with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+            self._leave(step=True)
 
     @asynccontextmanager
     async def switch(self) -> AsyncIterator[None]:
@@ -36,9 +35,24 @@ class StepGate:
         try:
             yield
         finally:
-            async with self._cond:
-                self._switching = False
-                self._cond.notify_all()
+            self._leave(step=False)
+
+    def _leave(self, step: bool) -> None:
+        """A step or a switch ends, without awaiting: a task that was cancelled may not get
+        to await here (under anyio every await of a cancelled task is cancelled again), and
+        a count left behind would hold every later switch back for good. Waiters are told
+        from a task of their own."""
+        if step:
+            self._running -= 1
+        else:
+            self._switching = False
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
 
     @property
     def steps_running(self) -> int:
