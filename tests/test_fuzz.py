@@ -187,6 +187,32 @@ def test_a_delta_pull_of_a_malformed_block_id_is_invalid_argument():
     assert err.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT and "not a block id" in err.value.args[1]
 
 
+def test_weights_sent_for_a_refused_block_are_not_kept():
+    """A LoadBlock whose block is refused (here: a layer the model does not have) left its weights
+    on the worker, counted nowhere, until some later unload."""
+    import torch
+
+    from edgeheads.common.wire import chunks, sha256_hex, weights_to_blob
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        async def abort(self, code, details):
+            raise Aborted(code, details)
+
+    blob = weights_to_blob({"w": torch.arange(6, dtype=torch.float32)})
+
+    async def stream():
+        yield worker_pb2.LoadBlockChunk(block_id="attn(1000,0)", model_shape_json=json.dumps(SMOLLM2_135M.to_dict()),
+                                        content_hash=sha256_hex(blob), chunk=next(chunks(blob)))
+    service = WorkerService(BlockHost("w"))
+    with pytest.raises(Aborted) as err:
+        asyncio.run(service.LoadBlock(stream(), Context()))
+    assert err.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT, err.value.args
+    assert service.host.weights == {}
+
+
 def test_the_fuzz_cases_are_seeded():
     """The same seed gives the same cases (the printed seed repeats a run)."""
     from fuzz_cases import Env, grpc_case

@@ -59,7 +59,12 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
                 if assembler.total is None:
                     raise HostError("NOT_FOUND", f"worker has no weights {header.content_hash[:12]} and none were sent")
                 self.host.add_weights(assembler.finish(), header.content_hash)
-            block = self.host.bind_block(header.block_id, header.model_shape_json, header.content_hash)
+            try:
+                block = self.host.bind_block(header.block_id, header.model_shape_json, header.content_hash)
+            except HostError:  # weights that came for a block refused are not kept (no block counts them)
+                if not reused and header.content_hash not in self.host.block_hash.values():
+                    self.host.weights.pop(header.content_hash, None)
+                raise
         except (HostError, WireError) as err:
             await abort_for(context, err)
             return None
