@@ -199,3 +199,15 @@ def test_the_spread_placement_of_the_tiny_model_costs_what_its_blocks_weigh(part
     assert sum(cost.weights.values()) == sum(block_weight_bytes(parts).values())
     assert sum(cost.attention.values()) == parts.shape.n_layers * parts.shape.n_kv_heads
     assert cache_row_bytes(parts) == 2 * parts.shape.head_dim * 4  # fp32
+
+
+def test_a_repack_that_frees_memory_runs_on_a_worker_over_its_budget(parts):
+    pair = [BlockId.parse("attn(0,0)"), BlockId.parse("attn(0,1)")]
+    host = host_with(parts, pair)
+    attention_call(host, parts, 0, "s", 0, 4, 100)  # one store for both blocks' caches: 2 x 100 rows
+    host.unload([str(pair[1])])  # a migration took one block away; its half of the store stays allocated
+    before = host.memory_used_bytes()
+    host.memory_limit_bytes = before // 2  # and the worker's limit was lowered below what it holds
+    attention_call(host, parts, 0, "s", 4, 1, 100)  # re-packs the remaining cache alone: frees more than it takes
+    assert host.memory_used_bytes() == before - 100 * cache_row_bytes(parts)
+    assert host.blocks[pair[0]].caches["s"].length == 5

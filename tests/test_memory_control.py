@@ -118,9 +118,13 @@ def test_lowering_a_workers_memory_limit_moves_blocks_off_it(save_tiny_model):
         before = client.status()
         on_worker = [b for b, w in before["placement"].items() if w == "worker-1"]
         result = {}
-        thread = threading.Thread(target=lambda: result.update(
-            tokens=client.generate_full(prompt, max_new_tokens=200).token_ids))
+        generating = threading.Event()
+        thread = threading.Thread(target=lambda: result.update(tokens=client.generate_full(
+            prompt, max_new_tokens=200, on_text=lambda _: generating.set()).token_ids))
         thread.start()
+        # lowered once the generation's caches exist: a worker over its budget allocates no new ones (and the
+        # head node admits no new session there)
+        assert generating.wait(60), "the generation did not start"
         with grpc.insecure_channel(cluster.addresses["worker-1"]) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             used = stub.GetTelemetry(worker_pb2.TelemetryRequest(), timeout=10).memory_used_bytes

@@ -15,26 +15,36 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from edgeheads.worker import telemetry
-from edgeheads.worker.blocks.attention import planned_capacity
-from edgeheads.worker.blocks.kv_cache import store_bytes
+from edgeheads.worker.blocks.attention import AttentionBlock, planned_capacity
+from edgeheads.worker.blocks.kv_cache import KVCache, store_bytes
 from edgeheads.worker.executor import CallUnit
 
 if TYPE_CHECKING:
     from edgeheads.worker.host import BlockHost
 
 
-def call_cache_bytes(units: Iterable[CallUnit], session: str, needed: int, reserve_tokens: int) -> int:
+def call_cache_bytes(units: Iterable[CallUnit], session: str, needed: int, reserve_tokens: int,
+                     held: Iterable[KVCache] = ()) -> int:
     """Bytes of the cache stores a call's attention units will allocate for ``session``
-    when its caches must hold ``needed`` rows (position + the call's tokens)."""
+    when its caches must hold ``needed`` rows (position + the call's tokens), less the old
+    stores a re-pack or a growth frees: those only the unit's own caches use (``held``: all
+    of the session's caches on the worker). A re-pack after a migration took a block out
+    of a shared store frees more than it allocates."""
+    held = list(held)
     total = 0
     for unit in units:
         if unit.group is None:
             continue
         blocks = unit.group.blocks
         capacity = planned_capacity(blocks, session, needed, reserve_tokens)
-        if capacity is not None:
-            first = blocks[0]
-            total += store_bytes(len(blocks), capacity, first.shape.head_dim, first.dtype.itemsize)
+        if capacity is None:
+            continue
+        first = blocks[0]
+        total += store_bytes(len(blocks), capacity, first.shape.head_dim, first.dtype.itemsize)
+        mine = [b.caches[session] for b in blocks if session in b.caches]
+        for store in {id(c.store): c.store for c in mine}.values():
+            if all(c.store is not store or any(c is m for m in mine) for c in held):
+                total -= store.numel() * store.element_size()
     return total
 
 
@@ -52,8 +62,13 @@ def cache_shortfall(host: BlockHost, units: Iterable[CallUnit], session: str, ne
     its memory limit, the cgroup's headroom and the memory the OS has available:
     telemetry.memory_capacity_bytes), or None when they fit. The host refuses the call with
     RESOURCE_EXHAUSTED and this message."""
-    new_bytes = call_cache_bytes(units, session, needed, reserve_tokens)
-    if not new_bytes:
+    units = list(units)
+    if all(u.group is None or planned_capacity(u.group.blocks, session, needed, reserve_tokens) is None
+           for u in units):
+        return None  # nothing to allocate: the common case, decided without walking the host's caches
+    held = [b.caches[session] for b in host.blocks.values() if isinstance(b, AttentionBlock) and session in b.caches]
+    new_bytes = call_cache_bytes(units, session, needed, reserve_tokens, held)
+    if new_bytes <= 0:
         return None
     used = host.memory_used_bytes()
     budget = telemetry.memory_capacity_bytes(host.memory_limit_bytes, used)
