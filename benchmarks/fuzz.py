@@ -8,7 +8,7 @@ The cases and the runner are the CI test's (tests/fuzz_cases.py, tests/fuzz_rela
 tests/fuzz_run.py; tests/test_fuzz.py runs 2,000): malformed, truncated, oversized, wrong-type
 and random requests and frames, defanged so that none can name the live generation's objects.
 Printed: requests per RPC / relay case, relay frames per kind, the outcome tally (status codes),
-requests/s, whether every concurrent generation stayed identical to the in-process reference,
+also per RPC / relay case, requests/s, whether every concurrent generation stayed identical to the in-process reference,
 and whether every daemon survived and still serves. The exit status is 1 if anything went wrong
 (a hang, an UNKNOWN or INTERNAL status, a changed generation, a daemon down).
 
@@ -63,6 +63,7 @@ def main() -> int:
             report = run_fuzz(cluster, model, args.requests, seed, new_tokens=args.new_tokens)
             logs = {name: cluster.log_tail(name, 5) for name in cluster.procs}
     print(report.summary())
+    print("outcomes per RPC / relay case:\n" + report.outcomes_per_label())
     ok = (report.answered == report.sent and not any(report.by_outcome[k] for k in BAD)
           and report.generations >= 1 and report.identical == report.generations and not report.generation_errors
           and all(report.daemons_alive.values()) and all(report.daemons_serving.values()))

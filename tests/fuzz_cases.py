@@ -327,7 +327,7 @@ def defang(method: Method, messages: list[Message], env: Env, rng: random.Random
 def _defang_program(m: worker_pb2.InstallProgramRequest, env: Env) -> None:
     """A program that installs evicts older epochs' (4 are kept) and updates the worker's peers and
     transport, so one that might install goes to FUZZ_EPOCH (never live, the oldest: evicted
-    first), keeps the live transport and names no real worker as a peer."""
+    first), keeps the live transport, names no real worker as a peer and no peer off this host."""
     sure_to_fail = (m.transport not in ("", "tcp", "grpc") or not m.calls or any(not c.ops for c in m.calls)
                     or any(not env.is_real_block(op.block_id) for c in m.calls for op in c.ops))
     if sure_to_fail:
@@ -335,6 +335,9 @@ def _defang_program(m: worker_pb2.InstallProgramRequest, env: Env) -> None:
     m.epoch, m.transport = FUZZ_EPOCH, env.transport
     for worker in [w for w in m.peers if w in env.workers]:
         m.peers[JUNK + worker] = m.peers.pop(worker)
+    for peer, address in m.peers.items():  # the worker dials (and probes) its peers: loopback only
+        if address not in SAFE_SOURCES:
+            m.peers[peer] = SAFE_SOURCES[len(address) % len(SAFE_SOURCES)]
 
 
 # ------------------------------------------------------------------ cases
