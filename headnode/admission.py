@@ -100,19 +100,17 @@ def mib(n: int) -> str:
 def refusal_message(tokens: int, prompt_tokens: int, cost: ModelCost, budgets: Mapping[str, WorkerBudget],
                     missing: list[Shortfall], others: int, reserved_tokens: int) -> str:
     """Why a request was refused: what did not fit where, and what would."""
-    first = missing[0]
-    budget = budgets[first.worker]
-    where = "; ".join(f"{s.worker} needs {mib(s.need)} ({cost.attention[s.worker]} attention blocks) and has "
-                      f"{mib(max(0, s.room))} free of {mib(budgets[s.worker].available)}" for s in missing)
+    where = "; ".join(f"{mib(s.need)} on {s.worker} ({cost.attention[s.worker]} attention blocks), which has "
+                      f"{mib(max(0, s.room))} free (budget {mib(budgets[s.worker].available)}: weights "
+                      f"{mib(cost.weights[s.worker])}, {mib(budgets[s.worker].used)} in use)" for s in missing)
     now = cost.tokens_that_fit(cost.room(budgets, reserved_tokens)) or 0
-    alone = cost.tokens_that_fit(cost.room(budgets, 0)) or 0
-    held = (f"{others} running session{'s' if others != 1 else ''} hold {reserved_tokens} tokens"
+    alone = cost.tokens_that_fit(cost.room(unused(budgets), 0)) or 0
+    held = (f"{others} running session{' holds' if others == 1 else 's hold'} {reserved_tokens} tokens"
             if others else "no other session is running")
     hint = (f"at most {now} tokens fit now, {alone} with no other session running" if others else
-            f"at most {alone} tokens fit")
+            f"at most {now} tokens fit")
     return (f"not enough memory for this request's K/V caches: {tokens} tokens (prompt {prompt_tokens} + "
-            f"max_new_tokens {tokens - prompt_tokens}): {where} (weights {mib(cost.weights[first.worker])}, "
-            f"{mib(budget.used)} in use); {held}; {hint}")
+            f"max_new_tokens {tokens - prompt_tokens}) take {where}; {held}; {hint}")
 
 
 class Ledger:

@@ -61,7 +61,8 @@ def test_ledger_admits_what_fits_next_to_the_others_and_releases():
     assert refused.value.code == "RESOURCE_EXHAUSTED" and "c" not in ledger
     message = str(refused.value)
     assert "1 tokens (prompt 1 + max_new_tokens 0)" in message
-    assert "w0 needs 0.00 MiB (2 attention blocks) and has 0.00 MiB free of 4.00 MiB" in message
+    assert ("0.00 MiB on w0 (2 attention blocks), which has 0.00 MiB free (budget 4.00 MiB: weights 3.00 MiB, "
+            "3.00 MiB in use)") in message
     assert "2 running sessions hold 512 tokens" in message and "at most 0 tokens fit now, 512 with no other" in message
     assert ledger.release("a") == 300 and ledger.release("a") == 0  # idempotent
     assert ledger.admit("c", 100, 200, cost, budgets) == 300
