@@ -118,7 +118,8 @@ class RelayDriver:
         if key in self.pending:
             raise ClusterError(f"session {session} already has a step at position {position} in flight")
         future = self.pending[key] = asyncio.get_running_loop().create_future()
-        batch = worker_pb2.ValueBatch(session=session, epoch=self.epoch, position=position, reserve_tokens=reserve_tokens,
+        batch = worker_pb2.ValueBatch(session=session, epoch=self.epoch, position=position,
+                                      reserve_tokens=reserve_tokens,
                                       values=[tensor_pb2.NamedTensor(name="x0", tensor=x0)])
         try:
             for worker in self.plan.head_sends:

@@ -121,7 +121,8 @@ def session_caches(blocks: list[AttentionBlock], session: str, needed: int, rese
     if capacity is None:
         return blocks[0].caches[session].store
     if all(session not in b.caches for b in blocks):
-        store = new_store(len(blocks), capacity, first.shape.head_dim, first.dtype, first.weights["qkv.weight"].device)
+        device = first.weights["qkv.weight"].device
+        store = new_store(len(blocks), capacity, first.shape.head_dim, first.dtype, device)
         for slot, block in enumerate(blocks):
             block.caches[session] = KVCache.in_store(store, slot)
         return store
