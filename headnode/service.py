@@ -37,10 +37,17 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
 
     async def Generate(self, request, context):
         try:
-            params = SamplingParams(
-                max_new_tokens=request.max_new_tokens or 64, temperature=request.temperature, top_k=request.top_k,
-                top_p=request.top_p or 1.0, seed=request.seed if request.HasField("seed") else None)
             prompt_ids = self._prompt_ids(request)
+            # nothing runs past the model's context (as in the HTTP API): no room is INVALID_ARGUMENT
+            positions = self.model.parts.shape.max_positions
+            room = positions - len(prompt_ids)
+            if room < 1 or request.max_new_tokens > room:
+                asked = f" plus max_new_tokens {request.max_new_tokens}" if request.max_new_tokens else ""
+                raise ValueError(f"this model's context is {positions} tokens; the prompt has {len(prompt_ids)}{asked}")
+            params = SamplingParams(
+                max_new_tokens=request.max_new_tokens or min(64, room), temperature=request.temperature,
+                top_k=request.top_k, top_p=request.top_p or 1.0,
+                seed=request.seed if request.HasField("seed") else None)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         session = uuid.uuid4().hex

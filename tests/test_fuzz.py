@@ -213,6 +213,33 @@ def test_weights_sent_for_a_refused_block_are_not_kept():
     assert service.host.weights == {}
 
 
+def test_generate_refuses_what_the_model_context_cannot_hold():
+    """A prompt longer than the model's context failed gRPC Generate with UNKNOWN (a ValueError
+    from the first step), and a max_new_tokens past it mid-stream; now INVALID_ARGUMENT up front."""
+    from types import SimpleNamespace
+
+    from edgeheads.headnode.service import HeadnodeService
+    from edgeheads.v1 import headnode_pb2
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        async def abort(self, code, details):
+            raise Aborted(code, details)
+
+    model = SimpleNamespace(parts=SimpleNamespace(shape=SimpleNamespace(max_positions=8, vocab_size=100)))
+    service = HeadnodeService(model, cluster=None)
+
+    async def first(request):
+        async for event in service.Generate(request, Context()):
+            return event
+    for ids, new in (([1] * 9, 0), ([1] * 8, 0), ([1] * 4, 5)):
+        with pytest.raises(Aborted) as err:
+            asyncio.run(first(headnode_pb2.GenerateRequest(prompt_token_ids=ids, max_new_tokens=new)))
+        assert err.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT and "context is 8 tokens" in err.value.args[1]
+
+
 def test_the_fuzz_cases_are_seeded():
     """The same seed gives the same cases (the printed seed repeats a run)."""
     from fuzz_cases import Env, grpc_case
