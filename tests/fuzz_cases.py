@@ -214,7 +214,8 @@ def near_valid(method: Method, env: Env, rng: random.Random) -> list[Message] | 
             timeout_seconds=rng.choice([0.0, 0.5, 2.0, -1.0, math.nan, math.inf, 1e300]))]
     if name == "Generate":
         vocab = env.shape.vocab_size
-        ids = [rng.randrange(vocab) for _ in range(rng.choice([1, 3, 20]))]
+        context = env.shape.max_positions  # prompts that leave no room, or too little, are refused
+        ids = [rng.randrange(vocab) for _ in range(rng.choice([1, 3, 20, 20, context - 2, context + 1]))]
         if rng.random() < 0.4:
             ids[rng.randrange(len(ids))] = rng.choice([-1, vocab, 2**63 - 1, -2**63])
         req = headnode_pb2.GenerateRequest(
@@ -319,7 +320,8 @@ def defang(method: Method, messages: list[Message], env: Env, rng: random.Random
             m.model_shape_json = m.model_shape_json[:-1]  # a valid shape announces a new model
         elif name == "Generate":  # valid generations are fine, but bounded: admission is not what this tests
             m.max_new_tokens = min(max(m.max_new_tokens, 1), 4)
-            if len(m.prompt_token_ids) > 64:
+            # a long prompt within the context only on a tiny model (a cheap prefill); past it, it is refused
+            if 64 < len(m.prompt_token_ids) <= env.shape.max_positions and env.shape.max_positions > 512:
                 del m.prompt_token_ids[64:]
             m.prompt = m.prompt[:500]
 
