@@ -146,7 +146,9 @@ def compose(require_capability, smollm2_gguf):
     for image in images:
         require_capability(f"the image {image} (deploy/build-image.sh)", _ok("docker", "image", "inspect", image))
     ports = {name: free_port() for name in ("grpc", "http", "controller")}
-    env = {**os.environ, "EDGEHEADS_CACHE": str(cache_dir()), "EDGEHEADS_IMAGE": images[0],
+    # COMPOSE_HTTP_TIMEOUT: with the vfs storage driver, removing a container copies and deletes
+    # its whole filesystem, which on a loaded machine outlasts docker-compose's default 60 s
+    env = {**os.environ, "COMPOSE_HTTP_TIMEOUT": "300", "EDGEHEADS_CACHE": str(cache_dir()), "EDGEHEADS_IMAGE": images[0],
            "EDGEHEADS_HEADNODE_IMAGE": images[1], "EDGEHEADS_GRPC_PORT": str(ports["grpc"]),
            "EDGEHEADS_HTTP_PORT": str(ports["http"]), "EDGEHEADS_CONTROLLER_PORT": str(ports["controller"])}
     cluster = Compose(command, f"edgeheadstest{os.getpid()}", env, f"127.0.0.1:{ports['grpc']}",
