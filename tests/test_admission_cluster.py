@@ -3,8 +3,9 @@ random llama; both dataflows): what a session reserves is what the workers alloc
 deltas); a request over the workers' memory gets RESOURCE_EXHAUSTED (HTTP 503) before it
 starts while a running generation goes on token-identical; one session over
 headnode.max_sessions gets RESOURCE_EXHAUSTED (HTTP 429) until one ends; a cancelled
-client frees its reservation and its caches; and a worker itself refuses an allocation
-past its memory instead of being killed for it."""
+client frees its reservation and its caches; a worker itself refuses an allocation past its
+memory instead of being killed for it; and after a worker is lost, the session the survivor
+cannot hold ends with RESOURCE_EXHAUSTED while the older one completes."""
 
 from __future__ import annotations
 
@@ -199,3 +200,31 @@ def test_a_worker_refuses_a_reservation_past_its_memory_and_keeps_serving(cluste
     assert f"worker {worker}: the K/V caches of session 'greedy-for-memory' need" in refused.value.details()
     assert used(workers)[worker] == before
     assert list(headnode.Generate(request(5), timeout=60))[-1].done
+
+
+def test_after_a_loss_the_session_the_survivor_cannot_hold_ends_and_the_older_one_completes(model):
+    """Two workers, worker-0 limited to the whole model and 300 tokens of caches: two sessions of
+    250 fit while both workers hold blocks; worker-1 is killed, everything moves to worker-0, and
+    the newer session ends with RESOURCE_EXHAUSTED while the older one completes token-identical."""
+    expected = LocalGenerator(model).generate_ids(PROMPT, SamplingParams(max_new_tokens=LONG)).token_ids
+    weights = sum(block_weight_bytes(model.parts).values())
+    attention = model.parts.shape.n_layers * model.parts.shape.n_kv_heads
+    limit = weights + attention * 300 * cache_row_bytes(model.parts)
+    env = {"EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": "0"}
+    with LocalCluster(model.name, workers=2, progress=False, extra_env=env) as cluster, \
+            grpc.insecure_channel(cluster.address) as channel, \
+            grpc.insecure_channel(cluster.addresses["worker-0"]) as survivor:
+        worker_pb2_grpc.WorkerStub(survivor).SetMemoryLimit(
+            worker_pb2.SetMemoryLimitRequest(memory_limit_bytes=limit), timeout=10)
+        time.sleep(max(BUDGET_MAX_AGE_SECONDS, 1.0) + 0.5)  # the controller and the head node hear of it
+        headnode = headnode_pb2_grpc.HeadnodeStub(channel)
+        older, first = start(headnode)
+        newer, _ = start(headnode)
+        cluster.procs["worker-1"].kill()
+        with pytest.raises(grpc.RpcError) as ended:
+            list(newer)
+        assert ended.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value.details()
+        assert "the remaining workers cannot hold the K/V caches of this session" in ended.value.details()
+        assert [first.token_id] + [e.token_id for e in older if not e.done] == expected
+        assert placement_in_use(headnode) == {b: "worker-0" for b in model.parts.blocks}
+        assert headnode_metric(cluster, 'edgeheads_admission_refusals_total{reason="evicted"}') == 1
