@@ -115,11 +115,11 @@ def test_a_session_reserves_its_tokens_and_releases_them_when_it_ends(model):
         tokens = len(PROMPT) + 5
         assert [reserve for _, _, reserve in steps.calls] == [tokens] * 5  # every step carries it
         assert len(cluster.admission.ledger) == 0 and len(cluster.sessions) == 0
-        # no more than the model's context: a session cannot run past it
-        stream = service.Generate(request(10_000), Context())
-        await anext(stream)
-        assert steps.calls[-1][2] == model.parts.shape.max_positions
-        await stream.aclose()
+        # no more than the model's context: a session cannot run past it (Generate refuses such a
+        # request as INVALID_ARGUMENT before admission; the cap guards every other caller)
+        assert await cluster.admit("long", len(PROMPT), 10_000) == model.parts.shape.max_positions
+        await cluster.end_session("long")
+        assert len(cluster.admission.ledger) == 0
     asyncio.run(run())
 
 
