@@ -118,12 +118,12 @@ def silent_cases(env: Env) -> list[RelayCase]:
 class RelayOutcome:
     codes: list[str]  # error codes of the ERROR (or error REPLY) frames received, in order
     replies: int  # REPLY frames received
-    end: str  # "eof" (the worker closed), "reset", "timeout" (still open at the deadline), "garbled"
+    end: str  # "eof" (the worker closed), "reset", "timeout" (still open at the deadline), "garbled", "refused"
 
     @property
     def key(self) -> str:
-        if self.end in ("timeout", "garbled"):
-            return "NO_ANSWER" if self.end == "timeout" else "GARBLED"
+        if self.end in ("timeout", "garbled", "refused"):
+            return {"timeout": "NO_ANSWER", "garbled": "GARBLED", "refused": "REFUSED"}[self.end]
         return self.codes[0] if self.codes else ("OK" if self.end == "eof" else "RESET")
 
 
@@ -131,31 +131,41 @@ def exchange(host: str, port: int, case: RelayCase, timeout: float) -> RelayOutc
     """Send the case's bytes, end our side (unless held open), read until the worker closes."""
     deadline = time.monotonic() + timeout
     buf, end = b"", "eof"
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return RelayOutcome([], 0, "refused")  # the port is gone: the worker stopped serving
+    with sock:
         try:
             sock.sendall(case.data)
             if not case.hold_open:
                 sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the worker closed first (it answered a broken frame): read what it sent
+            end = "reset"
+        try:
             while True:
                 sock.settimeout(max(0.01, deadline - time.monotonic()))
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 buf += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            end = "reset"
         except (socket.timeout, TimeoutError):
             end = "timeout"
+        except OSError:
+            end = "reset"
     codes, replies, pos = [], 0, 0
     while pos + HEADER.size <= len(buf):
         magic, kind, _, length, _ = HEADER.unpack_from(buf, pos)
-        if magic != MAGIC or kind not in (Kind.REPLY, Kind.ERROR) or pos + HEADER.size + length > len(buf):
+        if magic != MAGIC or kind not in (Kind.REPLY, Kind.ERROR):
             return RelayOutcome(codes, replies, "garbled")
+        if pos + HEADER.size + length > len(buf):
+            break
         reply = worker_pb2.DriveReply.FromString(buf[pos + HEADER.size:pos + HEADER.size + length])
         replies += kind == Kind.REPLY
         if reply.error_code:
             codes.append(reply.error_code)
         pos += HEADER.size + length
-    return RelayOutcome(codes, replies, end if pos == len(buf) else "garbled")
+    # a frame cut short is garbled, unless a reset cut it (the kernel drops what was unread)
+    return RelayOutcome(codes, replies, end if pos == len(buf) or end == "reset" else "garbled")
 
 

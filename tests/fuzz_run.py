@@ -36,7 +36,7 @@ from fuzz_relay import exchange, relay_case, silent_cases
 CALL_TIMEOUT = 15.0  # seconds an answer may take; longer is a hang
 RELAY_TIMEOUT = 20.0  # above the worker's 10 s hello timeout
 NO_ANSWER = "NO_ANSWER"  # nothing before the deadline: a hang
-BAD = ("UNKNOWN", "INTERNAL", NO_ANSWER, "GARBLED")  # never an acceptable answer
+BAD = ("UNKNOWN", "INTERNAL", NO_ANSWER, "GARBLED", "REFUSED")  # never an acceptable answer
 PROMPT = "in flight"
 
 
