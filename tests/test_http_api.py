@@ -215,7 +215,7 @@ def test_http_listen_is_configured_like_every_setting(monkeypatch, tmp_path):
     assert load_config(HeadnodeConfig, cfg).headnode.http_listen == "127.0.0.1:8123"
     seen = []
 
-    async def fake_run(settings, grpc_settings, ready_file=None, progress=True):
+    async def fake_run(settings, grpc_settings, ready_file=None, progress=True, **_):
         seen.append(settings.http_listen)
 
     monkeypatch.setattr(daemon, "run_headnode", fake_run)
