@@ -120,6 +120,8 @@ class ControllerLink:
             except (grpc.aio.AioRpcError, ConnectionError) as err:
                 reason = err.code().name if isinstance(err, grpc.aio.AioRpcError) else str(err)
                 log.warning("placement watch broke: %s; retrying in %.1f s", reason, backoff)
+            except Exception:  # a bug must not stop this link from following the controller
+                log.exception("following the controller failed; retrying in %.1f s", backoff)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, RETRY_MAX_SECONDS)
 

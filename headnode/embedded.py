@@ -160,14 +160,15 @@ class LocalCluster:
         self.env.setdefault("EDGEHEADS_HEADNODE__HTTP_LISTEN", f"{host}:0")
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False) -> None:
+    def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False,
+               tie_to_parent: bool = True) -> None:
         command = self.worker_command if args[0] == "worker" else self.cli_command
         self.args[name] = list(args)
         with open(self.dir / f"{name}.log", "ab" if append else "wb") as log_file, _stop_signals_deferred():
             self.procs[name] = subprocess.Popen(
                 [*command, *args, "--ready-file", str(self.dir / f"{name}.ready")],
                 stdout=log_file, stderr=None if show_stderr else subprocess.STDOUT, env=self.env,
-                start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
+                start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()) if tie_to_parent else None)
 
     def _wait_ready(self, names: list[str]) -> None:
         deadline = time.monotonic() + self.startup_timeout_seconds
@@ -242,7 +243,12 @@ class LocalCluster:
         had: on the address it had, or with ``same_address`` False on a free port (a controller
         always on its own: the others dial it). With ``wait``, waits until it is ready and
         returns its address (a worker is ready once registered: without a controller, pass
-        False). Its log goes on in the same file."""
+        False). Its log goes on in the same file.
+
+        It is not tied to this process's death (``_stop_with_parent``), only stopped by ``stop``:
+        a preexec function makes Python fork, which runs gRPC's fork handlers in the child, and
+        with gRPC calls in flight in this process (a test's streams) they can hang the child
+        before it starts; without one the child is started by vfork, which runs none."""
         old = self.procs[name]
         try:
             old.wait(timeout=10)  # a signal just sent takes a moment
@@ -255,7 +261,7 @@ class LocalCluster:
         for suffix in ("", ".metrics", ".http"):
             (self.dir / f"{name}.ready{suffix}").unlink(missing_ok=True)
         self.reported_exits.discard(name)
-        self._spawn(name, args, show_stderr=name == "headnode" and self.progress, append=True)
+        self._spawn(name, args, show_stderr=name == "headnode" and self.progress, append=True, tie_to_parent=False)
         if not wait:
             return None
         self._wait_ready([name])

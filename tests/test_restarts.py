@@ -25,6 +25,7 @@ pytestmark = pytest.mark.system
 
 PROMPTS = ["Blocks on the move", "Tell me a joke"]
 GREEDY = SamplingParams(max_new_tokens=60)
+LONG = SamplingParams(max_new_tokens=200)  # runs on well after a kill: the tiny model is fast
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def tiny(save_tiny_model):
     local = LocalGenerator(load_model(str(path), progress=False))
     expected = [local.generate(p, GREEDY).token_ids for p in PROMPTS]
     assert all(len(e) == GREEDY.max_new_tokens for e in expected)  # no early EOS: kills land mid-generation
-    return path, expected
+    long = local.generate(PROMPTS[0], LONG).token_ids
+    assert len(long) == LONG.max_new_tokens
+    return path, expected, long
 
 
 def finish(stream: Stream, cluster: LocalCluster) -> list[int]:
@@ -42,6 +45,13 @@ def finish(stream: Stream, cluster: LocalCluster) -> list[int]:
     assert not stream.is_alive(), f"the generation did not finish\n{log}"
     assert stream.error is None, f"{stream.error.code().name}: {stream.error.details()}\n{log}"
     return stream.tokens
+
+
+def kill_mid_generation(cluster: LocalCluster, stream: Stream, *names: str) -> None:
+    wait_for_tokens(stream, 5)
+    for name in names:
+        cluster.procs[name].kill()
+    assert len(stream.tokens) < stream.params.max_new_tokens, "the generation ended before the kill"
 
 
 def controller_caught_up(cluster: LocalCluster, workers: set[str]):
@@ -54,14 +64,13 @@ def controller_caught_up(cluster: LocalCluster, workers: set[str]):
 
 
 def test_a_killed_controller_is_not_missed_and_a_new_one_takes_over_the_placement(tiny):
-    path, expected = tiny
+    path, expected, long = tiny
     with LocalCluster(str(path), workers=3, progress=False) as cluster:
         before = placement(cluster.address)
-        stream = Stream(cluster.address, PROMPTS[0], GREEDY)
+        stream = Stream(cluster.address, PROMPTS[0], LONG)
         stream.start()
-        wait_for_tokens(stream, 5)
-        cluster.procs["controller"].kill()
-        assert finish(stream, cluster) == expected[0]
+        kill_mid_generation(cluster, stream, "controller")
+        assert finish(stream, cluster) == long
         assert generate(cluster.address, PROMPTS[1], GREEDY) == expected[1]  # a new session while it is away
         cluster.restart("controller")
         workers = {f"worker-{i}" for i in range(3)}
@@ -80,16 +89,15 @@ def test_a_killed_controller_is_not_missed_and_a_new_one_takes_over_the_placemen
 
 
 def test_a_worker_restarted_under_its_name_on_another_port_gets_blocks_again(tiny):
-    path, expected = tiny
+    path, expected, long = tiny
     with LocalCluster(str(path), workers=3, progress=False) as cluster:
-        stream = Stream(cluster.address, PROMPTS[0], GREEDY)
+        stream = Stream(cluster.address, PROMPTS[0], LONG)
         stream.start()
-        wait_for_tokens(stream, 5)
         old = cluster.addresses["worker-1"]
-        cluster.procs["worker-1"].kill()
+        kill_mid_generation(cluster, stream, "worker-1")
         new = cluster.restart("worker-1", same_address=False)
         assert new != old
-        assert finish(stream, cluster) == expected[0]
+        assert finish(stream, cluster) == long
         blocks = wait_until(lambda: {b for b, w in placement(cluster.address).items() if w == "worker-1"}, 60,
                             "worker-1 got blocks again")
         assert set(worker_telemetry(new).blocks) >= blocks
@@ -99,18 +107,17 @@ def test_a_worker_restarted_under_its_name_on_another_port_gets_blocks_again(tin
 
 
 def test_a_worker_restarted_at_its_address_while_the_controller_is_away_is_rebuilt_in_place(tiny):
-    path, expected = tiny
+    path, expected, long = tiny
     env = {"EDGEHEADS_HEADNODE__DATAFLOW": "head"}
     with LocalCluster(str(path), workers=3, progress=False, extra_env=env) as cluster:
         before = placement(cluster.address)
         held = {b for b, w in before.items() if w == "worker-1"}
-        stream = Stream(cluster.address, PROMPTS[0], GREEDY)
+        stream = Stream(cluster.address, PROMPTS[0], LONG)
         stream.start()
-        wait_for_tokens(stream, 5)
-        cluster.procs["controller"].kill()
-        cluster.procs["worker-1"].kill()
+        kill_mid_generation(cluster, stream, "controller", "worker-1")
         cluster.restart("worker-1", wait=False)  # it registers only once a controller is back
-        assert finish(stream, cluster) == expected[0]
+        wait_until(lambda: worker_telemetry(cluster.addresses["worker-1"]), 60, "worker-1 serving again")
+        assert finish(stream, cluster) == long
         assert set(worker_telemetry(cluster.addresses["worker-1"]).blocks) == held
         assert placement(cluster.address) == before
         log = cluster.log_tail("headnode", 60)
