@@ -96,12 +96,31 @@ class Recovery:
         self.timeout_seconds = timeout_seconds
         self.reports: list[RecoveryReport] = []
         self.failures: list[str] = []
+        self._tasks: set[asyncio.Task] = set()  # after_failure's work, held until done
 
     # ------------------------------------------------------------------ entry points
     async def after_failure(self, session: str, rebuilds: int, failure: ClusterError) -> bool:
         """A step of ``session`` that began after ``rebuilds`` recoveries failed. True: run it
         again (every session was rebuilt since it began). False: no worker was lost, so the
-        failure stands. Raises the error that ended the session when recovery failed."""
+        failure stands. Raises the error that ended the session when recovery failed.
+
+        The work runs as a task of this Recovery's, which the step awaits through a shield:
+        a client that goes away (its step cancelled) stops only its own wait. The recovery
+        it started runs to its end; cancelled half-way it would leave the gate held (every
+        later step blocked) or the sessions rewired without their caches. Recoveries run one
+        at a time (the placement lock): a later failure waits for the running one and finds
+        every session rebuilt since its step began (it runs again)."""
+        task = asyncio.get_running_loop().create_task(self._after_failure(session, rebuilds, failure))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return await asyncio.shield(task)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a step whose client went away does not read it
+
+    async def _after_failure(self, session: str, rebuilds: int, failure: ClusterError) -> bool:
         cluster = self.cluster
         since = asyncio.get_running_loop().time()
         async with cluster.placement_lock:
@@ -192,8 +211,14 @@ class Recovery:
                         if await self._came_back(back, lost, restarted):
                             continue  # others are still lost: wait for a placement without them
                 waited = loop.time() - since
-                try:
-                    report = await self._rebuild(answer, lost, trigger, restarted)
+                try:  # bounded as a whole: a worker that hangs (LoadBlock, a replayed step) must not hold the gate
+                    report = await asyncio.wait_for(self._rebuild(answer, lost, trigger, restarted),
+                                                    max(deadline - loop.time(), 0.0))
+                except asyncio.TimeoutError:
+                    log.error("recovery to epoch %d did not finish within %g s", answer.epoch, self.timeout_seconds)
+                    return await self._give_up(ClusterError(
+                        f"recovery to epoch {answer.epoch} ({_describe(lost, restarted)}) did not finish within "
+                        f"{self.timeout_seconds:g} s"))
                 except ClusterError as err:
                     reachable = await probe(cluster, answer.workers)
                     more = {w for w, held in reachable.items() if held is None} - lost
@@ -205,6 +230,9 @@ class Recovery:
                                 answer.epoch, err, ", ".join(sorted(more)))
                     lost |= more
                     continue
+                except Exception as err:  # a bug: the sessions may be rewired but not replayed, so end them all
+                    log.exception("recovery to epoch %d failed unexpectedly", answer.epoch)
+                    return await self._give_up(ClusterError(f"recovery to epoch {answer.epoch} failed: {err!r}"))
                 report.detect_seconds = waited
                 self._done(report)
                 return None
@@ -245,7 +273,8 @@ class Recovery:
         await asyncio.gather(*[cluster.sessions.rewire(n, set(reachable)) for n in names])
         unload, load = block_changes(reachable, answer.placement)
         await self._unload(unload)
-        weights_bytes = await cluster.weights.ship(load, cluster.stubs, progress=False)
+        weights_bytes = await cluster.weights.ship(load, cluster.stubs, progress=False,
+                                                   load_timeout_seconds=self.timeout_seconds)
         await cluster.switch_epoch(answer.epoch, answer.placement, answer.addresses)
         cluster.down = None
         names = await self._evict(names, trigger)
@@ -327,9 +356,13 @@ class Recovery:
         every new step too, until a placement fits again."""
         cluster = self.cluster
         names = list(cluster.sessions)
-        for name in names:
+        for name in names:  # first, so every one's next step raises even if dropping caches fails
             cluster.failed[name] = error
-            await cluster.sessions.end(name, cluster.epoch)
+        for name in names:
+            try:
+                await cluster.sessions.end(name, cluster.epoch)
+            except Exception:
+                log.exception("session %s: ending it after a failed recovery failed", name)
         if down:
             cluster.down = error
         self.failures.append(str(error))

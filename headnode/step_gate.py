@@ -31,7 +31,11 @@ class StepGate:
         async with self._cond:
             await self._cond.wait_for(lambda: not self._switching)
             self._switching = True
-            await self._cond.wait_for(lambda: self._running == 0)
+            try:
+                await self._cond.wait_for(lambda: self._running == 0)
+            except BaseException:  # cancelled while steps ran: let the steps held back go on
+                self._leave(step=False)
+                raise
         try:
             yield
         finally:

@@ -59,10 +59,11 @@ class BlockWeights:
             await asyncio.to_thread(lambda: [self.digest(b) for b in missing])
 
     async def ship(self, placement: dict[BlockId, str], stubs: dict[str, worker_pb2_grpc.WorkerStub],
-                   progress: bool = True) -> int:
+                   progress: bool = True, load_timeout_seconds: float | None = None) -> int:
         """Bind every block of ``placement`` on its worker, sending the weights a worker
         lacks (by content hash). Workers in parallel, each worker's blocks one by one, so
-        at most one blob per worker exists at a time. Returns the bytes of weights sent."""
+        at most one blob per worker exists at a time. Returns the bytes of weights sent.
+        ``load_timeout_seconds`` bounds each block's LoadBlock call (None: no bound)."""
         await self.hash_all(placement)
         by_worker: dict[str, list[BlockId]] = {}
         for block, worker in sorted(placement.items()):
@@ -82,7 +83,7 @@ class BlockWeights:
 
         async def load_all(worker: str) -> None:
             for block, have in todo[worker]:
-                await self._load(stubs[worker], worker, block, have, bar)
+                await self._load(stubs[worker], worker, block, have, bar, load_timeout_seconds)
         try:
             await asyncio.gather(*[load_all(w) for w in todo])
         finally:
@@ -90,7 +91,7 @@ class BlockWeights:
         return total
 
     async def _load(self, stub: worker_pb2_grpc.WorkerStub, worker: str, block: BlockId, have: bool,
-                    bar: tqdm) -> None:
+                    bar: tqdm, timeout_seconds: float | None = None) -> None:
         header = dict(block_id=str(block), model_shape_json=self.shape_json, content_hash=self.content_hash(block))
         data = None if have else await asyncio.to_thread(self.blob, block)
 
@@ -103,7 +104,8 @@ class BlockWeights:
                     worker_pb2.LoadBlockChunk(chunk=chunk)
                 bar.update(len(chunk.data))
         try:
-            await stub.LoadBlock(messages())
+            await (stub.LoadBlock(messages()) if timeout_seconds is None else
+                   stub.LoadBlock(messages(), timeout=timeout_seconds))
         except grpc.aio.AioRpcError as err:
             kind = CapacityError if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED else ClusterError
             raise kind(f"loading {block} on {worker}: {err.code().name}: {err.details()}") from None

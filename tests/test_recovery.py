@@ -36,10 +36,11 @@ pytestmark = pytest.mark.system
 NEW_TOKENS = 40
 PROMPTS = ["Blocks on the move", "Tell me a joke"]
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS)
+KILL_TOKENS = 120  # the kill test's generations run on well after the kill: the tiny model is fast
 
 
-def sampled(seed: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.8, top_p=0.95, seed=1000 + seed)
+def sampled(seed: int, tokens: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(max_new_tokens=tokens, temperature=0.8, top_p=0.95, seed=1000 + seed)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +109,9 @@ def recoveries(cluster: LocalCluster) -> dict[str, float]:
 @pytest.mark.parametrize("dataflow", ["relay", "head"])
 def test_a_worker_killed_at_a_random_step_changes_no_token_of_two_sessions(tiny, dataflow, seed):
     path, _, local = tiny
-    params = [GREEDY, sampled(seed)]
+    params = [SamplingParams(max_new_tokens=KILL_TOKENS), sampled(seed, KILL_TOKENS)]
     expected = [local.generate(p, q).token_ids for p, q in zip(PROMPTS, params)]
-    assert len(expected[0]) == NEW_TOKENS  # no early EOS: the kill lands mid-generation
+    assert len(expected[0]) == KILL_TOKENS  # no early EOS: the kill lands mid-generation
     rng = random.Random(f"recovery-{dataflow}-{seed}")
     victim = rng.choice(["worker-0", "worker-1", "worker-2"])
     after = rng.randrange(0, NEW_TOKENS // 2)  # tokens of session 0 before the kill; 0: during the prefill
@@ -127,6 +128,7 @@ def test_a_worker_killed_at_a_random_step_changes_no_token_of_two_sessions(tiny,
             wait_for_a_session(cluster.address)
         os.kill(cluster.procs[victim].pid, signal.SIGKILL)
         killed_at = [len(s.tokens) for s in streams]
+        assert killed_at[0] < KILL_TOKENS, f"session 0 ended ({killed_at[0]} tokens) before the kill landed"
         for stream in streams:
             stream.join(timeout=240)
         counts = recoveries(cluster)
