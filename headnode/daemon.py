@@ -72,9 +72,11 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
         daemon = Daemon(settings.listen, ["edgeheads.v1.Headnode"], grpc_settings, security=security)
         daemon.add(headnode_pb2_grpc.add_HeadnodeServicer_to_server, HeadnodeService(model, cluster, link))
         if settings.http_listen is not None:  # the OpenAI-compatible API: the same generation loop
-            from edgeheads.headnode.http_api import HttpServer, OpenAIApi
+            from edgeheads.headnode.http_api import HttpServer, OpenAIApi, exposure_warning
 
-            http = HttpServer(settings.http_listen, OpenAIApi(model, cluster).app())
+            http = HttpServer(settings.http_listen, OpenAIApi(model, cluster, security.token).app())
+            if warning := exposure_warning(settings.http_listen, security.token):
+                log.warning("%s", warning)
             # written before the ready file, like the metrics address: launchers read both then
             address = await http.start()
             if ready_file:

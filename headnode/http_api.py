@@ -9,6 +9,12 @@ A request is admitted (headnode/admission_control.py) before its reply starts, s
 not: one over ``headnode.max_sessions`` gets 429 (``too_many_sessions``), one whose K/V
 caches do not fit the workers' memory gets 503 (``insufficient_memory``), as gRPC clients
 get RESOURCE_EXHAUSTED.
+
+With a cluster token (``security.token`` or ``token_file``), every route requires
+``Authorization: Bearer TOKEN`` (what OpenAI clients send for their ``api_key``), compared in
+constant time; a request without it gets 401 (``invalid_api_key``) and is logged like a refused
+RPC (edgeheads.common.auth.RefusalLog). Without a token the API is open: the daemon warns at
+start when it listens beyond loopback.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from edgeheads.common.auth import RefusalLog, token_matches
 from edgeheads.common.config import split_host_port
+from edgeheads.common.security import is_loopback
 from edgeheads.headnode.admission import AdmissionError, SessionLimitError
 from edgeheads.headnode.cluster import ClusterError
 from edgeheads.headnode.generation import agenerate_stream, encode_prompt
@@ -156,10 +165,50 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class TokenGuard:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer TOKEN``; others
+    get 401 in OpenAI's error shape, before anything of theirs is read. A pure ASGI wrapper (not
+    BaseHTTPMiddleware), so streamed replies and client disconnects pass through unchanged."""
+
+    def __init__(self, app: Any, token: str, refusals: RefusalLog | None = None) -> None:
+        self.app = app
+        self._token = token
+        self.refusals = refusals or RefusalLog(log)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or ()).get(b"authorization")
+        presented = None
+        if header is not None:
+            presented = header[len(b"Bearer "):] if header[:7].lower() == b"bearer " else b""
+        if token_matches(presented, self._token):
+            await self.app(scope, receive, send)
+            return
+        reason = "no cluster token" if presented is None else "a wrong cluster token"
+        self.refusals.refused(reason, scope.get("client") or "?",
+                              f"an HTTP request to {scope.get('method', '?')} {scope.get('path', '?')}")
+        err = ApiError(401, f"{reason}: this API needs the cluster token as its API key "
+                            "(Authorization: Bearer TOKEN)", "invalid_request_error", code="invalid_api_key")
+        await _error_response(err)(scope, receive, send)
+
+
+def exposure_warning(listen: str, token: str | None) -> str | None:
+    """The warning the head node logs at start when the HTTP API listens beyond loopback
+    without a cluster token, else None."""
+    if token or is_loopback(split_host_port(listen)[0]):
+        return None
+    return (f"serving the OpenAI-compatible HTTP API on {listen} WITHOUT A TOKEN: any host that reaches this "
+            "port can drive generations. Set security.token or security.token_file (clients then send it as "
+            "their API key), or set headnode.http_listen to 127.0.0.1:PORT")
+
+
 class OpenAIApi:
-    def __init__(self, model: Any, cluster: Any) -> None:
+    def __init__(self, model: Any, cluster: Any, token: str | None = None) -> None:
         self.model = model
         self.cluster = cluster
+        self.token = token  # None: no authentication
         self.created = int(time.time())
 
     def app(self) -> Starlette:
@@ -171,11 +220,12 @@ class OpenAIApi:
             log.exception("HTTP API: %s %s failed", request.method, request.url.path)
             return _error_response(ApiError(500, f"internal error: {exc}", "server_error"))
 
+        middleware = [Middleware(TokenGuard, token=self.token)] if self.token else []
         return Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-        ], exception_handlers={HTTPException: http_error, Exception: any_error})
+        ], exception_handlers={HTTPException: http_error, Exception: any_error}, middleware=middleware)
 
     # ------------------------------------------------------------------ routes
     async def models(self, request: Request) -> JSONResponse:
