@@ -6,6 +6,11 @@ class ClusterError(RuntimeError):
 
     code = "UNAVAILABLE"  # a grpc.StatusCode name
 
+    def __init__(self, *args, code: str | None = None) -> None:
+        super().__init__(*args)
+        if code is not None:  # a worker's own status (its cache guard, a dropped session): carried through
+            self.code = code
+
 
 class CapacityError(ClusterError):
     """The workers there are cannot hold the model (or a block): the cluster serves again once

@@ -85,7 +85,7 @@ class RelayDriver:
                 if future is None or future.done():
                     continue
                 if reply.error_code:
-                    future.set_exception(ClusterError(f"{reply.error_code}: {reply.error_message}"))
+                    future.set_exception(error_from_reply(reply.error_code, reply.error_message))
                 else:
                     future.set_result(({nt.name: nt.tensor for nt in reply.values}, reply.path_compute_seconds))
             reason = f"worker {worker} closed its relay drive"
@@ -140,3 +140,10 @@ class RelayDriver:
         for task in self.readers:
             task.cancel()
         self._fail_all(f"epoch {self.epoch} closed")
+
+
+def error_from_reply(code: str, message: str) -> ClusterError:
+    """The error a worker answered one step with, keeping its status (RESOURCE_EXHAUSTED from
+    its cache guard, FAILED_PRECONDITION for a session it dropped) rather than UNAVAILABLE. Not
+    a CapacityError: that one marks the whole cluster down when a recovery meets it."""
+    return ClusterError(f"{code}: {message}", code=code if code in grpc.StatusCode.__members__ else None)
