@@ -4,7 +4,7 @@ cluster (cases: fuzz_cases.py and fuzz_relay.py; runner: fuzz_run.py; benchmarks
 10,000). Every request must be answered with a status, no daemon may crash or stop serving, and
 every concurrent generation must equal the in-process reference.
 
-The seed is printed; EDGEHEADS_FUZZ_SEED=N repeats a run. Below the system test, regression
+The seed is fixed (DEFAULT_SEED) and printed; EDGEHEADS_FUZZ_SEED=N runs another one. Below the system test, regression
 tests for what the fuzzing found.
 """
 
@@ -33,6 +33,7 @@ from fuzz_run import BAD, NO_ANSWER, run_fuzz
 from tiny_configs import TINY_CONFIGS
 
 REQUESTS = 2000
+DEFAULT_SEED = 20240611  # fixed, so CI runs agree; EDGEHEADS_FUZZ_SEED=N rotates it
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def tiny(save_tiny_model):
 
 @pytest.mark.system
 def test_fuzz_every_rpc_and_relay_frame_while_a_generation_runs(tiny):
-    seed = int(os.environ.get("EDGEHEADS_FUZZ_SEED") or random.randrange(2**32))
+    seed = int(os.environ.get("EDGEHEADS_FUZZ_SEED") or DEFAULT_SEED)
     print(f"fuzz seed {seed} (EDGEHEADS_FUZZ_SEED={seed} repeats this run)")
     path, model = tiny
     with LocalCluster(str(path), workers=3, progress=False) as cluster:
