@@ -23,13 +23,18 @@ LOGITS[40] = 2.0
 
 
 class FakeCluster:
-    """The ClusterExecutor surface Generate uses: a coroutine step, end_session."""
+    """The ClusterExecutor surface Generate uses: admit, a coroutine step, end_session."""
 
     def __init__(self) -> None:
         self.script: list[int] | None = None  # when set: greedy-winning tokens in this order
         self.steps: list[tuple[str, list[int]]] = []
         self.ended: list[str] = []
         self.sessions: dict = {}
+        self.admitted: list[tuple[str, int, int]] = []
+
+    async def admit(self, session: str, prompt_tokens: int, max_new_tokens: int) -> int:
+        self.admitted.append((session, prompt_tokens, max_new_tokens))
+        return prompt_tokens + max_new_tokens
 
     async def step(self, session: str, ids: list[int]) -> torch.Tensor:
         self.steps.append((session, list(ids)))
@@ -48,7 +53,7 @@ def served(tiny_tokenizer):
     """(address, cluster): a HeadnodeService on a loopback port, its event loop in a thread."""
     cluster = FakeCluster()
     model = SimpleNamespace(name="tiny", tokenizer=tiny_tokenizer, eos_token_ids=[tiny_tokenizer.eos_token_id],
-                            parts=SimpleNamespace(shape=SimpleNamespace(vocab_size=VOCAB)))
+                            parts=SimpleNamespace(shape=SimpleNamespace(vocab_size=VOCAB, max_positions=256)))
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict = {}
