@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from edgeheads.common.cli import CliError, missing_extra_message
+from edgeheads.headnode.dtype_choice import DTYPE_HELP
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -51,12 +52,24 @@ def _float_in(low: float, high: float, low_open: bool = False):
     return parse
 
 
+def _dtype(text: str) -> str:
+    from edgeheads.common.formats import FormatError, parse_dtype
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        parse_dtype(text)
+    except FormatError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.strip().lower()
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate text from PROMPT with the built-in default model or --model.")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", default=None,
                    help="built-in alias (default smollm2-135m), a .gguf file, a transformers directory or a hub id")
+    p.add_argument("--dtype", default=None, type=_dtype, help=DTYPE_HELP)
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="at most this many new tokens (64)")
     p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens; 0 = all")
@@ -102,7 +115,7 @@ def _generate_local(args: argparse.Namespace):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     set_threads()
-    generator = LocalGenerator(load_model(args.model or DEFAULT_MODEL, progress=True))
+    generator = LocalGenerator(load_model(args.model or DEFAULT_MODEL, args.dtype or "fp32", progress=True))
     results = []
     for event in generator.stream(args.prompt, params, chat=args.chat, on_finish=results.append):
         if not args.json:
@@ -119,13 +132,15 @@ def _generate_remote(args: argparse.Namespace):
     address = args.cluster
     if address is None:
         print("starting a local cluster: controller, head node and 3 workers on 127.0.0.1", file=sys.stderr)
-        cluster = LocalCluster(args.model)
+        cluster = LocalCluster(args.model, dtype=args.dtype)
         try:
             address = cluster.start()
         except LaunchError as err:
             raise CliError(f"local cluster failed to start: {err}") from None
     elif args.model:
         raise CliError("--model names the model of a local run; a running cluster serves its own model", 2)
+    elif args.dtype:
+        raise CliError("--dtype sets the format of a local run; a running cluster serves its own", 2)
     def show(text: str) -> None:
         if not args.json:
             sys.stdout.write(text)

@@ -12,6 +12,7 @@ import time
 
 from edgeheads.common.cli import CliError, add_config_flags, load_section
 from edgeheads.common.config import ConfigError
+from edgeheads.headnode.dtype_choice import DTYPE_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default=None, help="HOST:PORT to serve on (default 0.0.0.0:50050)")
     p.add_argument("--controller", default=None, help="controller HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--model", default=None, help="model to serve (default smollm2-135m)")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     p.add_argument("--min-workers", type=int, default=None, help="wait for this many workers before placing")
     p.add_argument("--dataflow", choices=["relay", "head"], default=None,
                    help="relay (default): workers pass activations to each other; head: every phase "
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("up", help="start a local cluster (controller, head node, workers) until Ctrl-C or SIGTERM")
     p.add_argument("--model", default=None, help="model to serve (default smollm2-135m)")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     p.add_argument("--workers", type=int, default=3, help="number of worker processes (3)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind every daemon to")
     p.set_defaults(func=_cmd_up)
@@ -46,7 +49,7 @@ def _cmd_headnode(args: argparse.Namespace) -> int:
     from edgeheads.headnode.local import set_threads
 
     cfg = load_section(args, HeadnodeConfig, "headnode", {
-        "listen": args.listen, "controller": args.controller, "model": args.model,
+        "listen": args.listen, "controller": args.controller, "model": args.model, "dtype": args.dtype,
         "min_workers": args.min_workers, "dataflow": args.dataflow, "relay_transport": args.relay_transport,
         "http_listen": args.http_listen})
     set_threads()
@@ -65,7 +68,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     with stop_signals_raise():  # the first signal raises here; later ones wait for the stop below
-        cluster = LocalCluster(args.model, workers=args.workers, host=args.host)
+        cluster = LocalCluster(args.model, workers=args.workers, host=args.host, dtype=args.dtype)
         try:
             cluster.start()
             print(f"edgeheads cluster up: head node at {cluster.address}, controller at "

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from edgeheads.common.formats import parse_dtype
+from edgeheads.headnode.dtype_choice import AUTO
 
 from edgeheads.common.config import DaemonConfig, DialAddress, GrpcSettings, ListenAddress, Section
 from edgeheads.common.security import SecuritySettings
 from edgeheads.controller.config import ControllerSettings
 from edgeheads.worker.config import WorkerSettings
+
+
+def _known_dtype(value: object) -> object:
+    """``auto`` or a format ``formats.parse_dtype`` reads; anything else fails at load time of the
+    config, not after the model has loaded."""
+    if isinstance(value, str) and value.strip().lower() != AUTO:
+        parse_dtype(value)
+    return value.strip().lower() if isinstance(value, str) else value
 
 
 def _off_is_none(value: object) -> object:
@@ -28,6 +39,9 @@ class HeadnodeSettings(Section):
     http_listen: Annotated[ListenAddress | None, BeforeValidator(_off_is_none)] = "0.0.0.0:8080"
     controller: DialAddress = "127.0.0.1:50051"
     model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
+    # weight format and compute dtype: auto (the file's own quantization, or the CPU's best
+    # float), fp32, bf16, fp16, int8, q4, or int8/q4 with a compute dtype (q4:fp32)
+    dtype: Annotated[str, AfterValidator(_known_dtype)] = "fp32"
     min_workers: Annotated[int, Field(ge=1)] = 1
     worker_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
     # relay: workers pass activations to each other (one network hop per phase);

@@ -53,7 +53,7 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
     registry = CollectorRegistry()
     metrics = HeadnodeMetrics(registry)
     serve_metrics(settings.metrics_listen, registry, ready_file)
-    model = await asyncio.to_thread(load_model, settings.model, progress=progress)
+    model = await asyncio.to_thread(load_model, settings.model, settings.dtype, progress)
     cluster = ClusterExecutor(model.parts, grpc_settings, dataflow=settings.dataflow,
                               step_timeout_seconds=settings.step_timeout_seconds, metrics=metrics,
                               relay_transport=settings.relay_transport, max_sessions=settings.max_sessions)

@@ -129,8 +129,10 @@ class LocalCluster:
     def __init__(self, model: str | None = None, workers: int = 3, host: str = "127.0.0.1",
                  progress: bool = True, worker_memory_limit_bytes: int | None = None,
                  startup_timeout_seconds: float = 600, extra_env: dict[str, str] | None = None,
-                 with_headnode: bool = True, worker_command: list[str] | None = None) -> None:
+                 with_headnode: bool = True, worker_command: list[str] | None = None,
+                 dtype: str | None = None) -> None:
         self.with_headnode = with_headnode
+        self.dtype = dtype
         # how a worker process runs the CLI; tests run workers as a worker-only install would
         self.cli_command = [sys.executable, "-m", "edgeheads.headnode.cli"]
         self.worker_command = worker_command or self.cli_command
@@ -212,6 +214,8 @@ class LocalCluster:
                     "--min-workers", str(self.n_workers)]
             if self.model:
                 args += ["--model", self.model]
+            if self.dtype:
+                args += ["--dtype", self.dtype]
             if not self.progress:
                 args.append("--quiet")
             self._spawn("headnode", args, show_stderr=self.progress)

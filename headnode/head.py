@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from edgeheads.worker.blocks.functional import layer_norm, rms_norm
+from edgeheads.common.formats import compute_dtype_of
 from edgeheads.common.spec import ModelShape
+from edgeheads.worker.blocks.functional import layer_norm, rms_norm
+from edgeheads.worker.kernels import embedding, linear
 
 
 class HeadNodeCompute:
@@ -15,17 +16,19 @@ class HeadNodeCompute:
     def __init__(self, shape: ModelShape, weights: dict[str, torch.Tensor]) -> None:
         self.shape = shape
         self.weights = weights
+        self._dtype = compute_dtype_of({n: t for n, t in weights.items() if n != "embed.weight"})
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.weights["embed.weight"].dtype
+        """The compute dtype (of the norm), which activations travel in."""
+        return self._dtype
 
     def embed(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
         """token_ids: (T,) int64 at positions start..start+T-1. Returns x_0: (1, T, D)."""
         if start + token_ids.numel() > self.shape.max_positions:
             raise ValueError(f"context of {start + token_ids.numel()} tokens exceeds the model's "
                              f"{self.shape.max_positions} positions")
-        x = F.embedding(token_ids, self.weights["embed.weight"])  # (T, D)
+        x = embedding(token_ids, self.weights, "embed.weight", self.dtype)  # (T, D)
         if self.shape.arch == "gpt2":
             x = x + self.weights["pos.weight"][start:start + token_ids.numel()]
         return x[None]
@@ -37,4 +40,4 @@ class HeadNodeCompute:
             last = layer_norm(last, self.weights["norm.weight"], self.weights["norm.bias"], self.shape.norm_eps)
         else:
             last = rms_norm(last, self.weights["norm.weight"], self.shape.norm_eps)
-        return F.linear(last, self.weights["lm_head.weight"])[0]
+        return linear(last, self.weights, "lm_head.weight")[0]

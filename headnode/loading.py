@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from edgeheads.common.formats import parse_dtype, per_channel_int8
 from edgeheads.headnode import model_cache
+from edgeheads.headnode.dtype_choice import AUTO, auto_dtype
+from edgeheads.headnode.parts_format import convert_parts
 from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, slice_checkpoint, unsupported_message
 from edgeheads.common.spec import SUPPORTED_ARCHITECTURES
 
@@ -96,6 +99,7 @@ class LoadedModel:
     parts: ModelParts
     tokenizer: Any
     eos_token_ids: list[int] = field(default_factory=list)
+    dtype: str = "fp32"  # the --dtype it was loaded as (``auto`` resolved)
 
     @property
     def has_chat_template(self) -> bool:
@@ -116,8 +120,58 @@ def from_transformers(name: str, model: Any, tokenizer: Any) -> LoadedModel:
     return LoadedModel(name, parts, tokenizer, eos_ids(model, tokenizer))
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", progress: bool = True) -> LoadedModel:
+    """Load and slice a model with its weights in ``dtype``: a format name or pair as
+    ``formats.parse_dtype`` reads it (``fp32``, ``bf16``, ``fp16``, ``int8``, ``q4``,
+    ``q4:fp32``, ...), ``auto`` (headnode/dtype_choice.py) or a torch float dtype. ``q4`` from a llama-family GGUF reads its
+    quantized tensors as they are stored (headnode/gguf_direct.py); every other case loads
+    floats through transformers and converts them."""
     source = resolve(spec, progress)
-    log.info("loading model %s from %s (%s)", spec, source.location, source.kind)
-    model, tokenizer = load_transformers(source, dtype)
-    return from_transformers(spec, model, tokenizer)
+    if dtype == AUTO:
+        dtype = auto_dtype(source.kind, source.location)
+        log.info("--dtype auto: %s runs as %s on this CPU", spec, dtype)
+    fmt, compute = parse_dtype(dtype) if isinstance(dtype, str) else (None, dtype)
+    log.info("loading model %s from %s (%s) as %s", spec, source.location, source.kind, dtype)
+    if fmt == "q4" and source.kind == "gguf":
+        direct = load_gguf_direct(spec, source, compute, progress)
+        if direct is not None:
+            return direct
+    model, tokenizer = load_transformers(source, torch.float32 if fmt else compute)
+    loaded = from_transformers(spec, model, tokenizer)
+    loaded.dtype = dtype if isinstance(dtype, str) else loaded.parts.shape.dtype
+    if fmt and fmt != "fp32":
+        loaded.parts = convert_parts(loaded.parts, fmt, compute)
+    return loaded
+
+
+def load_gguf_direct(spec: str, source: ModelSource, compute: torch.dtype, progress: bool) -> LoadedModel | None:
+    """A GGUF's quantized tensors kept as stored (Q4_0/Q4_1 as q4); Q8_0 tensors re-quantized
+    per row for the fast int8 kernel. None when the file is not one gguf_direct reads (then the
+    float path takes it)."""
+    from transformers import AutoTokenizer
+
+    from edgeheads.headnode.gguf_direct import read_gguf_parts
+    try:
+        parts = read_gguf_parts(source.location, compute, progress)
+    except UnsupportedModelError as err:
+        log.info("%s: %s; converting from floats instead", spec, err)
+        return None
+    regroup_int8(parts)
+    location, kwargs = source.transformers_args()
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    return LoadedModel(spec, parts, tokenizer, eos, dtype="q4:" + parts.shape.dtype)
+
+
+def regroup_int8(parts: ModelParts) -> None:
+    """Grouped int8 matmul weights (GGUF Q8_0) re-quantized with one scale per row, in place;
+    tied tensors stay shared."""
+    done: dict[int, dict[str, torch.Tensor]] = {}
+    for weights in (parts.head, *parts.blocks.values()):
+        for name in [n for n in weights if n + ".scale" in weights and n + ".min" not in weights]:
+            if weights[name + ".scale"].shape[1] == 1:
+                continue
+            key = id(weights[name])
+            if key not in done:
+                done[key] = per_channel_int8(weights, name)
+            weights[name], weights[name + ".scale"] = done[key][""], done[key][".scale"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from edgeheads.common.formats import dtype_name
 from edgeheads.common.spec import SUPPORTED_ARCHITECTURES, BlockId, BlockKind, ModelShape
 
 Weights = dict[str, torch.Tensor]
@@ -55,6 +56,7 @@ def shape_from_config(config: Any, state: Weights, dtype: torch.dtype) -> ModelS
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(unsupported_message(model_type))
     bytes_per_param = torch.empty((), dtype=dtype).element_size()
+    compute = dtype_name(dtype)
     if model_type == "gpt2":
         if not getattr(config, "scale_attn_weights", True) or getattr(config, "scale_attn_by_inverse_layer_idx", False):
             raise UnsupportedModelError("gpt2 with non-standard attention scaling is not supported")
@@ -65,7 +67,7 @@ def shape_from_config(config: Any, state: Weights, dtype: torch.dtype) -> ModelS
             norm_eps=config.layer_norm_epsilon, qkv_bias=True, o_bias=True, mlp_bias=True,
             tie_embeddings="lm_head.weight" not in state
             or state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr(),
-            max_positions=config.n_positions, bytes_per_param=bytes_per_param,
+            max_positions=config.n_positions, bytes_per_param=bytes_per_param, dtype=compute,
             activation=config.activation_function,
         )
     n_heads = config.num_attention_heads
@@ -83,7 +85,7 @@ def shape_from_config(config: Any, state: Weights, dtype: torch.dtype) -> ModelS
         mlp_bias=prefix + "mlp.gate_proj.bias" in state,
         tie_embeddings="lm_head.weight" not in state
         or state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr(),
-        max_positions=max_positions, bytes_per_param=bytes_per_param, activation=config.hidden_act,
+        max_positions=max_positions, bytes_per_param=bytes_per_param, dtype=compute, activation=config.hidden_act,
     )
 
 

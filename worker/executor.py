@@ -20,7 +20,7 @@ from edgeheads.worker.blocks.base import Block
 from edgeheads.worker.blocks.ffn import FeedForwardBlock
 from edgeheads.worker.blocks.projection import ProjectionBlock
 
-FUSED_NAMES = ("qkv.weight", "qkv.bias")
+FUSED_NAMES = ("qkv.weight", "qkv.weight.scale", "qkv.weight.min", "qkv.bias")  # those present
 
 
 class OpLike(Protocol):
@@ -96,14 +96,14 @@ class AttentionGroup:
         if not fusible(self.blocks):
             raise ValueError(f"blocks {[str(b.block_id) for b in self.blocks]} cannot run as one group")
         first = self.blocks[0].weights
-        self.qkv_weight = extend_view(first["qkv.weight"], len(self.blocks))  # (G*(q+2)*d, D)
-        self.qkv_bias = extend_view(first["qkv.bias"], len(self.blocks)) if "qkv.bias" in first else None
+        # every block's rows as one weight of logical shape (G*(q+2)*d, D), in its format
+        self.qkv = {n: extend_view(first[n], len(self.blocks)) for n in FUSED_NAMES if n in first}
         self.width = self.blocks[0].shape.heads_per_group * self.blocks[0].shape.head_dim  # q*d per block
 
     def forward(self, session: str, x: torch.Tensor, reserve_tokens: int = 0) -> torch.Tensor:
         """x: (1, T, D) -> every block's head outputs, block after block: (1, T, G*q*d)."""
         self.blocks[0].check_input(x, self.blocks[0].shape.hidden_size)
-        return attend(self.blocks, session, x, self.qkv_weight, self.qkv_bias, reserve_tokens=reserve_tokens)
+        return attend(self.blocks, session, x, self.qkv, reserve_tokens=reserve_tokens)
 
     def split(self, heads: torch.Tensor) -> list[torch.Tensor]:
         """(1, T, G*q*d) -> one (1, T, q*d) view per block."""

@@ -6,13 +6,15 @@ a block alone is the case G = 1 of the same code."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-import torch.nn.functional as F
 
 from edgeheads.worker.blocks.base import Block
 from edgeheads.worker.blocks.functional import apply_rope, grouped_attention, layer_norm, rms_norm, rope_tables
 from edgeheads.worker.blocks.kv_cache import (DEFAULT_CAPACITY, KVCache, new_store, share_store, shared_store,
                                               store_capacity)
+from edgeheads.worker.kernels import linear
 
 
 class AttentionBlock(Block):
@@ -91,8 +93,7 @@ class AttentionBlock(Block):
                 reserve_tokens: int = 0) -> torch.Tensor:
         """This group alone: x (1, T, D) -> (1, T, q*d). ``normed``, when given, must be
         ``normalize(x)`` of a block with the same ``norm_key``."""
-        w = self.weights
-        return attend([self], session, x, w["qkv.weight"], w.get("qkv.bias"), normed, reserve_tokens)
+        return attend([self], session, x, self.weights, normed, reserve_tokens)
 
 
 def planned_capacity(blocks: list[AttentionBlock], session: str, needed: int, reserve_tokens: int) -> int | None:
@@ -129,20 +130,20 @@ def session_caches(blocks: list[AttentionBlock], session: str, needed: int, rese
     return share_store([b.cache(session, 1) for b in blocks], capacity)  # a missing cache: empty, 1 row
 
 
-def attend(blocks: list[AttentionBlock], session: str, x: torch.Tensor, qkv_weight: torch.Tensor,
-           qkv_bias: torch.Tensor | None, normed: torch.Tensor | None = None, reserve_tokens: int = 0) -> torch.Tensor:
+def attend(blocks: list[AttentionBlock], session: str, x: torch.Tensor, qkv: Mapping[str, torch.Tensor],
+           normed: torch.Tensor | None = None, reserve_tokens: int = 0) -> torch.Tensor:
     """G attention blocks of one layer with equal norms, run as one: one norm, one q/k/v matmul,
     one batched attention over their caches.
 
-    x: (1, T, D). qkv_weight: (G*(q+2)*d, D), the blocks' ``qkv.weight`` rows in block order
-    (qkv_bias likewise). Every block's cache must hold the same number of tokens.
+    x: (1, T, D). qkv: ``qkv.weight`` of logical shape (G*(q+2)*d, D), the blocks' rows in
+    block order, in any weight format (with its ``.scale``/``.min``), and ``qkv.bias`` likewise. Every block's cache must hold the same number of tokens.
     Returns the groups' head outputs in block order: (1, T, G*q*d).
     """
     first = blocks[0]
     s, G, T = first.shape, len(blocks), x.shape[1]
     q_heads, d = s.heads_per_group, s.head_dim
     h = first.normalize(x) if normed is None else normed
-    qkv = F.linear(h, qkv_weight, qkv_bias).view(T, G, q_heads + 2, d).permute(1, 2, 0, 3)  # (G, q+2, T, d)
+    qkv = linear(h, qkv, "qkv.weight", qkv.get("qkv.bias")).view(T, G, q_heads + 2, d).permute(1, 2, 0, 3)  # (G, q+2, T, d)
     past = blocks[0].caches[session].length if session in blocks[0].caches else 0
     stop = past + T
     store = session_caches(blocks, session, stop, reserve_tokens)  # (2, G, capacity, d)

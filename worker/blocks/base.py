@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeheads.common import spec
+from edgeheads.common import formats, spec
 from edgeheads.common.spec import BlockId, ModelShape
 
 
@@ -26,22 +26,31 @@ class Block:
         raise NotImplementedError
 
     def _check_weights(self) -> None:
+        """Names, logical shapes (quantized weights folded back to (out, in)) and one compute
+        dtype for every float tensor (edgeheads.common.formats)."""
         expected = self.expected_shapes()
-        missing = sorted(set(expected) - set(self.weights))
-        extra = sorted(set(self.weights) - set(expected))
+        try:
+            formats.validate(self.weights)
+            shapes = formats.logical_shapes(self.weights)
+            floats = formats.compute_dtype_of(self.weights)
+        except formats.FormatError as err:
+            raise BlockShapeError(f"{self.block_id}: {err}") from None
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
         if missing or extra:
             raise BlockShapeError(f"{self.block_id}: missing weights {missing}, unexpected weights {extra}")
-        dtypes = {t.dtype for t in self.weights.values()}
-        if len(dtypes) != 1:
-            raise BlockShapeError(f"{self.block_id}: weights have mixed dtypes {sorted(map(str, dtypes))}")
+        self._dtype = formats.FLOAT_FORMATS[self.shape.dtype]
+        if floats not in (None, self._dtype):
+            raise BlockShapeError(f"{self.block_id}: weights are {floats}, the model computes in {self._dtype}")
         for name, want in expected.items():
-            got = tuple(self.weights[name].shape)
+            got = shapes[name]
             if got != want:
                 raise BlockShapeError(f"{self.block_id}: weight {name} has shape {got}, expected {want}")
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.weights.values())).dtype
+        """The compute dtype: of the activations, the caches and every float weight."""
+        return self._dtype
 
     def check_input(self, x: torch.Tensor, width: int, name: str = "x") -> None:
         """x must be (1, T, width) with T >= 1 and the block's dtype."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from edgeheads.worker.blocks.base import Block
-from edgeheads.worker.blocks.functional import ACTIVATIONS, layer_norm, residual_linear, rms_norm
+from edgeheads.worker.blocks.functional import ACTIVATIONS, layer_norm, rms_norm
+from edgeheads.worker.kernels import linear, residual_linear
 
 
 class FeedForwardBlock(Block):
@@ -42,7 +42,7 @@ class FeedForwardBlock(Block):
         self.check_input(h, s.hidden_size, "h")
         if s.gated_mlp:
             n = rms_norm(h, w["norm.weight"], s.norm_eps)
-            gate, up = F.linear(n, w["gate_up.weight"], w.get("gate_up.bias")).chunk(2, dim=-1)  # (1,T,I) x2
-            return residual_linear(h, self._act(gate).mul_(up), w["down.weight"], w.get("down.bias"))
+            gate, up = linear(n, w, "gate_up.weight", w.get("gate_up.bias")).chunk(2, dim=-1)  # (1,T,I) x2
+            return residual_linear(h, self._act(gate).mul_(up), w, "down.weight", w.get("down.bias"))
         n = layer_norm(h, w["norm.weight"], w["norm.bias"], s.norm_eps)
-        return h + F.linear(self._act(F.linear(n, w["fc.weight"], w["fc.bias"])), w["out.weight"], w["out.bias"])
+        return h + linear(self._act(linear(n, w, "fc.weight", w["fc.bias"])), w, "out.weight", w["out.bias"])

@@ -28,16 +28,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
-def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """residual + x @ weight.T (+ bias), the residual added inside the matmul when there is no
-    bias.  residual: (1, T, D_out), x: (1, T, D_in), weight: (D_out, D_in) -> (1, T, D_out)."""
-    if bias is not None:
-        return residual + F.linear(x, weight, bias)
-    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
-    return out.view(residual.shape)
-
-
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim.  x: (..., D)."""
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

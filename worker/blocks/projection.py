@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from edgeheads.worker.blocks.base import Block
-from edgeheads.worker.blocks.functional import residual_linear
+from edgeheads.worker.kernels import residual_linear
 
 
 class ProjectionBlock(Block):
@@ -27,4 +27,4 @@ class ProjectionBlock(Block):
         self.check_input(residual, self.shape.hidden_size, "residual")
         if heads.shape[1] != residual.shape[1]:
             raise ValueError(f"{self.block_id}: heads cover {heads.shape[1]} tokens, residual {residual.shape[1]}")
-        return residual_linear(residual, heads, self.weights["o.weight"], self.weights.get("o.bias"))
+        return residual_linear(residual, heads, self.weights, "o.weight", self.weights.get("o.bias"))

@@ -60,6 +60,9 @@ class BlockId:
         raise ValueError(f"not a block id: {text!r} (expected attn(L,G), proj(L) or ffn(L))")
 
 
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """Everything about a decoder-only model that the block formulas and blocks need.
@@ -83,12 +86,16 @@ class ModelShape:
     mlp_bias: bool = False
     tie_embeddings: bool = True
     max_positions: int = 2048
-    bytes_per_param: int = 4
+    bytes_per_param: int = 4  # of activations and caches: the compute dtype's size
     activation: str = "silu"
+    dtype: str = "fp32"  # the compute dtype: activations, caches and every float weight
+    weight_bytes_per_param: float = 0.0  # stored weight bytes per parameter (0: bytes_per_param)
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"unknown block arch {self.arch!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute dtype {self.dtype!r}; known: {', '.join(COMPUTE_DTYPES)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.n_heads} query heads do not split into {self.n_kv_heads} KV groups")
 
@@ -211,8 +218,9 @@ def headnode_params(shape: ModelShape) -> int:
 
 
 def block_weight_bytes(shape: ModelShape, kind: BlockKind) -> int:
-    """Weight memory of one block: params * b."""
-    return block_params(shape, kind) * shape.bytes_per_param
+    """Weight memory of one block: params * bytes per stored parameter (quantized formats
+    store less than the compute dtype's b)."""
+    return int(block_params(shape, kind) * (shape.weight_bytes_per_param or shape.bytes_per_param))
 
 
 def kv_bytes_per_token(shape: ModelShape, kind: BlockKind) -> int:

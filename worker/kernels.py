@@ -1,0 +1,119 @@
+"""Matmul and lookup kernels over weights in any format (edgeheads.common.formats).
+
+``linear`` is the one entry point the blocks and the head use. Float weights go straight
+to ``F.linear``; quantized ones are dequantized into the activations' dtype and then
+multiplied (the portable kernel). Other kernels for a format can be registered under a
+name and picked by measurement (``worker/kernel_probe.py``); every kernel of a format
+must give the same values as ``dequant`` up to float rounding, and the kernel in use is
+one process-wide choice so that an engine and a cluster on the same choice agree
+token for token.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from edgeheads.common.formats import Q4_GROUP, dequantize, format_of, q4_codes
+
+Kernel = Callable[[torch.Tensor, Mapping[str, torch.Tensor], str, "torch.Tensor | None"], torch.Tensor]
+
+
+def dequant_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (..., in) -> (..., out), the weight dequantized into x's dtype first."""
+    return F.linear(x, dequantize(weights, name, x.dtype), bias)
+
+
+_prepared: dict[tuple, tuple] = {}  # (kernel, id(codes), dtype) -> the kernel's own form of a weight
+
+
+def prepared(kernel: str, codes: torch.Tensor, dtype: torch.dtype, make: Callable[[], tuple]) -> tuple:
+    """A kernel's one-time rearrangement of a weight (packed codes, scales in the compute
+    dtype), kept while the codes tensor lives."""
+    key = (kernel, id(codes), codes.data_ptr(), dtype)
+    found = _prepared.get(key)
+    if found is None:
+        found = _prepared[key] = make()
+        weakref.finalize(codes, _prepared.pop, key, None)
+    return found
+
+
+def int8pack_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's int8 weight-only matmul (per-channel scales only; others dequantize)."""
+    codes, scale = weights[name], weights[name + ".scale"]
+    if scale.shape[1] != 1:
+        return dequant_linear(x, weights, name, bias)
+    (scales,) = prepared("int8pack", codes, x.dtype, lambda: (scale.reshape(-1).to(x.dtype),))
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), codes, scales).view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def _int4pack(weights: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype) -> tuple:
+    codes, scale, minimum = weights[name], weights[name + ".scale"], weights[name + ".min"]
+    values = q4_codes(codes).reshape(codes.shape[0], -1).to(torch.int32)  # (N, K)
+    packed = torch._convert_weight_to_int4pack_for_cpu(values, 2)
+    # the kernel computes (code - 8) * scale + zero: zero = min + 8 * scale
+    scale32, min32 = scale.float(), minimum.float()
+    scale_zero = torch.stack((scale32, min32 + 8 * scale32), dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scale_zero  # (N, K/2) uint8, (K/32, N, 2)
+
+
+def int4pack_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's grouped 4-bit weight-only matmul for CPU (weights repacked once)."""
+    packed, scale_zero = prepared("int4pack", weights[name], x.dtype, lambda: _int4pack(weights, name, x.dtype))
+    y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, Q4_GROUP, scale_zero)
+    y = y.view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+KERNELS: dict[str, dict[str, Kernel]] = {"int8": {"dequant": dequant_linear, "int8pack": int8pack_linear},
+                                         "q4": {"dequant": dequant_linear, "int4pack": int4pack_linear}}
+_chosen: dict[str, str] = {"int8": "int8pack", "q4": "int4pack"}
+
+
+def choose(fmt: str, kernel: str) -> None:
+    """Use ``kernel`` for every weight of format ``fmt`` from now on."""
+    if kernel not in KERNELS.get(fmt, {}):
+        raise ValueError(f"no kernel {kernel!r} for {fmt}; known: {sorted(KERNELS.get(fmt, {}))}")
+    _chosen[fmt] = kernel
+
+
+def chosen() -> dict[str, str]:
+    return dict(_chosen)
+
+
+def linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for weight ``name`` of ``weights`` in whatever format it is stored.
+    x: (..., in) -> (..., out) in x's dtype."""
+    w = weights[name]
+    if name + ".scale" not in weights:
+        return F.linear(x, w, bias)
+    fmt = format_of(weights, name)
+    return KERNELS[fmt][_chosen[fmt]](x, weights, name, bias)
+
+
+def residual_linear(residual: torch.Tensor, x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """residual + x @ W.T (+ bias), the residual added inside the matmul for a float weight
+    without bias.  residual: (1, T, D_out), x: (1, T, D_in) -> (1, T, D_out)."""
+    w = weights[name]
+    if bias is not None or name + ".scale" in weights:
+        return residual + linear(x, weights, name, bias)
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), w.t())
+    return out.view(residual.shape)
+
+
+def embedding(token_ids: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``token_ids`` (T,) of weight ``name`` in ``dtype``: (T, D). Quantized tables
+    dequantize only the rows looked up."""
+    if name + ".scale" not in weights:
+        return F.embedding(token_ids, weights[name]).to(dtype)
+    return dequantize(weights, name, dtype, rows=token_ids)
