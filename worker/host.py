@@ -18,6 +18,8 @@ import torch
 from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
+from edgeheads.worker.kernel_probe import select_kernels
+from edgeheads.worker.kernels import UnrunnableFormat, check_runnable
 from edgeheads.worker.cache_guard import cache_shortfall
 from edgeheads.worker.executor import FUSED_NAMES, CallUnit, pack_attention_weights, plan_units
 from edgeheads.common.spec import BlockId, BlockKind, ModelShape
@@ -115,6 +117,11 @@ class BlockHost:
             block = make_block(block_id, shape, dict(self.weights[content_hash]))
         except (BlockShapeError, ValueError) as err:
             raise HostError("INVALID_ARGUMENT", str(err)) from None
+        try:
+            select_kernels(block.dtype, self.device.type if isinstance(self.device, torch.device) else str(self.device))
+            check_runnable(block.weights, block.dtype)
+        except UnrunnableFormat as err:
+            raise HostError("FAILED_PRECONDITION", f"{block_id} on {self.name}: {err}") from None
         old = self.blocks.get(block_id)
         extra = block.weight_bytes - (old.weight_bytes if old else 0)
         if self.memory_limit_bytes is not None and self.memory_used_bytes() + extra > self.memory_limit_bytes:

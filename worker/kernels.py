@@ -46,7 +46,7 @@ def int8pack_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: 
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """torch's int8 weight-only matmul (per-channel scales only; others dequantize)."""
     codes, scale = weights[name], weights[name + ".scale"]
-    if scale.shape[1] != 1:
+    if scale.shape[1] != 1 or codes.device.type != "cpu":
         return dequant_linear(x, weights, name, bias)
     (scales,) = prepared("int8pack", codes, x.dtype, lambda: (scale.reshape(-1).to(x.dtype),))
     y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), codes, scales).view(*x.shape[:-1], -1)
@@ -66,6 +66,8 @@ def _int4pack(weights: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype
 def int4pack_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """torch's grouped 4-bit weight-only matmul for CPU (weights repacked once)."""
+    if weights[name].device.type != "cpu":
+        return dequant_linear(x, weights, name, bias)
     packed, scale_zero = prepared("int4pack", weights[name], x.dtype, lambda: _int4pack(weights, name, x.dtype))
     y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, Q4_GROUP, scale_zero)
     y = y.view(*x.shape[:-1], -1)
@@ -74,18 +76,20 @@ def int4pack_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: 
 
 KERNELS: dict[str, dict[str, Kernel]] = {"int8": {"dequant": dequant_linear, "int8pack": int8pack_linear},
                                          "q4": {"dequant": dequant_linear, "int4pack": int4pack_linear}}
-_chosen: dict[str, str] = {"int8": "int8pack", "q4": "int4pack"}
+PREFERENCE = {"int8": ("int8pack", "dequant"), "q4": ("int4pack", "dequant")}  # first: the default
+_chosen: dict[tuple[str, torch.dtype], str] = {}  # (format, compute dtype) -> kernel; unset: PREFERENCE[0]
 
 
-def choose(fmt: str, kernel: str) -> None:
-    """Use ``kernel`` for every weight of format ``fmt`` from now on."""
+def choose(fmt: str, kernel: str, dtype: torch.dtype) -> None:
+    """Use ``kernel`` for every weight of format ``fmt`` computed in ``dtype`` from now on."""
     if kernel not in KERNELS.get(fmt, {}):
         raise ValueError(f"no kernel {kernel!r} for {fmt}; known: {sorted(KERNELS.get(fmt, {}))}")
-    _chosen[fmt] = kernel
+    _chosen[(fmt, dtype)] = kernel
 
 
-def chosen() -> dict[str, str]:
-    return dict(_chosen)
+def kernel_for(fmt: str, dtype: torch.dtype) -> str:
+    """The kernel weights of ``fmt`` computed in ``dtype`` use."""
+    return _chosen.get((fmt, dtype), PREFERENCE[fmt][0])
 
 
 def linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
@@ -96,7 +100,7 @@ def linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
     if name + ".scale" not in weights:
         return F.linear(x, w, bias)
     fmt = format_of(weights, name)
-    return KERNELS[fmt][_chosen[fmt]](x, weights, name, bias)
+    return KERNELS[fmt][kernel_for(fmt, x.dtype)](x, weights, name, bias)
 
 
 def residual_linear(residual: torch.Tensor, x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: str,
@@ -117,3 +121,47 @@ def embedding(token_ids: torch.Tensor, weights: Mapping[str, torch.Tensor], name
     if name + ".scale" not in weights:
         return F.embedding(token_ids, weights[name]).to(dtype)
     return dequantize(weights, name, dtype, rows=token_ids)
+
+
+class UnrunnableFormat(RuntimeError):
+    """This process cannot compute with weights of a format in a compute dtype on a device."""
+
+
+_runnable: dict[tuple, str] = {}  # (format, kernel, dtype, device type) -> "" or why not
+
+
+def check_runnable(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Run every format of ``weights``' matmul weights once, small, with the kernel in use, in
+    ``dtype`` on their device, against the dequantized reference; UnrunnableFormat says which
+    format cannot run here and why (a missing kernel, an unsupported dtype, wrong values)."""
+    from edgeheads.common.formats import FLOAT_FORMATS, convert, is_component
+
+    for name, t in weights.items():
+        if is_component(name) or t.dim() != 2:
+            continue
+        fmt = format_of(weights, name)
+        kernel = kernel_for(fmt, dtype) if fmt in KERNELS else ""
+        key = (fmt, kernel, dtype, t.device.type)
+        if key not in _runnable:
+            _runnable[key] = _trial(fmt, dtype, t.device, convert, FLOAT_FORMATS)
+        if _runnable[key]:
+            raise UnrunnableFormat(f"{fmt} weights ({kernel or 'F.linear'}) with {dtype} compute cannot run on "
+                                   f"{t.device.type} here: {_runnable[key]}")
+
+
+def _trial(fmt: str, dtype: torch.dtype, device: torch.device, convert, float_formats) -> str:
+    """"" when one small matmul of ``fmt`` in ``dtype`` runs and agrees with its reference."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 128, generator=gen) * 0.05
+    small = {n: v.to(device) for n, v in convert({"o.weight": weight}, fmt, dtype).items()}
+    x = torch.randn(2, 128, generator=gen).to(device, dtype)
+    try:
+        got = linear(x, small, "o.weight").float()
+        want = F.linear(x.float(), dequantize(small, "o.weight", torch.float32))
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    error = float((got - want).abs().max())
+    if got.shape != want.shape or not error <= tolerance * float(want.abs().max()):
+        return f"wrong values (max error {error:.3g})"
+    return ""
