@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from edgeheads.headnode.cluster import ClusterExecutor
 from edgeheads.headnode.controller_link import ControllerLink
+from edgeheads.headnode.errors import StartupError
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.service import HeadnodeService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, headnode_pb2_grpc
@@ -23,10 +24,6 @@ from edgeheads.headnode.metrics import HeadnodeMetrics
 from edgeheads.common.server import Daemon, serve_metrics, write_ready_file
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    pass
 
 
 async def wait_for_workers(stub: controller_pb2_grpc.ControllerStub, count: int, timeout_seconds: float) -> None:

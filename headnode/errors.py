@@ -9,5 +9,11 @@ from edgeheads.headnode.slicing import UnsupportedModelError
 from edgeheads.worker.blocks.base import BlockShapeError
 from edgeheads.common.config import ConfigError
 
+
+
+class StartupError(RuntimeError):
+    """The head node cannot start serving: no placement fits, no workers came, ..."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, ModelFetchError, UnsupportedModelError, BlockShapeError,
-                                            ConfigError, ValueError, OSError)  # OSError: cannot listen, ...
+                                            ConfigError, StartupError, ValueError, OSError)  # OSError: cannot listen

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import time
 
 import torch
@@ -44,8 +43,11 @@ def pinned(text: str | None = None) -> dict[str, str]:
     return pins
 
 
-def time_kernel(fmt: str, kernel: str, dtype: torch.dtype, device: str = "cpu", runs: int = 12) -> float:
-    """Median seconds of one pass over SHAPES with ``kernel`` (weights prepared beforehand)."""
+def time_kernel(fmt: str, kernel: str, dtype: torch.dtype, device: str = "cpu", runs: int = 25) -> float:
+    """Fastest seconds of one pass over SHAPES with ``kernel`` (weights prepared beforehand):
+    the minimum, because on a busy machine preemption only ever adds time (a median of a few
+    millisecond-long runs was seen 500x off under load), and it takes every one of the runs
+    being preempted to misjudge a kernel."""
     gen = torch.Generator().manual_seed(0)
     cases = []
     for out, cols in SHAPES:
@@ -61,7 +63,7 @@ def time_kernel(fmt: str, kernel: str, dtype: torch.dtype, device: str = "cpu", 
         for x, w in cases:
             run(x, w, "o.weight", None)
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def select_kernels(dtype: torch.dtype, device: str = "cpu") -> dict[str, str]:

@@ -166,6 +166,8 @@ def validate(weights: Mapping[str, torch.Tensor]) -> None:
         fmt = format_of(weights, name)
         if fmt in FLOAT_FORMATS:
             continue
+        if name + ".scale" not in weights:
+            raise FormatError(f"{name}: a {fmt} weight needs {name}.scale")
         scale = weights[name + ".scale"]
         want_codes = torch.int8 if fmt == "int8" else torch.uint8
         if codes.dim() != 2 or codes.dtype != want_codes or scale.dtype != torch.float16 or scale.dim() != 2:
