@@ -15,6 +15,8 @@ from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.slicing import ModelParts
 from edgeheads.worker.blocks.factory import make_block
 from edgeheads.worker.executor import LayerExecutor
+from edgeheads.worker.kernel_probe import select_kernels
+from edgeheads.worker.kernels import formats_in
 
 LayerBlocks = LayerExecutor  # the name earlier code and tests use
 
@@ -26,6 +28,8 @@ class BlockEngine:
     def __init__(self, parts: ModelParts) -> None:
         self.shape = parts.shape
         self.head = HeadNodeCompute(parts.shape, parts.head)
+        used = set().union(*(formats_in(w) for w in parts.blocks.values()))
+        select_kernels(self.head.dtype, "cpu", used)  # as a worker does when its blocks arrive
         self.layers: list[LayerExecutor] = []
         for layer in range(self.shape.n_layers):
             *attention, proj, ffn = [make_block(b, self.shape, dict(parts.blocks[b]))

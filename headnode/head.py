@@ -8,7 +8,7 @@ from edgeheads.common.formats import compute_dtype_of
 from edgeheads.common.spec import ModelShape
 from edgeheads.worker.blocks.functional import layer_norm, rms_norm
 from edgeheads.worker.kernel_probe import select_kernels
-from edgeheads.worker.kernels import embedding, linear
+from edgeheads.worker.kernels import embedding, formats_in, linear
 
 
 class HeadNodeCompute:
@@ -18,7 +18,7 @@ class HeadNodeCompute:
         self.shape = shape
         self.weights = weights
         self._dtype = compute_dtype_of({n: t for n, t in weights.items() if n != "embed.weight"})
-        select_kernels(self._dtype, self.weights["norm.weight"].device.type)  # before any block runs
+        select_kernels(self._dtype, self.weights["norm.weight"].device.type, formats_in(weights))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -19,7 +19,7 @@ from edgeheads.worker.blocks.attention import AttentionBlock
 from edgeheads.worker.blocks.base import Block, BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
 from edgeheads.worker.kernel_probe import select_kernels
-from edgeheads.worker.kernels import UnrunnableFormat, check_runnable
+from edgeheads.worker.kernels import UnrunnableFormat, check_runnable, formats_in
 from edgeheads.worker.cache_guard import cache_shortfall
 from edgeheads.worker.executor import FUSED_NAMES, CallUnit, pack_attention_weights, plan_units
 from edgeheads.common.spec import BlockId, BlockKind, ModelShape
@@ -118,7 +118,7 @@ class BlockHost:
         except (BlockShapeError, ValueError) as err:
             raise HostError("INVALID_ARGUMENT", str(err)) from None
         try:
-            select_kernels(block.dtype, self.device.type if isinstance(self.device, torch.device) else str(self.device))
+            select_kernels(block.dtype, self.device.type, formats_in(block.weights))
             check_runnable(block.weights, block.dtype)
         except UnrunnableFormat as err:
             raise HostError("FAILED_PRECONDITION", f"{block_id} on {self.name}: {err}") from None

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 ENV = "EDGEHEADS_KERNELS"
 MARGIN = 1.5
 SHAPES = ((1536, 576), (576, 1536))  # (out, in): SmolLM2-sized decode matmuls
-_done: dict[tuple[torch.dtype, str], dict[str, str]] = {}
+_done: dict[tuple[torch.dtype, str], dict[str, str]] = {}  # (dtype, device) -> {format: kernel}
 
 
 def pinned(text: str | None = None) -> dict[str, str]:
@@ -66,30 +66,28 @@ def time_kernel(fmt: str, kernel: str, dtype: torch.dtype, device: str = "cpu", 
     return min(samples)
 
 
-def select_kernels(dtype: torch.dtype, device: str = "cpu") -> dict[str, str]:
-    """Choose (once per process, dtype and device) the kernel of every quantized format."""
-    key = (dtype, device)
-    if key in _done:
-        return _done[key]
+def select_kernels(dtype: torch.dtype, device: str = "cpu", formats=None) -> dict[str, str]:
+    """Choose (once per process, dtype, device and format) the kernel of each quantized format
+    in ``formats`` (None: all). Returns the choices made so far for this dtype and device."""
     pins = pinned()
-    choice: dict[str, str] = {}
+    done = _done.setdefault((dtype, device), {})
     for fmt, order in kernels.PREFERENCE.items():
+        if fmt in done or (formats is not None and fmt not in formats):
+            continue
         if fmt in pins:
-            choice[fmt] = pins[fmt]
-            continue
-        times = {}
-        for kernel in order:
-            try:
-                times[kernel] = time_kernel(fmt, kernel, dtype, device)
-            except (RuntimeError, NotImplementedError) as err:  # this build or device lacks it
-                log.info("kernel %s for %s in %s unavailable: %s", kernel, fmt, dtype, err)
-        if not times:
-            continue
-        fastest = min(times.values())
-        choice[fmt] = next(k for k in order if k in times and times[k] <= MARGIN * fastest)
-        log.info("kernels for %s weights, %s compute: %s (%s)", fmt, dtype, choice[fmt],
-                 ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in times.items()))
-    for fmt, kernel in choice.items():
-        kernels.choose(fmt, kernel, dtype)
-    _done[key] = choice
-    return choice
+            done[fmt] = pins[fmt]
+        else:
+            times = {}
+            for kernel in order:
+                try:
+                    times[kernel] = time_kernel(fmt, kernel, dtype, device)
+                except (RuntimeError, NotImplementedError) as err:  # this build or device lacks it
+                    log.info("kernel %s for %s in %s unavailable: %s", kernel, fmt, dtype, err)
+            if not times:
+                continue
+            fastest = min(times.values())
+            done[fmt] = next(k for k in order if k in times and times[k] <= MARGIN * fastest)
+            log.info("kernels for %s weights, %s compute: %s (%s)", fmt, dtype, done[fmt],
+                     ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in times.items()))
+        kernels.choose(fmt, done[fmt], dtype)
+    return dict(done)

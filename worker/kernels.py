@@ -123,6 +123,11 @@ def embedding(token_ids: torch.Tensor, weights: Mapping[str, torch.Tensor], name
     return dequantize(weights, name, dtype, rows=token_ids)
 
 
+def formats_in(weights: Mapping[str, torch.Tensor]) -> set[str]:
+    """The quantized formats among ``weights``' matmul weights."""
+    return {format_of(weights, n) for n in weights if n + ".scale" in weights}
+
+
 class UnrunnableFormat(RuntimeError):
     """This process cannot compute with weights of a format in a compute dtype on a device."""
 
