@@ -37,7 +37,10 @@ Quantized kernels are pinned (--kernels, EDGEHEADS_KERNELS) in every process: le
 worker/kernel_probe.py a loaded machine could time them apart and processes could disagree.
 Every process runs with OMP_WAIT_POLICY=PASSIVE unless the environment sets it, as LocalCluster
 sets it for its daemons: on a shared machine, OpenMP threads that spin while waiting for a
-descheduled one made the in-process engine 20-30x slower (q4: 1 tok/s against 25).
+descheduled one made the in-process engine 20-30x slower (q4: 1 tok/s against 25). On a quiet
+machine passive waits cost the in-process engine about a third (q4: 51 against 74 tok/s);
+``OMP_WAIT_POLICY= python benchmarks/formats.py --no-cluster`` (set, but empty) keeps OpenMP's
+own default for the in-process figures.
 
 Targets (the issue's): the best format in-process >= 3x our fp32 engine and >= 0.5x the peer's
 tokens/s; q4 in-process peak RSS <= 2x the peer's. A bar plot goes to OUT/formats.png.
