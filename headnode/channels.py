@@ -1,6 +1,7 @@
 """One gRPC channel and stub per worker, opened on first use and kept while the worker keeps
 its address. A worker that comes back under the same name at another address (restarted on
-another port or board) gets a new channel in place of the old one, which is closed.
+another port or board) gets a new channel in place of the old one, which is closed once the
+calls already on it had RETIRE_GRACE_SECONDS to end on their own (``_retire``).
 
 Channels reconnect quickly (RECONNECT_OPTIONS): gRPC's own backoff between connection
 attempts grows to two minutes by default, so a worker or controller restarted at the same
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 # gRPC's reconnect backoff: the first retry after 0.2 s, growing to at most 2 s
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                      ("grpc.max_reconnect_backoff_ms", 2000))
+# a replaced channel stays open this long for the calls already on it (longer than any unary
+# call's deadline but LoadBlock's), then it is closed, cancelling what still runs
+RETIRE_GRACE_SECONDS = 60.0
 
 
 def daemon_channel(address: str, grpc_settings: GrpcSettings) -> grpc.aio.Channel:
@@ -35,8 +39,8 @@ class WorkerChannels:
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.addresses: dict[str, str] = {}  # worker name -> the address its channel dials
         self.stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}  # worker name -> stub; shared, never copied
-        self._closing: set[asyncio.Task] = set()
-        self._retired: list[grpc.aio.Channel] = []  # replaced with no event loop running: closed by close()
+        self._closing: set[asyncio.Task] = set()  # replaced channels waiting out their grace
+        self._retired: list[grpc.aio.Channel] = []  # replaced, not yet closed: close() closes them at once
 
     def stub(self, worker: str, address: str) -> worker_pb2_grpc.WorkerStub:
         if worker in self.stubs and self.addresses[worker] != address:
@@ -61,16 +65,30 @@ class WorkerChannels:
             self.stub(worker, address)
 
     def _retire(self, channel: grpc.aio.Channel) -> None:
-        """Close a replaced channel (its calls to the old address end with CANCELLED)."""
+        """Close a replaced channel, but not under the calls already on it: closing a channel
+        cancels its calls, and grpc.aio raises asyncio.CancelledError in whoever awaits one,
+        which reads as that task's own cancellation (a step whose client went away: its
+        session ends and its Generate call is left without a status, hanging the client).
+        Those calls end on their own instead (to a dead worker at once, with UNAVAILABLE,
+        which every caller takes for a lost worker); the channel is closed RETIRE_GRACE_SECONDS
+        later, or by close(). New calls go to the new channel meanwhile."""
+        self._retired.append(channel)
         try:
-            task = asyncio.get_running_loop().create_task(channel.close())
+            task = asyncio.get_running_loop().create_task(self._close_later(channel))
         except RuntimeError:
-            self._retired.append(channel)
-            return
+            return  # no event loop running: close() closes it
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def _close_later(self, channel: grpc.aio.Channel) -> None:
+        await asyncio.sleep(RETIRE_GRACE_SECONDS)
+        self._retired.remove(channel)
+        await channel.close()  # no await inside when given no grace: a cancel cannot stop it half-way
+
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         for channel in [*self.channels.values(), *self._retired]:
             await channel.close()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        self._retired.clear()

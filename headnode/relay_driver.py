@@ -17,12 +17,14 @@ import logging
 
 import grpc
 
-from edgeheads.headnode.cluster_errors import ClusterError
+from edgeheads.headnode.cluster_errors import ClusterError, cancelled_here
 from edgeheads.headnode.relay_plan import RelayPlan
 from edgeheads.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from edgeheads.common.relay_transport import TRANSPORTS, LinkError, RelayLink, Role, connect
 
 log = logging.getLogger(__name__)
+
+INSTALL_TIMEOUT_SECONDS = 30.0  # installing a program is quick; a hung worker must not hold a step for ever
 
 
 def program_request(epoch: int, plan: RelayPlan, worker: str, addresses: dict[str, str],
@@ -56,10 +58,16 @@ class RelayDriver:
         async def install(worker: str) -> None:
             try:
                 await self.stubs[worker].InstallProgram(
-                    program_request(self.epoch, self.plan, worker, addresses, self.transport))
+                    program_request(self.epoch, self.plan, worker, addresses, self.transport),
+                    timeout=INSTALL_TIMEOUT_SECONDS)
             except grpc.aio.AioRpcError as err:
                 raise ClusterError(f"installing epoch {self.epoch} on {worker}: {err.code().name}: "
                                    f"{err.details()}") from None
+            except asyncio.CancelledError:
+                if cancelled_here():
+                    raise
+                raise ClusterError(f"installing epoch {self.epoch} on {worker}: the call was cancelled "
+                                   "(its channel was closed)") from None
         await asyncio.gather(*[install(w) for w in self.plan.programs])
         for worker in self.plan.programs:
             self.links[worker] = await self._open(worker, addresses[worker])
@@ -90,7 +98,9 @@ class RelayDriver:
                     future.set_result(({nt.name: nt.tensor for nt in reply.values}, reply.path_compute_seconds))
             reason = f"worker {worker} closed its relay drive"
         except asyncio.CancelledError:
-            return
+            if cancelled_here():  # close()
+                return
+            reason = f"worker {worker}: its relay drive was cancelled (its channel was closed)"
         except LinkError as err:  # a reset, a broken frame, an ERROR frame before the worker closes it...
             reason = f"worker {worker}: {err}"
         except Exception as err:  # a bug: still fail fast

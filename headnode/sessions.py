@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from edgeheads.common.spec import BlockId
+from edgeheads.headnode.cluster_errors import cancelled_here
 from edgeheads.headnode.step_plan import StepPlan
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 
@@ -120,3 +121,7 @@ class SessionTable:
                                                  timeout=DROP_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as err:  # a worker that is gone holds nothing any more
             log.warning("session %s: could not drop its caches on %s: %s", session, worker, err.code().name)
+        except asyncio.CancelledError:  # its channel was closed (headnode/channels.py), unless cancelled here
+            if cancelled_here():
+                raise
+            log.warning("session %s: could not drop its caches on %s: the call was cancelled", session, worker)
