@@ -113,7 +113,7 @@ def child(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, args.child, progress=False)
     load_seconds = time.perf_counter() - t0
     after_load = proc_memory()
-    generator = LocalGenerator(loaded)
+    generator = LocalGenerator(loaded, own_weights=True)  # as `edgeheads generate --local` runs
     prompt_ids = generator.encode(PROMPT)
 
     def generate(new_tokens: int) -> tuple[float, list[int]]:

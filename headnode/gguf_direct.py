@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from collections.abc import Container, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from edgeheads.common import formats
 from edgeheads.common.spec import BlockId, BlockKind
+from edgeheads.headnode.gguf_config import config_from_metadata, default_rope, lean_config
 from edgeheads.headnode.parts_format import with_format
 from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, rope_parameters, shape_from_config
 
@@ -173,32 +175,6 @@ def read_header(path: str | Path) -> GGUFHeader:
     return GGUFHeader(metadata, tensors, size)
 
 
-# ---------------------------------------------------------------------- config
-def config_from_metadata(metadata: Mapping[str, Any], tensor_names: Container[str]) -> Any:
-    """The transformers config ``AutoConfig.from_pretrained(dir, gguf_file=...)`` builds for a
-    llama/mistral/qwen2 file, by transformers' own GGUF key table (its legacy reader's rules),
-    from the metadata read above: transformers' reader would cost more memory than the model."""
-    from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    arch = metadata["general.architecture"]
-    # transformers tests `"mistral" in [general.name]`: only a name of exactly "mistral" renames
-    updated = "mistral" if "llama" in arch and metadata.get("general.name") == "mistral" else arch
-    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
-    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {}).items():
-        config.setdefault(key, value)
-    for key, value in metadata.items():
-        prefix, _, sub = key.replace(arch, updated).partition(".")
-        if isinstance(value, str) and arch in value:
-            value = value.replace(arch, updated)
-        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(sub)
-        if renamed is not None and renamed != -1:
-            config[renamed] = value
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
-        config["vocab_size"] = metadata["tokenizer.ggml.tokens"]  # the vocabulary's length
-    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
-
-
 # ---------------------------------------------------------------------- row maths (pure)
 def unpermute_rows(rows: int, n_heads: int) -> torch.Tensor:
     """llama.cpp interleaves each head's attn_q/attn_k rows for its RoPE kernel (HF row i of a
@@ -286,10 +262,31 @@ def read_rows(f: BinaryIO, entries: list[TensorEntry], rows: torch.Tensor | None
     return raw if rows is None else raw[rows.numpy()]
 
 
-def read_gguf_parts(path: str | Path, compute_dtype: torch.dtype = torch.float32, progress: bool = True) -> ModelParts:
+def read_int8_per_row(f: BinaryIO, entry: TensorEntry, chunk_rows: int = 4096) -> dict[str, torch.Tensor]:
+    """A Q8_0 tensor re-quantized with one scale per row (formats.per_channel_int8), read a
+    chunk of rows at a time: neither its file bytes nor its grouped codes exist whole."""
+    rows, cols = entry.shape
+    width = entry.nbytes // rows
+    out = {"": torch.empty((rows, cols), dtype=torch.int8), ".scale": torch.empty((rows, 1), dtype=torch.float16)}
+    raw = np.empty((min(chunk_rows, rows), width), dtype=np.uint8)
+    for start in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - start)
+        f.seek(entry.offset + start * width)
+        if f.readinto(raw[:n]) != n * width:
+            raise _load_error(f"{getattr(f, 'name', 'GGUF file')}: truncated GGUF file: tensor {entry.name} is cut short")
+        chunk = formats.per_channel_int8(formats.from_gguf_blocks("Q8_0", raw[:n], n, cols), "", chunk_rows=n)
+        for suffix, t in chunk.items():
+            out[suffix][start:start + n] = t
+    return out
+
+
+def read_gguf_parts(path: str | Path, compute_dtype: torch.dtype = torch.float32, progress: bool = True,
+                    int8_per_row: bool = False) -> ModelParts:
     """A llama/mistral/qwen2 GGUF as ModelParts: Q4_0/Q4_1 weights in the q4 format, Q8_0 in
-    int8 (groups of 32), F32/F16/BF16 tensors in ``compute_dtype``; read tensor by tensor, so
-    peak memory stays near the quantized size. UnsupportedModelError for other architectures
+    int8 (groups of 32, or with ``int8_per_row`` re-quantized with one scale per row, which
+    torch's fast int8 kernel takes: each value moves at most half a step), F32/F16/BF16
+    tensors in ``compute_dtype``; read tensor by tensor, so peak memory stays near the
+    quantized size. UnsupportedModelError for other architectures
     (GPT-2 GGUFs load through transformers) and tensor types; ModelLoadError for bad files."""
     path = Path(path)
     header = read_header(path)
@@ -299,14 +296,14 @@ def read_gguf_parts(path: str | Path, compute_dtype: torch.dtype = torch.float32
                                     f"{', '.join(ARCHITECTURES)}); load it through transformers instead")
     names = header.tensors
     tied = "output.weight" not in names
-    config = config_from_metadata(header.metadata, names)
+    config = lean_config(header.metadata, names) or config_from_metadata(header.metadata, names)
     present = {hf: torch.empty(1) for g, hf in (
         ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
         ("blk.0.attn_output.bias", "model.layers.0.self_attn.o_proj.bias"),
         ("blk.0.ffn_gate.bias", "model.layers.0.mlp.gate_proj.bias"),
         ("output.weight", "lm_head.weight"), ("token_embd.weight", "model.embed_tokens.weight")) if g in names}
     shape = shape_from_config(config, present, compute_dtype)  # biases and tying as the file has them
-    inv_freq, scaling = rope_parameters(config)
+    inv_freq, scaling = default_rope(config) if isinstance(config, SimpleNamespace) else rope_parameters(config)
     needed = ["token_embd.weight", "output_norm.weight", *([] if tied else ["output.weight"])]
     fused = []
     for layer in range(shape.n_layers):
@@ -324,10 +321,14 @@ def read_gguf_parts(path: str | Path, compute_dtype: torch.dtype = torch.float32
         def read(*tensor_names: str, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
             """The named tensors, rows concatenated (and reordered by ``rows``), in this project's format."""
             entries = [names[n] for n in tensor_names]
+            per_row = int8_per_row and QUANT_TYPES.get(entries[0].ggml_type) == "Q8_0"
+            if per_row and len(entries) == 1 and rows is None:
+                bar.update(entries[0].nbytes)
+                return read_int8_per_row(f, entries[0])  # the embedding: the largest tensor
             raw = read_rows(f, entries, rows)
             bar.update(sum(e.nbytes for e in entries))
-            return tensors_from_bytes(entries[0].ggml_type, raw, (raw.shape[0], *entries[0].shape[1:]),
-                                      compute_dtype)
+            out = tensors_from_bytes(entries[0].ggml_type, raw, (raw.shape[0], *entries[0].shape[1:]), compute_dtype)
+            return formats.per_channel_int8(out, "") if per_row else out
 
         embed = read("token_embd.weight")
         head = {**_named("embed.weight", embed), "norm.weight": read("output_norm.weight")[""],

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from edgeheads.common.formats import parse_dtype, per_channel_int8
+from edgeheads.common.formats import parse_dtype
 from edgeheads.headnode import model_cache
 from edgeheads.headnode.dtype_choice import AUTO, auto_dtype
 from edgeheads.headnode.parts_format import convert_parts
@@ -150,40 +150,50 @@ def load_gguf_direct(spec: str, source: ModelSource, compute: torch.dtype, progr
     """A GGUF's quantized tensors kept as stored (Q4_0/Q4_1 as q4); Q8_0 tensors re-quantized
     per row for the fast int8 kernel. None when the file is not one gguf_direct reads (then the
     float path takes it)."""
-    from edgeheads.headnode.gguf_direct import read_gguf_parts
+    from edgeheads.headnode.gguf_direct import ARCHITECTURES, read_gguf_parts, read_header
+
+    if read_header(source.location).metadata.get("general.architecture") not in ARCHITECTURES:
+        log.info("%s: GGUF architecture not read directly; converting from floats instead", spec)
+        return None
+    # the tokenizer first: parsing it leaves ~30 MiB of freed heap, handed back before the weights arrive
+    tokenizer = gguf_tokenizer(source)
+    release_free_memory()
     try:
-        parts = read_gguf_parts(source.location, compute, progress)
+        parts = read_gguf_parts(source.location, compute, progress, int8_per_row=True)
     except UnsupportedModelError as err:
         log.info("%s: %s; converting from floats instead", spec, err)
         return None
-    regroup_int8(parts)
-    tokenizer = gguf_tokenizer(source)
     eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
     release_free_memory()
     return LoadedModel(spec, parts, tokenizer, eos, dtype="q4:" + parts.shape.dtype)
 
 
 def gguf_tokenizer(source: ModelSource) -> Any:
-    """A GGUF's tokenizer, kept beside the model cache as a tokenizer.json once built:
-    transformers builds it from the GGUF through the gguf reader, which holds every vocabulary
-    string as a numpy view (+174 MB peak for SmolLM2's 49k tokens; +61 MB from the saved files)."""
-    from transformers import AutoTokenizer
+    """A GGUF's tokenizer, kept beside the model cache as a tokenizer.json once built and then
+    served by ``LeanTokenizer`` (the ``tokenizers`` library alone). transformers builds it from
+    the GGUF through the gguf reader, which holds every vocabulary string as a numpy view
+    (+174 MB peak for SmolLM2's 49k tokens), and its own wrapper costs ~55 MiB more than
+    LeanTokenizer's +35."""
+    from edgeheads.headnode.lean_tokenizer import LeanTokenizer
 
     path = Path(source.location)
     stat = path.stat()
     saved = model_cache.cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if (saved / "tokenizer.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(saved))
-        except (OSError, ValueError) as err:
+            return LeanTokenizer(saved)
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception for a bad file
             log.warning("saved tokenizer %s unreadable (%s); rebuilding it from the GGUF", saved, err)
+    from transformers import AutoTokenizer
+
     location, kwargs = source.transformers_args()
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     try:
         tokenizer.save_pretrained(str(saved))
     except OSError as err:  # a read-only cache: build it again next time
         log.info("cannot keep the tokenizer at %s: %s", saved, err)
-    return tokenizer
+        return tokenizer
+    return LeanTokenizer(saved)
 
 
 def release_free_memory() -> None:
@@ -197,17 +207,3 @@ def release_free_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
-
-
-def regroup_int8(parts: ModelParts) -> None:
-    """Grouped int8 matmul weights (GGUF Q8_0) re-quantized with one scale per row, in place;
-    tied tensors stay shared."""
-    done: dict[int, dict[str, torch.Tensor]] = {}
-    for weights in (parts.head, *parts.blocks.values()):
-        for name in [n for n in weights if n + ".scale" in weights and n + ".min" not in weights]:
-            if weights[name + ".scale"].shape[1] == 1:
-                continue
-            key = id(weights[name])
-            if key not in done:
-                done[key] = per_channel_int8(weights, name)
-            weights[name], weights[name + ".scale"] = done[key][""], done[key][".scale"]

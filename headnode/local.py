@@ -13,9 +13,11 @@ from edgeheads.headnode.sampling import SamplingParams
 
 
 class LocalGenerator:
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, own_weights: bool = False) -> None:
+        """``own_weights``: the model is this generator's alone, so its engine may pack q4
+        weights in place (BlockEngine's ``pack_weights``): held once, not beside a packed copy."""
         self.model = model
-        self.engine = BlockEngine(model.parts)
+        self.engine = BlockEngine(model.parts, pack_weights=own_weights)
 
     def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
         return encode_prompt(self.model.tokenizer, prompt, chat)

@@ -24,9 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from edgeheads.common import formats
 from edgeheads.common.spec import BlockKind
-from edgeheads.headnode import gguf_direct
+from edgeheads.headnode import gguf_config, gguf_direct
 from edgeheads.headnode.loading import ModelLoadError
-from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, slice_checkpoint
+from edgeheads.headnode.slicing import (ModelParts, UnsupportedModelError, rope_parameters, shape_from_config,
+                                        slice_checkpoint)
 from tiny_configs import TINY_CONFIGS
 
 Q = gguf.GGMLQuantizationType
@@ -173,6 +174,39 @@ def test_config_matches_autoconfig(smollm2_gguf):
     for d in (mine, ref):
         d.pop("_name_or_path", None)
     assert mine == ref
+
+
+def test_plain_llama_files_skip_transformers_config(smollm2_gguf, tmp_path):
+    """lean_config reads plain llama files (the tests around check the parts equal transformers',
+    shape and RoPE tensors included) and hands everything else to transformers' reader."""
+    header = gguf_direct.read_header(smollm2_gguf)
+    lean = gguf_config.lean_config(header.metadata, header.tensors)
+    full = gguf_direct.config_from_metadata(header.metadata, header.tensors)
+    assert lean is not None
+    assert shape_from_config(lean, {}, torch.float32) == shape_from_config(full, {}, torch.float32)
+    inv_freq, scaling = gguf_config.default_rope(lean)
+    want_freq, want_scaling = rope_parameters(full)
+    assert torch.equal(inv_freq, want_freq) and scaling == want_scaling
+    for change in ({"general.architecture": "qwen2"}, {"general.name": "mistral"},
+                   {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}):
+        assert gguf_config.lean_config({**header.metadata, **change}, header.tensors) is None, change
+
+
+def test_q8_0_read_per_row_equals_regrouping_the_grouped_codes(tmp_path):
+    """int8_per_row reads Q8_0 tensors chunk by chunk into per-row int8: the same codes and scales as
+    re-quantizing the whole grouped tensor afterwards."""
+    path, _ = tiny_gguf(tmp_path, "llama-mha", q8_0)
+    grouped = gguf_direct.read_gguf_parts(path, progress=False)
+    per_row = gguf_direct.read_gguf_parts(path, progress=False, int8_per_row=True)
+    for ref, mine in [(grouped.head, per_row.head), *((grouped.blocks[b], per_row.blocks[b]) for b in grouped.blocks)]:
+        for name in [n for n in ref if n + ".scale" in ref]:
+            want = formats.per_channel_int8(ref, name)
+            assert mine[name + ".scale"].shape[1] == 1, name
+            assert torch.equal(mine[name], want[""]) and torch.equal(mine[name + ".scale"], want[".scale"]), name
+    entry = gguf_direct.read_header(path).tensors["token_embd.weight"]
+    with open(path, "rb") as f:  # several chunks, the last one short
+        chunked = gguf_direct.read_int8_per_row(f, entry, chunk_rows=7)
+    torch.testing.assert_close(chunked[""], per_row.head["embed.weight"], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- tiny files

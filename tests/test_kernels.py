@@ -285,3 +285,27 @@ def test_block_refuses_float_weights_of_another_dtype(loaded, dtype):
     with pytest.raises(BlockShapeError, match="mixed"):
         make_block(block_id, parts.shape, {**weights, "norm.weight": weights["norm.weight"].float()
                                            if compute != torch.float32 else weights["norm.weight"].half()})
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_engine_computes_what_the_unpacked_one_does(tiny_paths, fresh_choices, monkeypatch, name, dtype):
+    """pack_weights rewrites the layers' q4 codes in place in the int4 kernel's layout: the logits
+    are bit for bit those of an engine that keeps the codes and a packed copy, and an engine
+    without it leaves its parts untouched."""
+    monkeypatch.setenv(kernel_probe.ENV, "q4=int4pack")
+    path = str(tiny_paths[name])
+    mine, other = load_model(path, f"q4:{dtype}", progress=False), load_model(path, f"q4:{dtype}", progress=False)
+    before = {b: {n: t.clone() for n, t in w.items()} for b, w in other.parts.blocks.items()}
+    unpacked = BlockEngine(other.parts)
+    packed = BlockEngine(mine.parts, pack_weights=True)
+    assert packed.pack_q4() == 0  # done at construction, once
+    changed = [n for b, w in mine.parts.blocks.items() for n in w if n + ".min" in w
+               and not torch.equal(w[n], before[b][n])]
+    assert changed  # the stored codes now hold another layout
+    prompt = [1, 104, 308, 314, 260, 229, 282, 49]
+    with torch.inference_mode():
+        assert torch.equal(packed.forward("s", prompt), unpacked.forward("s", prompt))
+        for token in (5, 77, 300):
+            assert torch.equal(packed.forward("s", [token]), unpacked.forward("s", [token]))
+    assert all(torch.equal(t, before[b][n]) for b, w in other.parts.blocks.items() for n, t in w.items())
