@@ -29,7 +29,7 @@ from edgeheads.common.config import GrpcSettings
 from edgeheads.common.spec import BlockId
 from edgeheads.headnode.admission_control import Admission
 from edgeheads.headnode.channels import WorkerChannels
-from edgeheads.headnode.cluster_errors import ClusterError
+from edgeheads.headnode.cluster_errors import ClusterError, cancelled_here
 from edgeheads.headnode.dataflow import Dataflow, StepStats, make_dataflow
 from edgeheads.headnode.head import HeadNodeCompute
 from edgeheads.headnode.metrics import HeadnodeMetrics
@@ -154,8 +154,14 @@ class ClusterExecutor:
                     final = await self.run(record, token_ids)
                 except ClusterError as err:
                     failure = err
-                except BaseException:  # cancelled: its client went away
-                    await self._end_cancelled(session)  # already inside the gate
+                except asyncio.CancelledError as err:
+                    if cancelled_here():  # its client went away
+                        await self._end_cancelled(session)  # already inside the gate
+                        raise
+                    # a call cut off by its channel closing (grpc.aio raises CancelledError): a failed call
+                    failure = ClusterError(f"a worker call was cut off: {err or 'channel closed'}")
+                except BaseException:
+                    await self._end_cancelled(session)
                     raise
                 else:
                     record.history.append(tuple(token_ids))
