@@ -115,7 +115,7 @@ def _generate_local(args: argparse.Namespace):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     set_threads()
-    generator = LocalGenerator(load_model(args.model or DEFAULT_MODEL, args.dtype or "fp32", progress=True),
+    generator = LocalGenerator(load_model(args.model or DEFAULT_MODEL, args.dtype, progress=True),
                                own_weights=True)
     results = []
     for event in generator.stream(args.prompt, params, chat=args.chat, on_finish=results.append):

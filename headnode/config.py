@@ -41,7 +41,7 @@ class HeadnodeSettings(Section):
     model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
     # weight format and compute dtype: auto (the file's own quantization, or the CPU's best
     # float), fp32, bf16, fp16, int8, q4, or int8/q4 with a compute dtype (q4:fp32)
-    dtype: Annotated[str, AfterValidator(_known_dtype)] = "fp32"
+    dtype: Annotated[str, AfterValidator(_known_dtype)] = AUTO
     min_workers: Annotated[int, Field(ge=1)] = 1
     worker_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 60.0
     # relay: workers pass activations to each other (one network hop per phase);

@@ -21,8 +21,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-DTYPE_HELP = ("weights and compute: auto (the file's quantization or the CPU's best float), fp32, bf16, fp16, "
-              "int8, q4, or q4:fp32-style pairs (default fp32)")
+DEFAULT = AUTO  # what the CLI, the daemons and the config file use when nothing is named
+ENV = "EDGEHEADS_HEADNODE__DTYPE"  # the config's headnode.dtype, which `generate --local` reads too
+DTYPE_HELP = ("weights and compute: auto (the file's quantization or the CPU's best float), fp32 (the exact "
+              f"reference), bf16, fp16, int8, q4, or q4:fp32-style pairs (default: {ENV} or auto)")
+
+
+def default_dtype() -> str:
+    """The format a run that names none uses: ``EDGEHEADS_HEADNODE__DTYPE`` when set (as a head
+    node's config reads it), else ``auto``."""
+    import os
+
+    return os.environ.get(ENV, "").strip().lower() or DEFAULT
 
 
 def cpu_flags() -> set[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 
 from edgeheads.common.formats import parse_dtype
 from edgeheads.headnode import model_cache
-from edgeheads.headnode.dtype_choice import AUTO, auto_dtype
+from edgeheads.headnode.dtype_choice import AUTO, auto_dtype, default_dtype
 from edgeheads.headnode.parts_format import convert_parts
 from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, slice_checkpoint, unsupported_message
 from edgeheads.common.spec import SUPPORTED_ARCHITECTURES
@@ -120,16 +121,21 @@ def from_transformers(name: str, model: Any, tokenizer: Any) -> LoadedModel:
     return LoadedModel(name, parts, tokenizer, eos_ids(model, tokenizer))
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", progress: bool = True) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, progress: bool = True) -> LoadedModel:
     """Load and slice a model with its weights in ``dtype``: a format name or pair as
     ``formats.parse_dtype`` reads it (``fp32``, ``bf16``, ``fp16``, ``int8``, ``q4``,
-    ``q4:fp32``, ...), ``auto`` (headnode/dtype_choice.py) or a torch float dtype. ``q4`` from a llama-family GGUF reads its
+    ``q4:fp32``, ...), ``auto`` (headnode/dtype_choice.py) or a torch float dtype; None: the
+    default (``EDGEHEADS_HEADNODE__DTYPE``, else ``auto``), as the CLI and the head node use. ``q4`` from a llama-family GGUF reads its
     quantized tensors as they are stored (headnode/gguf_direct.py); every other case loads
     floats through transformers and converts them."""
     source = resolve(spec, progress)
+    if dtype is None:
+        dtype = default_dtype()
     if dtype == AUTO:
         dtype = auto_dtype(source.kind, source.location)
         log.info("--dtype auto: %s runs as %s on this CPU", spec, dtype)
+        if progress:  # said where the progress bars go: a person is watching
+            print(f"--dtype auto: {spec} runs as {dtype} on this CPU (docs/formats.md)", file=sys.stderr)
     fmt, compute = parse_dtype(dtype) if isinstance(dtype, str) else (None, dtype)
     log.info("loading model %s from %s (%s) as %s", spec, source.location, source.kind, dtype)
     if fmt == "q4" and source.kind == "gguf":

@@ -23,6 +23,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The runtime's default --dtype is auto (the built-in model runs as q4). The tests compare with
+# transformers' fp32 and with each other, so every process they start (CLI, daemons, compose via
+# EDGEHEADS_DTYPE) runs the exact reference unless a test names a format; tests of the default
+# itself unset this (tests/test_dtype_default.py).
+os.environ.setdefault("EDGEHEADS_HEADNODE__DTYPE", "fp32")
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 GATED_MARKERS = ("slow", "system")

@@ -31,6 +31,7 @@ import grpc
 import pytest
 
 from edgeheads.headnode.client import Client
+from edgeheads.headnode.dtype_choice import default_dtype
 from edgeheads.headnode.model_cache import cache_dir
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
 
@@ -150,7 +151,8 @@ def compose(require_capability, smollm2_gguf):
     # its whole filesystem, which on a loaded machine outlasts docker-compose's default 60 s
     env = {**os.environ, "COMPOSE_HTTP_TIMEOUT": "300", "EDGEHEADS_CACHE": str(cache_dir()), "EDGEHEADS_IMAGE": images[0],
            "EDGEHEADS_HEADNODE_IMAGE": images[1], "EDGEHEADS_GRPC_PORT": str(ports["grpc"]),
-           "EDGEHEADS_HTTP_PORT": str(ports["http"]), "EDGEHEADS_CONTROLLER_PORT": str(ports["controller"])}
+           "EDGEHEADS_HTTP_PORT": str(ports["http"]), "EDGEHEADS_CONTROLLER_PORT": str(ports["controller"]),
+           "EDGEHEADS_DTYPE": default_dtype()}  # the format `generate --local` here runs
     cluster = Compose(command, f"edgeheadstest{os.getpid()}", env, f"127.0.0.1:{ports['grpc']}",
                       f"http://127.0.0.1:{ports['http']}/v1", f"127.0.0.1:{ports['controller']}")
     start = time.monotonic()

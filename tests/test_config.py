@@ -51,7 +51,7 @@ def test_defaults():
     assert cfg.controller.policy == "spread"
     assert cfg.headnode.listen == "0.0.0.0:50050"
     assert cfg.headnode.controller == "127.0.0.1:50051"
-    assert cfg.headnode.model == "smollm2-135m"
+    assert cfg.headnode.model == "smollm2-135m" and cfg.headnode.dtype == "auto"
     assert cfg.headnode.min_workers == 1 and cfg.headnode.worker_wait_seconds == 60
     assert cfg.grpc.max_message_bytes == 64 * MiB  # explicit, not gRPC's 4 MiB
     assert cfg.grpc.chunk_bytes == 1 * MiB
