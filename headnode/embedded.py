@@ -271,6 +271,33 @@ class LocalCluster:
         self._wait_ready([name])
         return self.addresses[name]
 
+    def restart_headnode(self, dtype: str | None = None, model: str | None = None,
+                         timeout_seconds: float = 10) -> str:
+        """Stop the head node (SIGTERM; SIGKILL after ``timeout_seconds``) and start a new one on
+        a free port, the controller and workers left running: it announces its model, and the
+        controller places it again. With ``dtype`` or ``model``, the new one loads that format
+        (``--dtype``) or model (``--model``) instead. Waits until it is ready; its address."""
+        proc = self.procs["headnode"]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_seconds)
+            except subprocess.TimeoutExpired:
+                log.warning("headnode did not stop within %.0f s of SIGTERM; killing it", timeout_seconds)
+                proc.kill()  # restart reaps it and kills its group
+        args = self.args["headnode"]
+        for flag, value in (("--dtype", dtype), ("--model", model)):
+            if value is None:
+                continue
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        self.dtype = dtype or self.dtype
+        self.model = model or self.model
+        self.restart("headnode", same_address=False)
+        return self.address
+
     def new_exits(self) -> dict[str, int]:
         """Daemons that exited since the last call: name -> return code."""
         gone = {n: p.returncode for n, p in self.procs.items() if n not in self.reported_exits and p.poll() is not None}
