@@ -1,0 +1,301 @@
+"""An emulated edge testbed: one worker per emulated board, each in its own network namespace
+with shaped links and a CPU quota; a controller and a head node on the hub; scripted events
+(a CPU hog on a board, a memory limit dropping, a board joining or leaving) during one
+generation. Needs root (namespaces, tc, cgroups).
+
+    sudo python deploy/testbed/testbed.py PROFILE.yaml [--policy resource-aware] [--tokens 512]
+                                          [--prompt TEXT] [--dtype fp32] [--out out]
+
+Per run it writes OUT/testbed-NAME-POLICY.json: every token's id and arrival time, the events
+with the token they fired at, the controller's decisions (epoch, reason, blocks moved, its
+predicted per-token latency) and, per placement that ran, the predicted against the measured
+median token time (the fidelity record); and a per-token timeline plot (PNG) with the events
+marked. Profiles: deploy/testbed/testbed_profile.py, examples in deploy/testbed/profiles/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import grpc  # noqa: E402
+
+import testbed_cgroup as cgroup  # noqa: E402
+import testbed_net as net  # noqa: E402
+from testbed_profile import Event, Profile, load_profile  # noqa: E402
+
+from edgeheads.headnode.embedded import LocalCluster, _stop_signals_deferred, _stop_with_parent  # noqa: E402
+from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+
+SETTLE_TOKENS = 2  # tokens after a placement change left out of its measured median (the switch itself)
+
+
+class Testbed(LocalCluster):
+    """A LocalCluster whose workers are the profile's devices, each in its namespace and CPU group."""
+
+    def __init__(self, profile: Profile, policy: str, dtype: str | None = None, model: str | None = None,
+                 replan_every_tokens: int | None = None, progress: bool = False) -> None:
+        interval = profile.scenario.interval_tokens if replan_every_tokens is None else replan_every_tokens
+        env = {"EDGEHEADS_CONTROLLER__POLICY": policy, "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": str(interval),
+               "EDGEHEADS_WORKER__METRICS_LISTEN": "0.0.0.0:0"}  # a worker binds inside its namespace
+        super().__init__(model, workers=len(profile.devices), host=net.HUB, progress=progress, extra_env=env,
+                         dtype=dtype)
+        self.profile = profile
+        self.policy = policy
+        self.endpoints = {name: net.Endpoint(name, i) for i, name in enumerate(profile.all_devices)}
+        self.groups: dict[str, cgroup.CpuGroup] = {}
+        self.hogs: dict[str, cgroup.CpuHog] = {}
+        self.worker_threads = 1
+
+    # ------------------------------------------------------------------ set-up and teardown
+    def start(self) -> str:
+        try:
+            net.apply(list(self.endpoints.values()), self.profile.rates)
+            for name in self.endpoints:
+                self.groups[name] = cgroup.CpuGroup(f"{net.PREFIX}-{name}", self.profile.cores[name])
+            self._spawn("controller", ["controller", "--listen", f"{self.host}:0"])
+            self._wait_ready(["controller"])
+            for name in self.profile.devices:
+                self._spawn(name, self._device_args(name))
+            self._wait_ready(self.profile.devices)
+            args = ["headnode", "--listen", f"{self.host}:0", "--controller", self.addresses["controller"],
+                    "--min-workers", str(len(self.profile.devices)), "--quiet"]
+            if self.model:
+                args += ["--model", self.model]
+            if self.dtype:
+                args += ["--dtype", self.dtype]
+            self._spawn("headnode", args)
+            self._wait_ready(["headnode"])
+        except BaseException:
+            self.stop()
+            raise
+        return self.addresses["headnode"]
+
+    def _device_args(self, name: str) -> list[str]:
+        return ["worker", "--listen", f"{self.endpoints[name].address}:0", "--controller", self.addresses["controller"],
+                "--name", name, "--threads", "1", "--memory-limit", str(self.profile.memory[name])]
+
+    def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False,
+               tie_to_parent: bool = True) -> None:
+        if name not in self.endpoints:
+            return super()._spawn(name, args, show_stderr, append, tie_to_parent)
+        self.args[name] = list(args)
+        command = ["ip", "netns", "exec", self.endpoints[name].namespace, *self.worker_command, *args,
+                   "--ready-file", str(self.dir / f"{name}.ready")]
+        with open(self.dir / f"{name}.log", "ab" if append else "wb") as log_file, _stop_signals_deferred():
+            self.procs[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
+        self.groups[name].add(self.procs[name].pid)  # `ip netns exec` execs the worker in this process
+
+    def stop(self, timeout_seconds: float = 10) -> None:
+        for hog in self.hogs.values():
+            hog.stop()
+        self.hogs.clear()
+        try:
+            super().stop(timeout_seconds)
+        finally:
+            for group in self.groups.values():
+                group.remove()
+            net.teardown(len(self.endpoints))
+
+    # ------------------------------------------------------------------ events
+    def fire(self, event: Event) -> None:
+        device = event.device
+        if event.kind == "cpu_hog":
+            self.hogs[device] = cgroup.CpuHog(self.groups[device])
+        elif event.kind == "cpu_hog_stop":
+            hog = self.hogs.pop(device, None)
+            if hog is not None:
+                hog.stop()
+        elif event.kind == "memory_limit":
+            with grpc.insecure_channel(self.addresses[device]) as channel:
+                worker_pb2_grpc.WorkerStub(channel).SetMemoryLimit(
+                    worker_pb2.SetMemoryLimitRequest(memory_limit_bytes=int(event.memory_bytes or 0)), timeout=10)
+        elif event.kind == "join":
+            self._spawn(device, self._device_args(device))
+            self._wait_ready([device])
+        elif event.kind == "leave":
+            proc = self.procs.get(device)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+
+    def decisions(self) -> list[dict]:
+        with grpc.insecure_channel(self.addresses["controller"]) as channel:
+            reply = controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),
+                                                                      timeout=10)
+        return [{"epoch": d.epoch, "unix_time": d.unix_time, "reason": d.reason, "policy": d.policy,
+                 "blocks_moved": d.blocks_moved, "predicted_token_seconds": d.predicted_token_seconds or None}
+                for d in reply.decisions]
+
+
+# ---------------------------------------------------------------------- one generation
+@dataclass
+class Run:
+    token_ids: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # unix time of each token
+    epochs: list[int] = field(default_factory=list)  # the head node's epoch when each token arrived
+    fired: list[dict] = field(default_factory=list)  # events: kind, device, token, unix time, seconds taken
+    decisions: list[dict] = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+
+
+def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False) -> Run:
+    """One greedy generation, firing the profile's events at their tokens (each in a thread of
+    its own, so the stream is never held up) and noting the epoch every token ran under."""
+    from edgeheads.headnode.client import Client
+
+    run = Run()
+    epoch = [0]
+    done = threading.Event()
+    pending = list(bed.profile.events)
+    threads: list[threading.Thread] = []
+
+    def watch_epoch(client: Client) -> None:
+        while not done.is_set():
+            try:
+                epoch[0] = client.status()["epoch"]
+            except Exception:  # noqa: BLE001 - a status call racing a stop: the next one tells
+                pass
+            time.sleep(0.05)
+
+    def fire(event: Event, token: int) -> None:
+        start = time.time()
+        error = None
+        try:
+            bed.fire(event)
+        except Exception as err:  # noqa: BLE001 - recorded and reported with the run
+            error = str(err)
+        run.fired.append({"kind": event.kind, "device": event.device, "token": token, "unix_time": start,
+                          "seconds": time.time() - start, "error": error})
+
+    with Client(bed.address) as client, Client(bed.address) as watcher:
+        epoch[0] = watcher.status()["epoch"]
+        poller = threading.Thread(target=watch_epoch, args=(watcher,), daemon=True)
+        poller.start()
+        try:
+            while pending and pending[0].at_token == 0:
+                fire(pending.pop(0), 0)
+            for event in client._events(prompt, tokens, 0.0, 0, 1.0, None, chat):
+                if event.done:
+                    break
+                run.token_ids.append(event.token_id)
+                run.arrivals.append(time.time())
+                run.epochs.append(epoch[0])
+                while pending and pending[0].at_token <= len(run.token_ids):
+                    thread = threading.Thread(target=fire, args=(pending.pop(0), len(run.token_ids)), daemon=True)
+                    thread.start()
+                    threads.append(thread)
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(timeout=120)
+        run.status = client.status()
+    run.decisions = bed.decisions()
+    return run
+
+
+def fidelity(run: Run) -> list[dict]:
+    """Per placement that decoded at least a few tokens: the controller's predicted token time
+    beside the measured median gap between tokens under it (the first SETTLE_TOKENS after a
+    switch left out)."""
+    predicted = {d["epoch"]: d["predicted_token_seconds"] for d in run.decisions}
+    gaps: dict[int, list[float]] = {}
+    since_switch = 0
+    for i in range(1, len(run.arrivals)):
+        since_switch = 0 if run.epochs[i] != run.epochs[i - 1] else since_switch + 1
+        if since_switch >= SETTLE_TOKENS:
+            gaps.setdefault(run.epochs[i], []).append(run.arrivals[i] - run.arrivals[i - 1])
+    out = []
+    for epoch, values in sorted(gaps.items()):
+        measured = statistics.median(values)
+        guess = predicted.get(epoch)
+        out.append({"epoch": epoch, "tokens": len(values), "measured_token_seconds": measured,
+                    "predicted_token_seconds": guess,
+                    "predicted_over_measured": guess / measured if guess and measured > 0 else None})
+    return out
+
+
+def summary(run: Run, profile: Profile, policy: str) -> dict:
+    gaps = [b - a for a, b in zip(run.arrivals, run.arrivals[1:])]
+    total = run.arrivals[-1] - run.arrivals[0] if len(run.arrivals) > 1 else 0.0
+    return {"profile": profile.scenario.name, "policy": policy, "tokens": len(run.token_ids),
+            "decode_seconds": total, "tokens_per_second": (len(gaps) / total) if total > 0 else None,
+            "median_token_seconds": statistics.median(gaps) if gaps else None,
+            "migrations": run.status.get("migrations"), "migrated_bytes": run.status.get("migrated_bytes"),
+            "replans": len(run.decisions), "events": run.fired, "fidelity": fidelity(run),
+            "token_ids": run.token_ids, "arrivals": run.arrivals, "epochs": run.epochs, "decisions": run.decisions}
+
+
+def plot(record: dict, path: Path) -> Path | None:
+    """Each token's time against its index, epochs as colours, events as vertical lines."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    arrivals = record["arrivals"]
+    gaps_ms = [1000 * (b - a) for a, b in zip(arrivals, arrivals[1:])]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.scatter(range(1, len(arrivals)), gaps_ms, c=record["epochs"][1:], s=8, cmap="viridis")
+    for event in record["events"]:
+        ax.axvline(event["token"], color="crimson", lw=1, ls="--")
+        ax.annotate(f"{event['kind']} {event['device']}", (event["token"], max(gaps_ms or [1])), rotation=90,
+                    fontsize=7, va="top", ha="right", color="crimson")
+    ax.set_xlabel("token")
+    ax.set_ylabel("time since the previous token (ms)")
+    ax.set_title(f"{record['profile']}: {record['policy']} ({record['tokens']} tokens, "
+                 f"{record['migrations']} migrations; colour = placement epoch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("profile")
+    p.add_argument("--policy", default="resource-aware")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens (default: the profile's new_tokens)")
+    p.add_argument("--prompt", default="Write a long story about a robot who learns to paint.")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", default="out")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0 or not cgroup.available():
+        print("the testbed needs root and cgroup v1's cpu controller (namespaces, tc, cgroups)", file=sys.stderr)
+        return 2
+    profile = load_profile(args.profile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with Testbed(profile, args.policy, args.dtype, args.model) as bed:
+        print(f"testbed up: {', '.join(f'{d} ({profile.cores[d]:.2f} cores)' for d in profile.devices)}",
+              file=sys.stderr)
+        run = generate(bed, args.prompt, args.tokens or profile.scenario.new_tokens)
+    record = summary(run, profile, args.policy)
+    stem = f"testbed-{profile.scenario.name}-{args.policy}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    picture = plot(record, out / f"{stem}.png")
+    print(json.dumps({k: record[k] for k in ("policy", "tokens", "decode_seconds", "tokens_per_second",
+                                              "migrations", "replans")}))
+    for row in record["fidelity"]:
+        print(f"epoch {row['epoch']}: predicted {row['predicted_token_seconds']} s, measured "
+              f"{row['measured_token_seconds']:.4f} s over {row['tokens']} tokens")
+    if picture:
+        print(f"plot: {picture}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

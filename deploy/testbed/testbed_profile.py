@@ -1,0 +1,121 @@
+"""Testbed profiles: an ``edgeheads simulate`` scenario plus the events scripted into a run.
+
+A profile is a scenario file (controller/scenario.py: model, tokens, explicit devices, links)
+with one more top-level list, ``events``, which the testbed carries out during generation:
+
+    events:
+      - {at_token: 16, kind: cpu_hog, device: jetson}        # a busy loop starts in its CPU group
+      - {at_token: 48, kind: cpu_hog_stop, device: jetson}
+      - {at_token: 24, kind: memory_limit, device: pi5, memory_bytes: 8.0e8}   # SetMemoryLimit
+      - {at_token: 32, kind: join, device: pi5b}             # a device listed under testbed.standby
+      - {at_token: 40, kind: leave, device: pi4}             # its worker is stopped (SIGTERM)
+
+and an optional ``testbed`` mapping: ``max_cores`` (the CPU quota of the fastest device, in
+this machine's cores; the others get their share of it by peak_flops_per_second) and
+``standby`` (devices, in the scenario's device form, that start only when an event joins them).
+
+How the scenario's numbers become the emulation:
+- compute: device i gets cores_i = max_cores x flops_i / max(flops), a cgroup CPU quota;
+- memory: its worker's ``--memory-limit`` is memory_bytes;
+- links: the bandwidth matrix ``materialize`` draws for the simulator (pairs as listed, the rest
+  from links.bandwidth_bytes_per_second), one htb class per directed pair; latency is not
+  emulated (no netem here). The head node's links are unshaped, as the simulator ignores
+  head-node messages when ``headnode_device`` is null (a profile naming one shapes them as
+  that device's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgeheads.controller.scenario import DeviceSpec, Scenario, ScenarioError, materialize, parse_scenario
+
+EventKind = Literal["cpu_hog", "cpu_hog_stop", "memory_limit", "join", "leave"]
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    at_token: int = Field(ge=0)
+    kind: EventKind
+    device: str
+    memory_bytes: float | None = Field(default=None, gt=0)
+
+
+class TestbedSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_cores: float = Field(default=1.0, gt=0)
+    standby: list[DeviceSpec] = []
+
+
+@dataclass(frozen=True)
+class Profile:
+    scenario: Scenario
+    events: list[Event]
+    testbed: TestbedSpec
+    rates: dict[tuple[str, str], float]  # (source, destination) -> bytes/s, workers and "headnode"
+    cores: dict[str, float]  # device -> CPU quota in cores
+    memory: dict[str, int]  # device -> --memory-limit bytes
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices that start with the run (standby ones join by event)."""
+        return [d.name for d in self.scenario.devices.explicit or []]
+
+    @property
+    def all_devices(self) -> list[str]:
+        return [*self.devices, *(d.name for d in self.testbed.standby)]
+
+
+def parse_profile(data: Any, where: str = "profile") -> Profile:
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{where}: expected a mapping at the top level")
+    data = dict(data)
+    try:
+        events = [Event.model_validate(e) for e in data.pop("events", []) or []]
+        testbed = TestbedSpec.model_validate(data.pop("testbed", {}) or {})
+    except ValidationError as err:
+        raise ScenarioError(f"{where}: {err}") from None
+    scenario = parse_scenario(data, where)
+    if scenario.devices.explicit is None:
+        raise ScenarioError(f"{where}: a testbed needs devices.explicit (one worker per device)")
+    # the standby devices take part in the link matrix, so materialize them with the rest
+    everyone = scenario.model_copy(deep=True)
+    everyone.devices.explicit = [*scenario.devices.explicit, *testbed.standby]
+    setup = materialize(everyone)
+    names = list(setup.cluster.names)
+    known = set(names)
+    for event in events:
+        if event.device not in known:
+            raise ScenarioError(f"{where}: event at token {event.at_token} names an unknown device {event.device!r}")
+        if event.kind == "memory_limit" and event.memory_bytes is None:
+            raise ScenarioError(f"{where}: a memory_limit event needs memory_bytes")
+        if event.kind == "join" and event.device not in {d.name for d in testbed.standby}:
+            raise ScenarioError(f"{where}: {event.device!r} joins but is not under testbed.standby")
+    bandwidth = setup.cluster.bandwidth_bytes_per_second
+    rates = {(a, b): float(bandwidth[i, j]) for i, a in enumerate(names) for j, b in enumerate(names) if i != j}
+    if scenario.headnode_device is not None:
+        h = names.index(scenario.headnode_device)
+        for j, b in enumerate(names):
+            if j != h:
+                rates["headnode", b], rates[b, "headnode"] = float(bandwidth[h, j]), float(bandwidth[j, h])
+    specs = [*scenario.devices.explicit, *testbed.standby]
+    fastest = max(d.peak_flops_per_second for d in specs)
+    cores = {d.name: testbed.max_cores * d.peak_flops_per_second / fastest for d in specs}
+    memory = {d.name: int(d.memory_bytes) for d in specs}
+    return Profile(scenario, sorted(events, key=lambda e: e.at_token), testbed, rates, cores, memory)
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ScenarioError(f"{path}: cannot read the profile: {err}") from None
+    return parse_profile(data, str(path))

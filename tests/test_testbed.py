@@ -1,0 +1,107 @@
+"""The emulated edge testbed (deploy/testbed/): profiles, the network plan, and the small run CI
+does: 3 workers in their own network namespaces with shaped links and CPU quotas, 64 tokens
+of SmolLM2 under the paper's resource-aware policy with a CPU hog started and stopped on one
+board, tokens identical to the in-process engine, and a predicted/measured record."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeheads.controller.scenario import ScenarioError
+
+TESTBED = Path(__file__).resolve().parents[1] / "deploy" / "testbed"
+sys.path.insert(0, str(TESTBED))
+
+import testbed_cgroup  # noqa: E402
+import testbed_net  # noqa: E402
+from testbed_profile import load_profile, parse_profile  # noqa: E402
+
+CI_PROFILE = TESTBED / "profiles" / "ci-trio.yaml"
+BASE = {"name": "t", "model": {"name": "smollm2-135m"}, "prompt_tokens": 8, "new_tokens": 16,
+        "devices": {"explicit": [{"name": "a", "memory_bytes": 1e9, "peak_flops_per_second": 1e9},
+                                 {"name": "b", "memory_bytes": 2e9, "peak_flops_per_second": 4e9}]},
+        "links": {"bandwidth_bytes_per_second": {"value": 1.25e7},
+                  "pairs": [{"source": "a", "destination": "b", "bandwidth_bytes_per_second": 1e6,
+                             "latency_seconds": 0.0}]}}
+
+
+def test_a_profile_is_a_scenario_with_events():
+    profile = parse_profile({**BASE, "testbed": {"max_cores": 1.5},
+                             "events": [{"at_token": 5, "kind": "cpu_hog", "device": "b"}]})
+    assert profile.cores == {"a": 1.5 / 4, "b": 1.5}  # relative to the fastest device
+    assert profile.memory == {"a": 10**9, "b": 2 * 10**9}
+    assert profile.rates == {("a", "b"): 1e6, ("b", "a"): 1.25e7}  # directed: listed pair, else the default
+    assert [e.kind for e in profile.events] == ["cpu_hog"]
+    ci = load_profile(CI_PROFILE)
+    assert ci.devices == ["pi4", "pi5", "jetson"] and ci.scenario.new_tokens == 64 and len(ci.events) == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"events": [{"at_token": 1, "kind": "cpu_hog", "device": "zz"}]}, "unknown device 'zz'"),
+    ({"events": [{"at_token": 1, "kind": "memory_limit", "device": "a"}]}, "needs memory_bytes"),
+    ({"events": [{"at_token": 1, "kind": "join", "device": "a"}]}, "not under testbed.standby"),
+    ({"events": [{"at_token": 1, "kind": "explode", "device": "a"}]}, "kind"),
+    ({"testbed": {"max_cores": 0}}, "max_cores"),
+    ({"devices": {"count": 2, "memory_bytes": {"value": 1e9}, "peak_flops_per_second": {"value": 1e9}}},
+     "devices.explicit"),
+])
+def test_bad_profiles_are_refused_with_a_reason(change, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse_profile({**BASE, **change})
+
+
+def test_every_directed_link_is_shaped_once_at_its_sender():
+    a, b = testbed_net.Endpoint("a", 0), testbed_net.Endpoint("b", 1)
+    rates = {("a", "b"): 1e6, ("b", "a"): 2e6, ("headnode", "a"): 3e6}
+    commands = [" ".join(c) for c in testbed_net.plan_commands([a, b], rates)]
+    classes = [c for c in commands if " class add " in c and "classid 1:1 " not in c]
+    # a -> b at a's namespace egress, b -> a at b's, hub -> a on a's root-side veth; nothing else
+    assert len(classes) == 3
+    assert any(f"netns exec {a.namespace} " in c and "rate 8000000bit" in c for c in classes)
+    assert any(f"netns exec {b.namespace} " in c and "rate 16000000bit" in c for c in classes)
+    assert any(c.startswith("tc ") and f"dev {a.host_veth} " in c and "rate 24000000bit" in c for c in classes)
+    filters = [c for c in commands if " filter add " in c]
+    assert any(f"match ip dst {b.address}/32" in c and a.ns_veth in c for c in filters)
+    assert any(f"match ip src {testbed_net.HUB}/32" in c and a.host_veth in c for c in filters)
+
+
+@pytest.mark.system
+def test_small_testbed_run_is_exact_and_records_predictions(require_capability, smollm2_gguf, tmp_path):
+    require_capability("root", os.geteuid() == 0)
+    require_capability("cgroup v1's cpu controller", testbed_cgroup.available())
+    require_capability("ip and tc", bool(shutil.which("ip") and shutil.which("tc")))
+    import testbed
+
+    from edgeheads.headnode.loading import load_model
+    from edgeheads.headnode.local import LocalGenerator
+    from edgeheads.headnode.sampling import SamplingParams
+
+    profile = load_profile(CI_PROFILE)
+    prompt = "Write a long story about a robot who learns to paint."
+    with testbed.Testbed(profile, "resource-aware", dtype="fp32") as bed:
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert all(e.namespace in names for e in bed.endpoints.values())
+        run = testbed.generate(bed, prompt, profile.scenario.new_tokens)
+        groups = {name: g.path for name, g in bed.groups.items()}
+        namespaces = [e.namespace for e in bed.endpoints.values()]
+    record = testbed.summary(run, profile, "resource-aware")
+    local = LocalGenerator(load_model(str(smollm2_gguf), "fp32", progress=False))
+    want = local.generate(prompt, SamplingParams(max_new_tokens=profile.scenario.new_tokens), chat=False).token_ids
+    assert run.token_ids == want
+    assert [(e["kind"], e["device"], e["token"], e["error"]) for e in record["events"]] == [
+        ("cpu_hog", "jetson", 24, None), ("cpu_hog_stop", "jetson", 48, None)]
+    assert record["fidelity"], "no placement decoded long enough to be measured"
+    for row in record["fidelity"]:
+        assert row["predicted_token_seconds"] and row["predicted_token_seconds"] > 0
+        assert row["measured_token_seconds"] > 0 and row["tokens"] >= 1
+    assert testbed.plot(record, tmp_path / "timeline.png").stat().st_size > 0
+    # nothing is left behind: namespaces, bridge, CPU groups
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(namespace in names for namespace in namespaces)
+    assert not any(path.exists() for path in groups.values())
