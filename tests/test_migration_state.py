@@ -100,3 +100,27 @@ def test_bad_payloads_are_refused_and_change_nothing(parts):
     src.blocks[next(b for b in src.blocks if str(b) == BLOCK)].caches["s"].length = 2  # the rollback
     import_state(dst, export_state(src, BLOCK, False, cache_lengths(dst, BLOCK)), BLOCK, shape_json, digest(parts))
     assert cache_lengths(dst, BLOCK) == {"s": 2}
+
+
+def test_rebinding_a_block_to_other_content_frees_the_old_weights(parts):
+    """A head node restarted in another format binds every block to new content: the old content
+    goes, unless another block still uses it (a worker kept both before, uncounted)."""
+    from edgeheads.headnode.parts_format import convert_parts
+
+    host = host_with(parts, "w", [BLOCK])
+    old = digest(parts)
+    bf16 = convert_parts(parts, "bf16", torch.bfloat16)
+    blob = weights_to_blob(next(w for b, w in bf16.blocks.items() if str(b) == BLOCK))
+    host.add_weights(blob, sha256_hex(blob))
+    host.bind_block(BLOCK, json.dumps(bf16.shape.to_dict()), sha256_hex(blob))
+    assert host.has_weights([old, sha256_hex(blob)]) == [sha256_hex(blob)]
+    # two blocks on one content: rebinding one keeps it for the other
+    shared = BlockHost("s")
+    weights = next(w for b, w in parts.blocks.items() if str(b) == BLOCK)
+    first = weights_to_blob(weights)
+    shared.add_weights(first, sha256_hex(first))
+    for text in (BLOCK, "attn(1,0)"):
+        shared.bind_block(text, json.dumps(parts.shape.to_dict()), sha256_hex(first))
+    shared.add_weights(blob, sha256_hex(blob))
+    shared.bind_block(BLOCK, json.dumps(bf16.shape.to_dict()), sha256_hex(blob))
+    assert shared.has_weights([sha256_hex(first)]) == [sha256_hex(first)]

@@ -129,7 +129,10 @@ class BlockHost:
                             f"{self.name}'s memory limit of {self.memory_limit_bytes}")
         self.blocks[block_id] = block
         self._version += 1
+        replaced = self.block_hash.get(block_id)
         self.block_hash[block_id] = content_hash
+        if replaced not in (None, content_hash) and replaced not in self.block_hash.values():
+            del self.weights[replaced]  # rebound to other content (a head node restarted in another format)
         if isinstance(block, AttentionBlock):
             self._pack_layer(block_id.layer)
         log.info("worker %s: loaded %s (%d bytes)", self.name, block_id, block.weight_bytes)
