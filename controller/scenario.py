@@ -33,6 +33,8 @@ Example (all fields; docs/placement.md explains each)::
       compute_fraction: {uniform: [0.3, 0.9]}
       memory_fraction: {uniform: [0.0, 0.3]}
       bandwidth_jitter_fraction: 0.1
+      events:                            # optional scripted load, on top of the random jobs
+        - {device: dev1, start_token: 100, end_token: 400, compute_fraction: 0.9, memory_fraction: 0.0}
 """
 
 from __future__ import annotations
@@ -151,12 +153,29 @@ class LinksSpec(_Strict):
     pairs: list[LinkSpec] = []
 
 
+class LoadEvent(_Strict):
+    """Scripted load on one device for tokens [start_token, end_token)."""
+
+    device: str
+    start_token: int = Field(ge=0)
+    end_token: int = Field(ge=0)
+    compute_fraction: float = Field(default=0.0, ge=0, le=1)
+    memory_fraction: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LoadEvent":
+        if self.end_token <= self.start_token:
+            raise ValueError("end_token must be after start_token")
+        return self
+
+
 class BackgroundSpec(_Strict):
     start_probability_per_token: float = Field(default=0.0, ge=0, le=1)
     duration_tokens: Quantity = Quantity(value=100)
     compute_fraction: Quantity = Quantity(uniform=(0.3, 0.9))
     memory_fraction: Quantity = Quantity(value=0.0)
     bandwidth_jitter_fraction: float = Field(default=0.0, ge=0, lt=1)
+    events: list[LoadEvent] = []
 
 
 class Scenario(_Strict):
@@ -211,6 +230,9 @@ def materialize(scenario: Scenario) -> Setup:
         lat[index[pair.source], index[pair.destination]] = pair.latency_seconds
     if np.any(bw[~np.eye(n, dtype=bool)] <= 0):
         raise ScenarioError("links.bandwidth_bytes_per_second must be positive")
+    for event in scenario.background.events:
+        if event.device not in index:
+            raise ScenarioError(f"background.events names an unknown device {event.device!r}")
     headnode = None
     if scenario.headnode_device is not None:
         if scenario.headnode_device not in index:

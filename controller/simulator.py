@@ -12,18 +12,51 @@ Memory overflow: a static plan may come to hold more than a device has (K/V grow
 background memory). The run goes on, and each token pays ``overflow_bytes /
 swap_bandwidth_bytes_per_second`` for every overloaded device, the time to read the
 part that does not fit back from swap (decode touches every weight once per token).
+
+Re-plans that pay (controller/replan_gate.py): for the algorithms in GATED_ALGORITHMS the
+planner sees smoothed telemetry, and a proposal that moves blocks is adopted only when its
+gain over the expected persistence of the conditions beats its migration cost
+(``ReplanSettings``; ``ReplanSettings.off()`` plans on raw snapshots and adopts everything,
+as the paper does). Migrations are always charged on the true state of the token.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeheads.controller import costmodel
+from edgeheads.controller import costmodel, replan_gate
 from edgeheads.controller.problem import Cluster, Infeasible, Placement, PlacementAlgorithm, Problem
 from edgeheads.controller.scenario import Setup
+
+
+GATED_ALGORITHMS = ("resource-aware", "dynamic-layer")
+"""The dynamic algorithms that weigh migration: smoothed view and gate on by default. The
+others keep the paper's behaviour (greedy and block-round-robin re-place blindly; static,
+edgeshard and galaxy never move; exact is the per-interval optimum)."""
+
+
+@dataclass(frozen=True)
+class ReplanSettings:
+    """How the simulated controller re-plans (see controller/replan_gate.py)."""
+
+    gate: bool = True
+    smoothing_tokens: float = replan_gate.SMOOTHING_TOKENS
+    """EWMA time constant of the planner's view in tokens (0: raw snapshots)."""
+    prior_tokens: float = replan_gate.PRIOR_TOKENS
+    precopy_slowdown: float = math.inf
+    """inf: migrations block decoding, as this simulator charges them (eq. 7)."""
+
+    @classmethod
+    def off(cls) -> "ReplanSettings":
+        return cls(gate=False, smoothing_tokens=0.0)
+
+    @classmethod
+    def default_for(cls, algorithm: str) -> "ReplanSettings":
+        return cls() if algorithm in GATED_ALGORITHMS else cls.off()
 
 
 @dataclass
@@ -65,6 +98,11 @@ class Environment:
         for t in self.tasks:
             compute_load[t.device] += t.compute_fraction
             memory_load[t.device] += t.memory_fraction
+        for e in spec.events:
+            if e.start_token <= step < e.end_token:
+                d = self.base.names.index(e.device)
+                compute_load[d] += e.compute_fraction
+                memory_load[d] += e.memory_fraction
         if spec.bandwidth_jitter_fraction > 0:
             f = spec.bandwidth_jitter_fraction
             self.jitter = np.clip(self.jitter * np.exp(self.rng.normal(0.0, f / 4, (n, n))), 1 - f, 1 + f)
@@ -101,6 +139,8 @@ class RunResult:
     failed: str | None = None
     decisions: int = 0
     infeasible_decisions: int = 0
+    kept_by_gate: int = 0
+    """Proposals that moved blocks and were not adopted because they would not pay."""
 
     @property
     def total_latency_seconds(self) -> float:
@@ -127,27 +167,35 @@ class RunResult:
             "peak_memory_sum_bytes": max((t.memory_sum_bytes for t in self.tokens), default=0.0),
             "decisions": self.decisions,
             "infeasible_decisions": self.infeasible_decisions,
+            "kept_by_gate": self.kept_by_gate,
             "mean_decision_seconds": float(np.mean(decisions)) if decisions else 0.0,
         }
 
 
-def simulate(setup: Setup, algorithm: PlacementAlgorithm) -> RunResult:
-    """Run ``algorithm`` over the scenario's generation; see the module docstring."""
+def simulate(setup: Setup, algorithm: PlacementAlgorithm, replan: ReplanSettings | None = None) -> RunResult:
+    """Run ``algorithm`` over the scenario's generation; see the module docstring.
+    ``replan`` defaults to ``ReplanSettings.default_for(algorithm.name)``."""
     sc = setup.scenario
+    replan = ReplanSettings.default_for(algorithm.name) if replan is None else replan
     env = Environment(setup)
+    tracker = replan_gate.PersistenceTracker(prior=replan.prior_tokens)
+    weight = replan_gate.ewma_weight(1.0, replan.smoothing_tokens)
+    view: Cluster | None = None
     result = RunResult(algorithm.name)
     placement: Placement | None = None
     for step in range(sc.new_tokens):
         cluster = env.step(step)
+        view = replan_gate.smooth_cluster(view, cluster, weight)
+        if replan.gate:
+            tracker.observe(replan_gate.device_conditions(cluster), step)
         context = sc.prompt_tokens + step + 1  # tokens in the cache once this one is added
         decision_seconds = None
         moves: tuple[costmodel.Migration, ...] = ()
         if step % sc.interval_tokens == 0:
             remaining = sc.new_tokens - step
             horizon = min(sc.migration_horizon_tokens or sc.interval_tokens, remaining)
-            problem = Problem.build(
-                setup.demand, cluster, context, min(sc.interval_tokens, remaining), horizon, setup.headnode
-            )
+            interval = min(sc.interval_tokens, remaining)
+            problem = Problem.build(setup.demand, view, context, interval, horizon, setup.headnode)
             started = time.perf_counter()
             decision = algorithm.place(problem, placement)
             decision_seconds = time.perf_counter() - started
@@ -158,7 +206,16 @@ def simulate(setup: Setup, algorithm: PlacementAlgorithm) -> RunResult:
                     result.failed = f"step {step}: {decision.reason}"
                     return result
             else:
-                moves = costmodel.migrations(problem, placement, decision)
+                if replan.gate and placement is not None:
+                    persistence = {i: tracker.persistence(name) for i, name in enumerate(view.names)}
+                    verdict = replan_gate.gate(problem, placement, decision, persistence, replan.precopy_slowdown,
+                                               tokens_left=remaining, default_persistence=replan.prior_tokens)
+                    if not verdict.adopt:
+                        result.kept_by_gate += 1
+                        decision = placement
+                truth = problem if view is cluster else Problem.build(
+                    setup.demand, cluster, context, interval, horizon, setup.headnode)
+                moves = costmodel.migrations(truth, placement, decision)
                 placement = decision
         assert placement is not None
         now = Problem.build(setup.demand, cluster, context, 1, 1, setup.headnode)

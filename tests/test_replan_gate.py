@@ -1,0 +1,178 @@
+"""Re-plans that pay (controller/replan_gate.py): smoothing, persistence, the gate's maths,
+and the simulator under bursty and long-lived load."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeheads.controller import costmodel, replan_gate
+from edgeheads.controller.algorithms import make_algorithm
+from edgeheads.controller.problem import Cluster, Device, Placement, Problem, uniform_problem
+from edgeheads.controller.replan_gate import PersistenceTracker, expected_persistence, gate
+from edgeheads.controller.scenario import ScenarioError, load_scenario, materialize, parse_scenario
+from edgeheads.controller.simulator import Environment, ReplanSettings, simulate
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"
+
+
+# ----------------------------------------------------------------------------- smoothing
+
+def test_ewma_weight_is_one_minus_exp():
+    assert replan_gate.ewma_weight(4.0, 4.0) == pytest.approx(1 - math.exp(-1))
+    assert replan_gate.ewma_weight(1.0, 0.0) == 1.0  # no smoothing
+    assert replan_gate.ewma(None, 5.0, 0.3) == 5.0
+    assert replan_gate.ewma(10.0, 0.0, 0.25) == pytest.approx(7.5)
+
+
+def test_a_step_change_is_63_percent_through_after_one_time_constant():
+    value, w = 1.0, replan_gate.ewma_weight(1.0, 8.0)
+    for _ in range(8):
+        value = replan_gate.ewma(value, 0.0, w)
+    assert value == pytest.approx(math.exp(-1))
+
+
+def test_memory_drops_at_once_and_returns_slowly():
+    w = 0.25
+    assert replan_gate.smooth_memory(np.array([100.0]), np.array([40.0]), w)[0] == 40.0
+    assert replan_gate.smooth_memory(np.array([40.0]), np.array([100.0]), w)[0] == pytest.approx(55.0)
+
+
+def two_devices(flops=(1e9, 1e9), memory=(1e6, 1e6), bandwidth=1e6) -> Cluster:
+    return Cluster.from_devices([Device("a", memory[0], flops[0], flops[0]), Device("b", memory[1], flops[1], flops[1])],
+                                bandwidth, 0.001)
+
+
+def test_smooth_cluster_smooths_compute_and_bandwidth_and_not_latency():
+    old, raw = two_devices(), two_devices(flops=(1e8, 1e9), memory=(5e5, 2e6), bandwidth=2e6)
+    view = replan_gate.smooth_cluster(old, raw, 0.5)
+    assert view.available_flops_per_second.tolist() == pytest.approx([5.5e8, 1e9])
+    assert view.memory_bytes.tolist() == pytest.approx([5e5, 1.5e6])
+    assert view.bandwidth_bytes_per_second[0, 1] == pytest.approx(1.5e6)
+    assert np.array_equal(view.latency_seconds, raw.latency_seconds)
+    assert replan_gate.smooth_cluster(None, raw, 0.5) is raw
+
+
+# ----------------------------------------------------------------------------- persistence
+
+def test_expected_persistence_counts_the_prior_and_the_ongoing_run():
+    assert expected_persistence([], 0.0, prior=64) == 64
+    assert expected_persistence([2, 4], 0.0, prior=64) == pytest.approx(70 / 3)
+    assert expected_persistence([50], 30.0, prior=64) == pytest.approx(72)
+
+
+def test_flickering_load_means_short_persistence_and_a_steady_one_grows():
+    tracker = PersistenceTracker(prior=64)
+    for t in range(60):
+        flicker = 1.0 if (t // 2) % 2 == 0 else 0.3  # changes every 2 tokens
+        tracker.observe({"busy": np.array([flicker, 1.0, 1.0]), "calm": np.array([1.0, 1.0, 1.0 + 0.05 * (t % 3)])}, t)
+    assert tracker.persistence("busy") < 6  # (64 + 16 runs of 2 + 0..1) / 17
+    assert tracker.persistence("calm") == pytest.approx(64 + 59)  # 5 % jitter ends no run
+    tracker.observe({"calm": np.array([1.0, 1.0, 1.0])}, 60)
+    assert "busy" not in tracker.all()  # a device that left is forgotten
+    assert tracker.persistence("newcomer") == 64
+
+
+# ----------------------------------------------------------------------------- the gate
+
+def gate_problem(flops_b=1e9, memory_a=1e6):
+    """2 devices, 1 layer, 1 KV group: blocks attn, proj, ffn; 1e6 FLOPs and 1e5 B each."""
+    cluster = two_devices(flops=(1e8, flops_b), memory=(memory_a, 1e6), bandwidth=1e6)
+    return uniform_problem(cluster, 1, 1, attention_memory_bytes=1e5, projection_memory_bytes=1e5,
+                           ffn_memory_bytes=1e5, attention_flops=1e6, projection_flops=1e6, ffn_flops=1e6,
+                           attention_output_bytes=100, residual_bytes=100)
+
+
+ON_A, ON_B = Placement.of([0, 0, 0]), Placement.of([1, 1, 1])
+
+
+def test_gate_adopts_exactly_when_gain_times_persistence_beats_the_cost():
+    problem = gate_problem()
+    gain = costmodel.token_latency_seconds(problem, ON_A) - costmodel.token_latency_seconds(problem, ON_B)
+    assert gain == pytest.approx(3e6 / 1e8 - 3e6 / 1e9)  # 27 ms per token
+    transfer = sum(m.seconds for m in costmodel.migrations(problem, ON_A, ON_B))
+    assert transfer == pytest.approx(3 * (0.001 + 0.1))
+    breakeven = transfer / gain  # ~11.2 tokens
+    below = gate(problem, ON_A, ON_B, {0: breakeven * 0.95, 1: 1000})
+    above = gate(problem, ON_A, ON_B, {0: breakeven * 1.05, 1: 1000})
+    assert not below.adopt and above.adopt
+    assert above.gain_seconds_per_token == pytest.approx(gain)
+    assert above.cost_seconds == pytest.approx(transfer)  # blocking migration: the whole transfer
+    assert above.persistence_tokens == pytest.approx(breakeven * 1.05)  # the least over the devices touched
+    assert not gate(problem, ON_A, ON_B, {0: 1000, 1: 1000}, tokens_left=breakeven * 0.9).adopt
+    assert not gate(problem, ON_B, ON_A, {0: 1e9, 1: 1e9}).adopt  # a loss never pays
+
+
+def test_precopy_costs_the_slowed_down_part_of_the_transfer():
+    assert replan_gate.migration_cost_seconds(10.0, math.inf) == 10.0
+    assert replan_gate.migration_cost_seconds(10.0, 2.0) == pytest.approx(5.0)
+    assert replan_gate.migration_cost_seconds(10.0, 1.0) == 0.0
+    assert replan_gate.tokens_during_copy(10.0, 0.1, 2.0) == pytest.approx(50)
+    problem = gate_problem()
+    verdict = gate(problem, ON_A, ON_B, {0: 20, 1: 20}, precopy_slowdown=2.0)
+    # 0.303 s copy, half of it lost; 0.303 / (0.03 * 2) = 5 tokens still on the old placement
+    assert verdict.cost_seconds == pytest.approx(verdict.transfer_seconds / 2)
+    useful = 20 - verdict.transfer_seconds / (costmodel.token_latency_seconds(problem, ON_A) * 2)
+    assert verdict.adopt == (verdict.gain_seconds_per_token * useful > verdict.cost_seconds)
+
+
+def test_an_infeasible_previous_placement_is_always_replaced():
+    tight = gate_problem(memory_a=2e5)  # a holds 3e5 B of blocks in 2e5 B
+    verdict = gate(tight, ON_A, ON_B, {0: 0.0, 1: 0.0})
+    assert verdict.adopt and "no longer fits" in verdict.reason
+    assert gate(gate_problem(), Placement.of([0, 5, 0]), ON_B, {}).adopt  # a device that left
+    assert gate(gate_problem(), None, ON_B, {}).adopt
+    assert gate(gate_problem(), ON_A, ON_A, {0: 0.0, 1: 0.0}).adopt  # nothing moves
+
+
+# ----------------------------------------------------------------------------- scenarios and the simulator
+
+def small(name: str, tokens: int = 60, events: list | None = None):
+    """A scenario file cut to 6 devices and ``tokens`` tokens, with ``events`` if given."""
+    data = load_scenario(SCENARIOS / f"{name}.yaml").model_dump()
+    data["devices"]["count"], data["new_tokens"] = 6, tokens
+    if events is not None:
+        data["background"]["events"] = events
+    return parse_scenario(data)
+
+
+def test_events_load_their_device_for_their_tokens():
+    sc = small("long_lived", events=[{"device": "dev2", "start_token": 3, "end_token": 5, "compute_fraction": 0.9}])
+    setup = materialize(sc)
+    env = Environment(setup)
+    flops = [env.step(t).available_flops_per_second[2] for t in range(6)]
+    peak = setup.cluster.peak_flops_per_second[2]
+    assert flops == pytest.approx([peak, peak, peak, 0.1 * peak, 0.1 * peak, peak])
+    bad = {**sc.model_dump(), "background": {"events": [{"device": "nope", "start_token": 1, "end_token": 2}]}}
+    with pytest.raises(ScenarioError, match="unknown device"):
+        materialize(parse_scenario(bad))
+
+
+def ratio(setup, settings):
+    static = simulate(setup, make_algorithm("static"))
+    run = simulate(setup, make_algorithm("resource-aware"), settings)
+    return run.total_latency_seconds / static.total_latency_seconds, run
+
+
+def test_bursty_load_gated_is_within_5_percent_of_static_and_ungated_is_not():
+    setup = materialize(small("bursty"))
+    gated, run = ratio(setup, None)  # the default for resource-aware
+    ungated, raw = ratio(setup, ReplanSettings.off())
+    assert gated <= 1.05, gated
+    assert ungated > 1.05, ungated  # the problem the gate solves
+    assert run.kept_by_gate > 0 and raw.kept_by_gate == 0
+    assert run.summary()["migrations"] < raw.summary()["migrations"]
+
+
+def test_a_long_lived_slowdown_still_pays_to_move_away_from():
+    sc = small("long_lived", tokens=80, events=[])
+    setup = materialize(sc)
+    problem = Problem.build(setup.demand, setup.cluster, sc.prompt_tokens + 1, 1, 100, setup.headnode)
+    first = make_algorithm("resource-aware").place(problem, None)
+    busiest = setup.cluster.names[int(np.argmax(np.bincount(first.array(), problem.flops, problem.n_devices)))]
+    events = [{"device": busiest, "start_token": 10, "end_token": 80, "compute_fraction": 0.9}]
+    setup = materialize(small("long_lived", tokens=80, events=events))
+    gated, run = ratio(setup, None)
+    assert gated < 0.9, gated
+    assert run.summary()["migrations"] > 0
