@@ -21,6 +21,13 @@ class ControllerSettings(Section):
     replan_every_tokens: Annotated[int, Field(ge=0)] = 16
     # ... and at least this often in seconds (0: no timer), so a change in load is noticed while idle
     replan_every_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    # re-plans that pay (controller/replan_gate.py): placement algorithms plan on smoothed telemetry
+    # and move blocks only when the gain over how long conditions last beats the migration's cost
+    replan_gate: bool = True
+    # EWMA time constant of the smoothed telemetry (0: plan on the latest report)
+    telemetry_smoothing_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0
+    # decoding runs this many times slower while a migration pre-copies (benchmarks/migration_netns.py)
+    precopy_slowdown: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 2.7
     # the "shuffle" test policy moves this many random blocks per re-plan, from this seed
     shuffle_moves: Annotated[int, Field(ge=1)] = 2
     shuffle_seed: int = 0

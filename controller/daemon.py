@@ -23,7 +23,9 @@ async def run_controller(settings: ControllerSettings, grpc_settings: GrpcSettin
                          ready_file: str | None = None, security_settings: SecuritySettings | None = None) -> None:
     security = install_security(security_settings)
     state = ClusterState(settings.policy, settings.heartbeat_timeout_seconds, shuffle_moves=settings.shuffle_moves,
-                         shuffle_seed=settings.shuffle_seed)
+                         shuffle_seed=settings.shuffle_seed, replan_gate=settings.replan_gate,
+                         smoothing_seconds=settings.telemetry_smoothing_seconds,
+                         precopy_slowdown=settings.precopy_slowdown)
     service = ControllerService(state, heartbeat_seconds=max(0.2, settings.heartbeat_timeout_seconds / 5),
                                 replan_every_tokens=settings.replan_every_tokens)
     registry = CollectorRegistry()

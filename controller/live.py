@@ -5,14 +5,21 @@ policy, and predict a placement's per-token latency with the cost model.
 Links the workers have measured (probes, block pulls) use their figures; any other
 link gets the assumed bandwidth and latency (defaults: 100 Mbit/s and 1 ms, a typical
 wired edge network).
+
+Re-plans that pay (controller/replan_gate.py): ``LiveTelemetry`` keeps the smoothed view
+and the run lengths of what each worker reports, in seconds; an ``AlgorithmPolicy`` given a
+``LiveGate`` keeps the previous placement when moving would not pay.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeheads.controller import replan_gate
 from edgeheads.controller.algorithms import make_algorithm
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Cluster, Device, Infeasible, ModelDemand, Placement, Problem
@@ -22,6 +29,8 @@ from edgeheads.common.spec import BlockId, ModelShape
 DEFAULT_BANDWIDTH_BYTES_PER_SECOND = 100e6 / 8
 DEFAULT_LATENCY_SECONDS = 1e-3
 DEFAULT_FLOPS = 1e10  # for a worker that has not measured itself yet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,22 +83,98 @@ def predicted_token_seconds(shape: ModelShape, workers: list[LiveWorker], placem
     return None if indices is None else token_latency_seconds(problem, indices)
 
 
+class LiveTelemetry:
+    """What workers report, smoothed (EWMA with time constant ``smoothing_seconds``; memory drops
+    at once), and how long each worker's conditions have lasted, in seconds."""
+
+    def __init__(self, smoothing_seconds: float = replan_gate.SMOOTHING_SECONDS,
+                 prior_seconds: float = replan_gate.PRIOR_SECONDS) -> None:
+        self.smoothing_seconds = smoothing_seconds
+        self.tracker = replan_gate.PersistenceTracker(prior=prior_seconds)
+        self._seen: dict[str, tuple[float, float, float, dict[str, float]]] = {}  # name -> (time, compute, memory, bw)
+
+    def observe(self, name: str, compute_flops: float, memory_bytes: float, links: dict[str, tuple[float, float]],
+                now: float) -> None:
+        old = self._seen.get(name)
+        bandwidth = {peer: bw for peer, (bw, _) in links.items() if bw > 0}
+        if old is None:
+            self._seen[name] = (now, compute_flops, memory_bytes, bandwidth)
+        else:
+            w = replan_gate.ewma_weight(now - old[0], self.smoothing_seconds)
+            compute = replan_gate.ewma(old[1] or None, compute_flops, w) if compute_flops else old[1]
+            memory = float(replan_gate.smooth_memory(old[2], memory_bytes, w))
+            self._seen[name] = (now, compute, memory, {p: replan_gate.ewma(old[3].get(p), bw, w)
+                                                       for p, bw in bandwidth.items()})
+        mean_bw = sum(bandwidth.values()) / len(bandwidth) if bandwidth else math.nan  # NaN: not measured yet
+        self.tracker.observe_one(name, np.array([compute_flops or math.nan, memory_bytes, mean_bw]), now)
+
+    def forget(self, name: str) -> None:
+        self._seen.pop(name, None)
+        self.tracker.forget(name)
+
+    def view(self, name: str, compute_flops: float, memory_bytes: int, links: dict[str, tuple[float, float]]
+             ) -> tuple[float, int, dict[str, tuple[float, float]]]:
+        """(compute, memory, links) for planning: smoothed where known, never more memory than reported."""
+        seen = self._seen.get(name)
+        if seen is None:
+            return compute_flops, memory_bytes, links
+        _, compute, memory, bandwidth = seen
+        return (compute or compute_flops, int(min(memory, memory_bytes)),
+                {p: (bandwidth.get(p, bw), lat) for p, (bw, lat) in links.items()})
+
+    def persistence_seconds(self, now: float) -> dict[str, float]:
+        return self.tracker.all(now)
+
+
+@dataclass(frozen=True)
+class LiveGate:
+    """What the gate needs besides the problem: per-worker persistence (seconds), the decode
+    rate (tokens/s; 0 when unknown: then one token per predicted token time), the pre-copy
+    slowdown, and the prior for a worker without history."""
+
+    persistence_seconds: dict[str, float]
+    tokens_per_second: float = 0.0
+    precopy_slowdown: float = replan_gate.PRECOPY_SLOWDOWN
+    prior_seconds: float = replan_gate.PRIOR_SECONDS
+
+
 class AlgorithmPolicy:
     """A controller policy that runs a placement algorithm ("resource-aware", ...)."""
 
     uses_previous = True
     uses_compute = True
+    uses_gate = True
 
     def __init__(self, algorithm: str) -> None:
         self.algorithm = make_algorithm(algorithm)
+        self.last_gate: replan_gate.GateDecision | None = None
 
     def __call__(self, shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int,
-                 previous: dict[BlockId, str] | None = None, live: list[LiveWorker] | None = None
-                 ) -> dict[BlockId, str]:
+                 previous: dict[BlockId, str] | None = None, live: list[LiveWorker] | None = None,
+                 gate: LiveGate | None = None) -> dict[BlockId, str]:
         known = {w.name: w for w in live or []}
         live = [known.get(w.name, LiveWorker(w.name, w.memory_available_bytes, 0.0)) for w in workers]
         problem = live_problem(shape, live, context_tokens)
-        decision = self.algorithm.place(problem, to_indices(problem, previous) if previous else None)
+        before = to_indices(problem, previous) if previous else None
+        decision = self.algorithm.place(problem, before)
         if isinstance(decision, Infeasible):
             raise InfeasiblePlacement(decision.reason)
+        if gate is not None and before is not None:
+            verdict = gate_live(problem, before, decision, gate)
+            self.last_gate = verdict
+            if not verdict.adopt:
+                log.info("kept the placement: moving would not pay (%s)", verdict.reason)
+                return dict(previous)
         return to_names(problem, decision)
+
+
+def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: LiveGate) -> replan_gate.GateDecision:
+    """replan_gate.gate with persistence converted from seconds to tokens at the decode rate."""
+    rate = gate.tokens_per_second
+    if rate <= 0:
+        rate = 1.0 / max(token_latency_seconds(problem, previous), 1e-9)
+    persistence = {i: gate.persistence_seconds.get(name, gate.prior_seconds) * rate
+                   for i, name in enumerate(problem.cluster.names)}
+    slowdown = gate.precopy_slowdown if gate.precopy_slowdown > 0 else math.inf
+    return replan_gate.gate(problem, previous, proposed, persistence, slowdown,
+                            default_persistence=gate.prior_seconds * rate)

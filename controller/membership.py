@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
-from edgeheads.controller.live import AlgorithmPolicy, LiveWorker, predicted_token_seconds
+from edgeheads.controller import replan_gate
+from edgeheads.controller.live import AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, predicted_token_seconds
 from edgeheads.controller.repair import lost_workers, repair
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import POLICIES, InfeasiblePlacement, Placement, WorkerCapacity
@@ -19,6 +20,8 @@ from edgeheads.common.spec import ModelShape
 log = logging.getLogger(__name__)
 
 MEMORY_RETURN_MARGIN = 64 << 10  # or 1 %: less than this much more memory is not worth a re-plan
+DECODE_RATE_WINDOW_SECONDS = 1.0  # progress is turned into a decode rate over windows this long
+DECODE_RATE_STALE_SECONDS = 10.0  # with no progress for this long the decode rate is unknown again
 
 
 @dataclass
@@ -85,7 +88,9 @@ class PlacementEpoch:
 
 class ClusterState:
     def __init__(self, policy: str = "spread", heartbeat_timeout_seconds: float = 5.0,
-                 planning_context_tokens: int = 2048, shuffle_moves: int = 2, shuffle_seed: int = 0) -> None:
+                 planning_context_tokens: int = 2048, shuffle_moves: int = 2, shuffle_seed: int = 0,
+                 replan_gate: bool = True, smoothing_seconds: float = replan_gate.SMOOTHING_SECONDS,
+                 precopy_slowdown: float = replan_gate.PRECOPY_SLOWDOWN) -> None:
         if policy == "shuffle":
             self._policy = Shuffle(shuffle_moves, shuffle_seed)
         elif policy in POLICIES:
@@ -108,11 +113,20 @@ class ClusterState:
         self._rejoining: tuple[float, frozenset[str]] | None = None  # (until, workers): no plan before they register
         self.decisions: list[PlanDecision] = []
         self.decisions_kept = 50
+        # re-plans that pay (controller/replan_gate.py): the planner's smoothed view, run lengths, decode rate
+        self.replan_gate = replan_gate
+        self.precopy_slowdown = precopy_slowdown
+        self.telemetry = LiveTelemetry(smoothing_seconds)
+        self.tokens_per_second = 0.0
+        self._progress: tuple[float, int] | None = None  # (window start, tokens in it)
+        self._last_progress = 0.0
 
     def register(self, record: WorkerRecord) -> bool:
         """Add or refresh a worker; True when membership changed."""
         old = self.workers.get(record.name)
         self.workers[record.name] = record
+        self.telemetry.observe(record.name, record.compute_flops, record.memory_available_bytes, record.links,
+                               record.last_seen)
         log.info("worker %s registered at %s (%d bytes available)", record.name, record.address,
                  record.memory_available_bytes)
         return old is None or old.address != record.address
@@ -130,14 +144,40 @@ class ClusterState:
         record.memory_used_bytes = memory_used_bytes
         if compute_flops:
             record.compute_flops = compute_flops
+        self.telemetry.observe(name, record.compute_flops, memory_available_bytes, record.links, record.last_seen)
         return True
 
-    def live_workers(self) -> list[LiveWorker]:
-        """What the placement engine needs, with links by peer name."""
+    def note_progress(self, tokens: int, now: float | None = None) -> None:
+        """Decoded tokens reported by the head node: the decode rate the gate converts seconds with."""
+        now = time.monotonic() if now is None else now
+        if self._progress is None or now - self._last_progress > DECODE_RATE_STALE_SECONDS:
+            self._progress, self.tokens_per_second = (now, 0), 0.0
+        start, count = self._progress
+        count += tokens
+        self._last_progress = now
+        if now - start >= DECODE_RATE_WINDOW_SECONDS:
+            rate = count / (now - start)
+            self.tokens_per_second = replan_gate.ewma(self.tokens_per_second or None, rate, 0.5)
+            self._progress = (now, 0)
+        else:
+            self._progress = (start, count)
+
+    def decode_rate(self, now: float | None = None) -> float:
+        """Tokens/s lately, 0 when nothing was decoded for DECODE_RATE_STALE_SECONDS."""
+        now = time.monotonic() if now is None else now
+        return self.tokens_per_second if now - self._last_progress <= DECODE_RATE_STALE_SECONDS else 0.0
+
+    def live_workers(self, smoothed: bool = True) -> list[LiveWorker]:
+        """What the placement engine needs, with links by peer name; smoothed when the gate is on."""
         by_address = {w.address: w.name for w in self.workers.values()}
-        return [LiveWorker(w.name, w.memory_available_bytes, w.compute_flops,
-                           {by_address[a]: link for a, link in w.links.items() if a in by_address})
-                for w in self.workers.values()]
+        out = []
+        for w in self.workers.values():
+            compute, memory, links = w.compute_flops, w.memory_available_bytes, w.links
+            if smoothed and self.replan_gate:
+                compute, memory, links = self.telemetry.view(w.name, compute, memory, links)
+            out.append(LiveWorker(w.name, memory, compute,
+                                  {by_address[a]: link for a, link in links.items() if a in by_address}))
+        return out
 
     def memory_violation(self, name: str) -> str | None:
         """A reason to re-plan now when worker ``name`` just went over its memory budget
@@ -168,6 +208,7 @@ class ClusterState:
     def remove(self, name: str, reason: str) -> bool:
         if self.workers.pop(name, None) is None:
             return False
+        self.telemetry.forget(name)
         log.warning("worker %s left the cluster: %s", name, reason)
         return True
 
@@ -237,6 +278,10 @@ class ClusterState:
             extra["previous"] = dict(self.current.placement)
         if getattr(self._policy, "uses_compute", False):
             extra["live"] = self.live_workers()
+        if self.replan_gate and getattr(self._policy, "uses_gate", False):
+            now = time.monotonic()
+            extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), self.decode_rate(now),
+                                     self.precopy_slowdown)
         policy = self._policy
         seeded, self._seeded = self._seeded, False
         if seeded or lost_workers(self.current.placement, self.workers):
@@ -282,7 +327,7 @@ class ClusterState:
         per_worker: dict[str, int] = {}
         for worker in placement.values():
             per_worker[worker] = per_worker.get(worker, 0) + 1
-        live = self.live_workers()
+        live = self.live_workers(smoothed=False)  # the prediction is for the conditions as reported
         predicted = predicted_token_seconds(self.shape, live, placement, context) if self.shape else None
         predicted = None if predicted is None else float(predicted)
         decision = PlanDecision(self.current.epoch, time.time(), reason, self.policy, moved, per_worker, predicted)

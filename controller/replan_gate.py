@@ -122,9 +122,11 @@ def device_conditions(cluster: Cluster) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- persistence
 
 def changed(reference: np.ndarray, current: np.ndarray, fraction: float = CHANGE_FRACTION) -> bool:
-    """Whether any reading moved by more than ``fraction`` of its reference value."""
+    """Whether any reading moved by more than ``fraction`` of its reference value (a NaN,
+    a reading not known on one side, never counts as a change)."""
     scale = np.maximum(np.abs(reference), 1e-12)
-    return bool(np.any(np.abs(current - reference) > fraction * scale))
+    with np.errstate(invalid="ignore"):
+        return bool(np.any(np.abs(current - reference) > fraction * scale))
 
 
 def expected_persistence(completed: Iterable[float], age: float, prior: float = PRIOR_TOKENS,
@@ -152,27 +154,38 @@ class PersistenceTracker:
     now: float = 0.0
 
     def observe(self, conditions: Mapping[str, np.ndarray], now: float) -> None:
-        """Record readings at time ``now``; devices not in ``conditions`` are forgotten."""
-        self.now = now
+        """Record every device's readings at time ``now``; devices not in ``conditions`` are forgotten."""
         for name in set(self.runs) - set(conditions):
             del self.runs[name]
         for name, value in conditions.items():
-            run = self.runs.get(name)
-            if run is None:
-                self.runs[name] = _Run(np.asarray(value, dtype=float).copy(), now)
-            elif changed(run.reference, value, self.change_fraction):
-                run.completed.append(now - run.started)
-                run.reference, run.started = np.asarray(value, dtype=float).copy(), now
+            self.observe_one(name, value, now)
 
-    def persistence(self, name: str) -> float:
+    def observe_one(self, name: str, value: np.ndarray, now: float) -> None:
+        """Record one device's readings (the live controller hears from workers one at a time)."""
+        self.now = max(self.now, now)
+        value = np.asarray(value, dtype=float)
+        run = self.runs.get(name)
+        if run is None:
+            self.runs[name] = _Run(value.copy(), now)
+        elif changed(run.reference, value, self.change_fraction):
+            run.completed.append(max(now - run.started, 0.0))
+            run.reference, run.started = value.copy(), now
+        else:  # a reading that was not known yet becomes part of the reference
+            run.reference = np.where(np.isnan(run.reference), value, run.reference)
+
+    def forget(self, name: str) -> None:
+        self.runs.pop(name, None)
+
+    def persistence(self, name: str, now: float | None = None) -> float:
         """Expected time the current conditions of ``name`` still last (the prior if unknown)."""
         run = self.runs.get(name)
         if run is None:
             return self.prior
-        return expected_persistence(run.completed, self.now - run.started, self.prior, self.prior_weight)
+        age = (self.now if now is None else now) - run.started
+        return expected_persistence(run.completed, age, self.prior, self.prior_weight)
 
-    def all(self) -> dict[str, float]:
-        return {name: self.persistence(name) for name in self.runs}
+    def all(self, now: float | None = None) -> dict[str, float]:
+        return {name: self.persistence(name, now) for name in self.runs}
 
 
 # ----------------------------------------------------------------------------- the gate

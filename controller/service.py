@@ -181,6 +181,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
     async def ReportProgress(self, request_iterator, context):
         async for report in request_iterator:
             self.tokens_since_plan += report.tokens
+            self.state.note_progress(report.tokens)
             if self.replan_every_tokens and self.tokens_since_plan >= self.replan_every_tokens:
                 self.request_replan("tokens", f"{self.tokens_since_plan} tokens since the last plan")
                 self.tokens_since_plan = 0

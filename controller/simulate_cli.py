@@ -1,6 +1,6 @@
 """``edgeheads simulate``: run placement algorithms over a scenario file.
 
-    edgeheads simulate SCENARIO.yaml [--algorithms a,b,...] [--json] [--plot DIR]
+    edgeheads simulate SCENARIO.yaml [--algorithms a,b,...] [--json] [--plot DIR] [--no-replan-gate]
     edgeheads simulate --generate FAMILY [--count N] [--seed S] --out DIR
 
 ``edgeheads.controller.cli`` calls ``register(subparsers)``; nothing here starts a daemon.
@@ -39,6 +39,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the figures per algorithm as JSON")
     p.add_argument("--plot", metavar="DIR", help="write latency and memory plots (PNG) into DIR")
+    p.add_argument("--no-replan-gate", action="store_true",
+                   help="plan on raw snapshots and adopt every proposal (default: resource-aware and dynamic-layer "
+                   "plan on smoothed telemetry and move only when it pays; see docs/placement.md)")
+    p.add_argument("--smoothing-tokens", type=float, default=None, metavar="T",
+                   help="EWMA time constant of the gated algorithms' view, in tokens (default 4; 0: none)")
     p.add_argument("--generate", metavar="FAMILY",
                    help="write random scenarios of a family instead (see docs/placement.md)")
     p.add_argument("--count", type=int, default=1, help="with --generate: how many scenarios (default 1)")
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not names:
         return _fail(unknown_algorithm_message(unknown))
     from edgeheads.controller.scenario import ScenarioError, load_scenario, materialize
-    from edgeheads.controller.simulator import simulate
+    from edgeheads.controller.simulator import ReplanSettings, simulate
 
     # a missing extra fails before any run
     algorithms = {name: make_algorithm(name) for name in names}
@@ -73,7 +78,15 @@ def run(args: argparse.Namespace) -> int:
         setup = materialize(load_scenario(args.scenario))
     except ScenarioError as err:
         return _fail(str(err))
-    results = {name: simulate(setup, algorithm) for name, algorithm in algorithms.items()}
+    def settings(name: str) -> ReplanSettings:
+        if args.no_replan_gate:
+            return ReplanSettings.off()
+        default = ReplanSettings.default_for(name)
+        if args.smoothing_tokens is None or not default.gate:
+            return default
+        return ReplanSettings(smoothing_tokens=max(args.smoothing_tokens, 0.0))
+
+    results = {name: simulate(setup, algorithm, settings(name)) for name, algorithm in algorithms.items()}
     if args.json:
         print(json.dumps(_as_json(setup.scenario.name, results), indent=2))
     else:
@@ -123,7 +136,7 @@ def _as_json(name: str, results: dict[str, RunResult]) -> dict[str, Any]:
 
 def _print_table(name: str, results: dict[str, RunResult]) -> None:
     print(f"scenario {name}")
-    header = f"{'algorithm':<16}{'total s':>12}{'mean s/tok':>12}{'last s/tok':>12}{'migr.':>7}{'migr. s':>10}{'paging s':>10}{'max mem GB':>11}{'decide ms':>10}"
+    header = f"{'algorithm':<16}{'total s':>12}{'mean s/tok':>12}{'last s/tok':>12}{'migr.':>7}{'migr. s':>10}{'paging s':>10}{'max mem GB':>11}{'decide ms':>10}{'kept':>6}"
     print(header)
     for alg, r in results.items():
         s = r.summary()
@@ -133,7 +146,7 @@ def _print_table(name: str, results: dict[str, RunResult]) -> None:
         print(
             f"{alg:<16}{s['total_latency_seconds']:>12.3f}{s['mean_token_latency_seconds']:>12.4f}"
             f"{s['last_token_latency_seconds']:>12.4f}{s['migrations']:>7}{s['total_migration_seconds']:>10.2f}"
-            f"{s['total_paging_seconds']:>10.2f}{s['peak_memory_max_bytes'] / 1e9:>11.3f}{1e3 * s['mean_decision_seconds']:>10.2f}"
+            f"{s['total_paging_seconds']:>10.2f}{s['peak_memory_max_bytes'] / 1e9:>11.3f}{1e3 * s['mean_decision_seconds']:>10.2f}{s['kept_by_gate']:>6}"
         )
 
 

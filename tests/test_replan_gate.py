@@ -176,3 +176,80 @@ def test_a_long_lived_slowdown_still_pays_to_move_away_from():
     gated, run = ratio(setup, None)
     assert gated < 0.9, gated
     assert run.summary()["migrations"] > 0
+
+
+# ----------------------------------------------------------------------------- the live controller
+
+def test_live_telemetry_smooths_over_seconds_and_drops_memory_at_once():
+    from edgeheads.controller.live import LiveTelemetry
+
+    telemetry = LiveTelemetry(smoothing_seconds=3.0)
+    telemetry.observe("w", 2e10, 4e9, {"peer": (1e8, 1e-3)}, now=0.0)
+    telemetry.observe("w", 2e9, 1e9, {"peer": (2e8, 1e-3)}, now=3.0)
+    compute, memory, links = telemetry.view("w", 2e9, 1_000_000_000, {"peer": (2e8, 1e-3)})
+    w = 1 - math.exp(-1)
+    assert compute == pytest.approx(2e10 + w * (2e9 - 2e10))
+    assert memory == 1_000_000_000
+    assert links["peer"][0] == pytest.approx(1e8 + w * 1e8)
+    assert telemetry.persistence_seconds(3.0)["w"] == pytest.approx((5.0 + 3.0) / 2)  # one 3 s run, prior 5 s
+
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from edgeheads.controller import membership
+
+    now = [1000.0]
+    monkeypatch.setattr(membership.time, "monotonic", lambda: now[0])
+    return now
+
+
+def live_run(clock, pattern, tokens_per_second=2, **kw):
+    """3 workers on 200 MB/s links, SmolLM2 placed; for 30 s the worker holding it reports the
+    compute ``pattern(t)``; then one re-plan. Returns (state, blocks moved)."""
+    from collections import Counter
+
+    from edgeheads.common.spec import SMOLLM2_135M
+    from edgeheads.controller.membership import ClusterState, WorkerRecord
+
+    state = ClusterState("resource-aware", **kw)
+    for i in range(3):
+        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", 4 * GiB, 2e10, last_seen=clock[0]))
+    state.set_model(SMOLLM2_135M, "smollm2")
+    start = dict(state.current.placement)
+    busy = Counter(start.values()).most_common(1)[0][0]
+    for t in range(30):
+        clock[0] += 1.0
+        for i in range(3):
+            links = {f"127.0.0.1:{5000 + j}": (2e8, 1e-4) for j in range(3) if j != i}
+            state.heartbeat(f"w{i}", 4 * GiB, 0, pattern(t) if f"w{i}" == busy else 2e10, links=links)
+        state.note_progress(tokens_per_second)
+    state.replan("tokens")
+    return state, sum(1 for b, w in state.current.placement.items() if start[b] != w)
+
+
+def flicker(t):
+    return 2e9 if t >= 10 and t % 2 == 1 else 2e10  # 10x slower every other second, slow at the re-plan
+
+
+def test_live_flickering_load_moves_nothing_with_the_gate_and_everything_without(clock):
+    ungated, moved = live_run(clock, flicker, replan_gate=False)
+    assert moved > 0 and ungated.current.epoch == 2
+    gated, moved = live_run(clock, flicker, smoothing_seconds=0.0)  # the gate alone, on raw reports
+    assert moved == 0 and gated.current.epoch == 1
+    assert gated.decode_rate() == pytest.approx(2.0)
+    assert "does not pay" in gated._policy.last_gate.reason
+
+
+def test_live_lasting_slowdown_moves_and_lost_memory_always_replans(clock):
+    state, moved = live_run(clock, lambda t: 2e9 if t >= 10 else 2e10)
+    assert moved > 0 and "pays" in state._policy.last_gate.reason
+    state, _ = live_run(clock, flicker, smoothing_seconds=0.0)
+    busy = next(iter(state.current.placement.values()))
+    held = sum(1 for w in state.current.placement.values() if w == busy)
+    state.heartbeat(busy, GiB // 8, 0, 2e9)  # it no longer holds what it has
+    state.replan(state.memory_violation(busy) or "memory")
+    assert state.current.epoch == 2 and sum(1 for w in state.current.placement.values() if w == busy) < held
+    assert "no longer fits" in state._policy.last_gate.reason
