@@ -160,21 +160,24 @@ class AlgorithmPolicy:
         if isinstance(decision, Infeasible):
             raise InfeasiblePlacement(decision.reason)
         if gate is not None and before is not None:
-            verdict = gate_live(problem, before, decision, gate)
-            self.last_gate = verdict
-            if not verdict.adopt:
-                log.info("kept the placement: moving would not pay (%s)", verdict.reason)
-                return dict(previous)
+            chosen, self.last_gate = gate_live(problem, before, decision, gate, getattr(self.algorithm, "repaired", None))
+            if chosen is not decision:
+                log.info("kept the placement: moving would not pay (%s)", self.last_gate.reason)
+                decision = chosen
         return to_names(problem, decision)
 
 
-def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: LiveGate) -> replan_gate.GateDecision:
-    """replan_gate.gate with persistence converted from seconds to tokens at the decode rate."""
+def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: LiveGate, repair=None
+              ) -> tuple[Placement, replan_gate.GateDecision]:
+    """replan_gate.choose with persistence converted from seconds to tokens at the decode rate;
+    ``repair(problem, previous)`` is the algorithm's minimal repair, if it has one."""
     rate = gate.tokens_per_second
     if rate <= 0:
         rate = 1.0 / max(token_latency_seconds(problem, previous), 1e-9)
     persistence = {i: gate.persistence_seconds.get(name, gate.prior_seconds) * rate
                    for i, name in enumerate(problem.cluster.names)}
     slowdown = gate.precopy_slowdown if gate.precopy_slowdown > 0 else math.inf
-    return replan_gate.gate(problem, previous, proposed, persistence, slowdown,
-                            default_persistence=gate.prior_seconds * rate)
+    broken = repair is not None and replan_gate.infeasible_reason(problem, previous) is not None
+    repaired = repair(problem, previous) if broken else None
+    return replan_gate.choose(problem, previous, proposed, persistence, slowdown,
+                              default_persistence=gate.prior_seconds * rate, repaired=repaired)

@@ -38,8 +38,10 @@ within a few changes; a change that holds makes it grow with the run's age.
   slowdown that ``benchmarks/migration_netns.py`` measured on a shared 100 Mbit/s link. The
   short hold at the switch is left out.
 
-A previous placement that no longer fits (memory dropped) or names a device that is gone is
-always replaced.
+A previous placement that no longer fits (memory dropped, K/V grew) or names a device that is
+gone is always replaced. When the algorithm can repair it (``repaired(problem, previous)``:
+resource-aware moves only the blocks that no longer fit), the repair is the forced move and the
+proposal is gated against it: a full re-plan on the snapshot of that moment must still pay.
 """
 
 from __future__ import annotations
@@ -255,3 +257,19 @@ def gate(problem: Problem, previous: Placement | None, proposed: Placement, pers
     verdict = "pays" if adopt else "does not pay"
     return GateDecision(adopt, f"{gain * 1e3:.2f} ms/token x {useful:.1f} tokens vs {cost * 1e3:.1f} ms of "
                         f"migration: {verdict}", gain, lasts, transfer, cost)
+
+
+def choose(problem: Problem, previous: Placement | None, proposed: Placement, persistence: Mapping[int, float],
+           precopy_slowdown: float = math.inf, tokens_left: float | None = None,
+           default_persistence: float = PRIOR_TOKENS, repaired: Placement | None = None
+           ) -> tuple[Placement, GateDecision]:
+    """The placement to adopt: ``proposed`` if the gate lets it through, else ``previous``, or
+    ``repaired`` (a feasible repair of an infeasible ``previous``) when given."""
+    args = (persistence, precopy_slowdown, tokens_left, default_persistence)
+    verdict = gate(problem, previous, proposed, *args)
+    if verdict.adopt and repaired is not None and infeasible_reason(problem, previous) is not None \
+            and infeasible_reason(problem, repaired) is None:
+        against = gate(problem, repaired, proposed, *args)
+        reason = f"{verdict.reason}; repaired, and the full re-plan {against.reason}"
+        return (proposed if against.adopt else repaired), dataclasses.replace(against, adopt=True, reason=reason)
+    return (proposed if verdict.adopt else previous), verdict

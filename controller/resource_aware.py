@@ -270,6 +270,27 @@ class ResourceAware:
         except OutOfBudget as stop:
             return Infeasible(f"no feasible placement before the {stop}")
 
+    def repaired(self, problem: Problem, previous: Placement) -> Placement | None:
+        """``previous`` with only the blocks that no longer fit moved (the warm start's "stay"),
+        or None when it cannot be repaired. The re-plan gate (controller/replan_gate.py) weighs a
+        proposal against it when the previous placement no longer fits."""
+        if len(previous.device_of_block) != problem.n_blocks:
+            return None
+        prev = previous.array()
+        if prev.min() < 0 or prev.max() >= problem.n_devices:
+            return None
+        try:
+            builder = _Builder(problem, prev, prev, Budget(self.config))
+            evicted = builder.backtrack()
+            rank = {int(b): i for i, b in enumerate(demand_order(problem))}
+            for b in sorted(evicted, key=lambda b: rank[b]):
+                if not builder.place_best(b):
+                    return None
+        except OutOfBudget:
+            return None
+        decision = _checked(problem, builder.assign)
+        return decision if isinstance(decision, Placement) else None
+
     # -------------------------------------------------------------- cold start
 
     def _construct(self, problem: Problem, order: np.ndarray, budget: Budget) -> tuple[np.ndarray, np.ndarray] | Infeasible:

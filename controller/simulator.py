@@ -208,11 +208,14 @@ def simulate(setup: Setup, algorithm: PlacementAlgorithm, replan: ReplanSettings
             else:
                 if replan.gate and placement is not None:
                     persistence = {i: tracker.persistence(name) for i, name in enumerate(view.names)}
-                    verdict = replan_gate.gate(problem, placement, decision, persistence, replan.precopy_slowdown,
-                                               tokens_left=remaining, default_persistence=replan.prior_tokens)
-                    if not verdict.adopt:
+                    repair = getattr(algorithm, "repaired", None)
+                    broken = repair is not None and replan_gate.infeasible_reason(problem, placement) is not None
+                    repaired = repair(problem, placement) if broken else None
+                    chosen, _ = replan_gate.choose(problem, placement, decision, persistence, replan.precopy_slowdown,
+                                                   remaining, replan.prior_tokens, repaired)
+                    if chosen is not decision:
                         result.kept_by_gate += 1
-                        decision = placement
+                    decision = chosen
                 truth = problem if view is cluster else Problem.build(
                     setup.demand, cluster, context, interval, horizon, setup.headnode)
                 moves = costmodel.migrations(truth, placement, decision)

@@ -126,6 +126,19 @@ def test_an_infeasible_previous_placement_is_always_replaced():
     assert gate(gate_problem(), ON_A, ON_A, {0: 0.0, 1: 0.0}).adopt  # nothing moves
 
 
+def test_a_forced_repair_is_the_baseline_a_full_replan_must_beat():
+    tight = gate_problem(memory_a=2e5)
+    repaired = make_algorithm("resource-aware").repaired(tight, ON_A)
+    assert repaired is not None and replan_gate.infeasible_reason(tight, repaired) is None
+    assert sum(a != b for a, b in zip(repaired.device_of_block, ON_A.device_of_block)) == 1  # only what no longer fits
+    chosen, verdict = replan_gate.choose(tight, ON_A, ON_B, {0: 1.0, 1: 1.0}, repaired=repaired)
+    assert chosen == repaired and verdict.adopt and "no longer fits" in verdict.reason
+    chosen, _ = replan_gate.choose(tight, ON_A, ON_B, {0: 1e6, 1: 1e6}, repaired=repaired)
+    assert chosen == ON_B
+    chosen, _ = replan_gate.choose(tight, ON_A, ON_B, {0: 1.0, 1: 1.0})  # no repair: the proposal
+    assert chosen == ON_B
+
+
 # ----------------------------------------------------------------------------- scenarios and the simulator
 
 def small(name: str, tokens: int = 60, events: list | None = None):
