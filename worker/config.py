@@ -34,6 +34,10 @@ class WorkerSettings(Section):
     # drop a session that has seen no call for this long, and free its K/V caches (its head
     # node is gone or stopped driving it); 0: keep sessions until the head node drops them
     session_ttl_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 300.0
+    # a migration's pre-copy (decoding goes on meanwhile) is pulled at this fraction of the
+    # measured bandwidth to its source, so that decoding's relay frames never wait in a queue
+    # behind it; the switch's small delta is not paced. 0: pull as fast as the link goes
+    precopy_link_fraction: Annotated[float, Field(ge=0, le=1)] = 0.9
 
     def advertise_address(self, bound_port: int | None = None) -> str:
         """The address other processes should dial to reach this worker.

@@ -92,7 +92,7 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
         torch.set_num_threads(settings.torch_threads)
     daemon = Daemon(settings.listen, ["edgeheads.v1.Worker"], grpc_settings, security=security)
     host = BlockHost(settings.name or "", settings.memory_limit_bytes, settings.device)
-    service = WorkerService(host, grpc_settings=grpc_settings)
+    service = WorkerService(host, grpc_settings=grpc_settings, precopy_link_fraction=settings.precopy_link_fraction)
     daemon.add(worker_pb2_grpc.add_WorkerServicer_to_server, service)
     registry = CollectorRegistry()
     service.metrics = WorkerMetrics(

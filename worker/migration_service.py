@@ -12,6 +12,7 @@ import grpc
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import HostError, status_name
 from edgeheads.worker.migration import cache_lengths, export_state, import_state
+from edgeheads.worker.pacing import PACED_CHUNK_BYTES, delay_seconds, paced_rate
 from edgeheads.common.channels import open_channel
 from edgeheads.common.wire import ChunkAssembler, WireError, chunks
 
@@ -22,8 +23,9 @@ class MigrationRpcs:
     """Mixed into WorkerService; needs ``self.host``, ``self.grpc_settings``,
     ``self.max_payload_bytes`` and ``self.links``."""
 
-    def _init_migration(self) -> None:
+    def _init_migration(self, precopy_link_fraction: float = 0.9) -> None:
         self._sources: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
+        self.precopy_link_fraction = precopy_link_fraction  # worker.precopy_link_fraction
 
     def _source(self, address: str) -> worker_pb2_grpc.WorkerStub:
         """One channel per source, kept: a warm TCP connection (no handshake, no slow start)
@@ -43,8 +45,15 @@ class MigrationRpcs:
             blob = export_state(self.host, request.block_id, request.include_weights, dict(request.from_positions))
         except HostError as err:
             await context.abort(grpc.StatusCode[err.code], str(err))
-        for chunk in chunks(blob, self.grpc_settings.chunk_bytes):
+        rate = request.max_bytes_per_second if request.max_bytes_per_second > 0 else 0.0
+        size = min(self.grpc_settings.chunk_bytes, PACED_CHUNK_BYTES) if rate else self.grpc_settings.chunk_bytes
+        start, sent = time.perf_counter(), 0
+        for chunk in chunks(blob, size):
+            wait = delay_seconds(sent, time.perf_counter() - start, rate)
+            if wait > 0:
+                await asyncio.sleep(wait)
             yield chunk
+            sent += len(chunk.data)
 
     async def PullBlock(self, request, context):
         if not request.block_id or not request.source_address or not request.content_hash:
@@ -55,8 +64,11 @@ class MigrationRpcs:
             from_positions = cache_lengths(self.host, request.block_id) if request.delta else {}
         except HostError as err:  # not a block id
             await context.abort(grpc.StatusCode[err.code], f"pulling {request.block_id}: {err}")
+        link = self.links.links.get(request.source_address)
+        rate = 0.0 if request.delta else paced_rate(self.precopy_link_fraction,
+                                                      link.bandwidth_bytes_per_second if link else None)
         export = worker_pb2.ExportBlockStateRequest(block_id=request.block_id, include_weights=include_weights,
-                                                    from_positions=from_positions)
+                                                    from_positions=from_positions, max_bytes_per_second=rate)
         assembler = ChunkAssembler(self.max_payload_bytes)
         start = time.perf_counter()
         try:
@@ -75,7 +87,7 @@ class MigrationRpcs:
         seconds = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.pulled_bytes.inc(len(blob))
-        if len(blob) >= 1 << 20:  # big enough to say something about the link
+        if len(blob) >= 1 << 20 and not rate:  # big enough to say something about the link (a paced one is not)
             self.links.record(request.source_address, len(blob) / seconds, None, "transfer")
         rows = sum(stop - begin for begin, stop in meta["rows"].values())
         log.info("worker %s: pulled %s from %s: %d bytes, %d cache rows over %d sessions%s, %.3f s",

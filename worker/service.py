@@ -27,7 +27,7 @@ async def abort_for(context: grpc.aio.ServicerContext, err: Exception) -> None:
 
 class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
     def __init__(self, host: BlockHost, max_payload_bytes: int = 8 << 30,
-                 grpc_settings: GrpcSettings | None = None) -> None:
+                 grpc_settings: GrpcSettings | None = None, precopy_link_fraction: float = 0.9) -> None:
         self.host = host
         self.max_payload_bytes = max_payload_bytes
         self.grpc_settings = grpc_settings or GrpcSettings()
@@ -35,7 +35,7 @@ class WorkerService(RelayRpcs, MigrationRpcs, worker_pb2_grpc.WorkerServicer):
         self.links = LinkTable()
         self.relay = RelayEndpoint(host, self.grpc_settings)  # relay state; RelayRpcs and the RelayPort adapt it
         self.relay_port = None  # a RelayPort over self.relay, opened by the daemon
-        self._init_migration()
+        self._init_migration(precopy_link_fraction)
 
     async def HasWeights(self, request, context):
         return worker_pb2.HasWeightsReply(present=self.host.has_weights(list(request.content_hashes)))

@@ -213,7 +213,7 @@ class DropSessionReply(_message.Message):
     def __init__(self, caches_dropped: _Optional[int] = ...) -> None: ...
 
 class ExportBlockStateRequest(_message.Message):
-    __slots__ = ("block_id", "include_weights", "from_positions")
+    __slots__ = ("block_id", "include_weights", "from_positions", "max_bytes_per_second")
     class FromPositionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,10 +224,12 @@ class ExportBlockStateRequest(_message.Message):
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     FROM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     block_id: str
     include_weights: bool
     from_positions: _containers.ScalarMap[str, int]
-    def __init__(self, block_id: _Optional[str] = ..., include_weights: _Optional[bool] = ..., from_positions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    max_bytes_per_second: float
+    def __init__(self, block_id: _Optional[str] = ..., include_weights: _Optional[bool] = ..., from_positions: _Optional[_Mapping[str, int]] = ..., max_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class PullBlockRequest(_message.Message):
     __slots__ = ("block_id", "source_address", "model_shape_json", "content_hash", "delta", "timeout_seconds")
