@@ -35,6 +35,7 @@ Example (all fields; docs/placement.md explains each)::
       bandwidth_jitter_fraction: 0.1
       events:                            # optional scripted load, on top of the random jobs
         - {device: dev1, start_token: 100, end_token: 400, compute_fraction: 0.9, memory_fraction: 0.0}
+    testbed: {max_cores: 1.0}            # optional: read by deploy/testbed (docs/testbed.md) only
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ class Scenario(_Strict):
     devices: DevicesSpec
     links: LinksSpec
     background: BackgroundSpec = BackgroundSpec()
+    # what the emulated testbed adds (deploy/testbed/testbed_profile.py: CPU scale, standby
+    # devices, membership and memory-limit events); the simulator does not read it
+    testbed: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,21 +32,31 @@ BASE = {"name": "t", "model": {"name": "smollm2-135m"}, "prompt_tokens": 8, "new
 
 
 def test_a_profile_is_a_scenario_with_events():
-    profile = parse_profile({**BASE, "testbed": {"max_cores": 1.5},
-                             "events": [{"at_token": 5, "kind": "cpu_hog", "device": "b"}]})
+    """Compute relative to the fastest device, memory limits, directed link rates, and events from
+    both the scenario's scripted load and the testbed's own list, in token order."""
+    profile = parse_profile({**BASE, "testbed": {"max_cores": 1.5, "events": [
+        {"at_token": 9, "kind": "leave", "device": "a"}]}, "background": {"events": [
+            {"device": "b", "start_token": 5, "end_token": 7, "compute_fraction": 0.5, "memory_fraction": 0.25}]}})
     assert profile.cores == {"a": 1.5 / 4, "b": 1.5}  # relative to the fastest device
     assert profile.memory == {"a": 10**9, "b": 2 * 10**9}
     assert profile.rates == {("a", "b"): 1e6, ("b", "a"): 1.25e7}  # directed: listed pair, else the default
-    assert [e.kind for e in profile.events] == ["cpu_hog"]
+    assert [(e.at_token, e.kind, e.device, e.memory_bytes) for e in profile.events] == [
+        (5, "cpu_hog", "b", None), (5, "memory_limit", "b", 1.5e9), (7, "cpu_hog_stop", "b", None),
+        (7, "memory_limit", "b", 2e9), (9, "leave", "a", None)]
     ci = load_profile(CI_PROFILE)
     assert ci.devices == ["pi4", "pi5", "jetson"] and ci.scenario.new_tokens == 64 and len(ci.events) == 2
+    for path in (TESTBED / "profiles").glob("*.yaml"):  # every profile is a scenario simulate runs too
+        done = subprocess.run([sys.executable, "-m", "edgeheads.headnode.cli", "simulate", str(path),
+                               "--algorithms", "resource-aware,static"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (path.name, done.stderr[-2000:])
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"events": [{"at_token": 1, "kind": "cpu_hog", "device": "zz"}]}, "unknown device 'zz'"),
-    ({"events": [{"at_token": 1, "kind": "memory_limit", "device": "a"}]}, "needs memory_bytes"),
-    ({"events": [{"at_token": 1, "kind": "join", "device": "a"}]}, "not under testbed.standby"),
-    ({"events": [{"at_token": 1, "kind": "explode", "device": "a"}]}, "kind"),
+    ({"testbed": {"events": [{"at_token": 1, "kind": "cpu_hog", "device": "zz"}]}}, "unknown device 'zz'"),
+    ({"testbed": {"events": [{"at_token": 1, "kind": "memory_limit", "device": "a"}]}}, "needs memory_bytes"),
+    ({"testbed": {"events": [{"at_token": 1, "kind": "join", "device": "a"}]}}, "not under testbed.standby"),
+    ({"testbed": {"events": [{"at_token": 1, "kind": "explode", "device": "a"}]}}, "kind"),
+    ({"testbed": {"max_core": 1}}, "max_core"),
     ({"testbed": {"max_cores": 0}}, "max_cores"),
     ({"devices": {"count": 2, "memory_bytes": {"value": 1e9}, "peak_flops_per_second": {"value": 1e9}}},
      "devices.explicit"),

@@ -1,18 +1,25 @@
-"""Testbed profiles: an ``edgeheads simulate`` scenario plus the events scripted into a run.
+"""Testbed profiles: ``edgeheads simulate`` scenarios that the testbed can also run.
 
-A profile is a scenario file (controller/scenario.py: model, tokens, explicit devices, links)
-with one more top-level list, ``events``, which the testbed carries out during generation:
+A profile is a scenario file (controller/scenario.py: model, tokens, explicit devices, links,
+background) whose optional ``testbed`` mapping the simulator leaves alone:
 
-    events:
-      - {at_token: 16, kind: cpu_hog, device: jetson}        # a busy loop starts in its CPU group
-      - {at_token: 48, kind: cpu_hog_stop, device: jetson}
-      - {at_token: 24, kind: memory_limit, device: pi5, memory_bytes: 8.0e8}   # SetMemoryLimit
-      - {at_token: 32, kind: join, device: pi5b}             # a device listed under testbed.standby
-      - {at_token: 40, kind: leave, device: pi4}             # its worker is stopped (SIGTERM)
+    background:
+      events:   # scripted load: simulated, and run as a busy loop in the device's CPU group
+        - {device: jetson, start_token: 64, end_token: 320, compute_fraction: 0.5}
+    testbed:
+      max_cores: 1.0     # the fastest device's CPU quota, in this machine's cores
+      standby: [{name: nano, memory_bytes: 2.0e9, peak_flops_per_second: 4.0e9}]  # join by event
+      links: [{source: nano, destination: pi4, bandwidth_bytes_per_second: 6.25e6, latency_seconds: 0}]
+      events:            # what only the testbed does (the simulator has no membership events)
+        - {at_token: 160, kind: memory_limit, device: pi5, memory_bytes: 3.0e7}  # SetMemoryLimit
+        - {at_token: 224, kind: join, device: nano}     # a standby device's worker starts
+        - {at_token: 384, kind: leave, device: pi4}     # its worker is stopped (SIGTERM)
 
-and an optional ``testbed`` mapping: ``max_cores`` (the CPU quota of the fastest device, in
-this machine's cores; the others get their share of it by peak_flops_per_second) and
-``standby`` (devices, in the scenario's device form, that start only when an event joins them).
+A background event with a compute fraction becomes a ``cpu_hog`` at its start token and a
+``cpu_hog_stop`` at its end token: one busy loop sharing the device's quota with its worker,
+about half of the device under the kernel's fair share, whatever the fraction. One with a
+memory fraction lowers the worker's memory limit by that fraction for its tokens. The random
+background jobs (start_probability_per_token) are not run on the testbed.
 
 How the scenario's numbers become the emulation:
 - compute: device i gets cores_i = max_cores x flops_i / max(flops), a cgroup CPU quota;
@@ -33,7 +40,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeheads.controller.scenario import DeviceSpec, Scenario, ScenarioError, materialize, parse_scenario
+from edgeheads.controller.scenario import DeviceSpec, LinkSpec, Scenario, ScenarioError, materialize, parse_scenario
 
 EventKind = Literal["cpu_hog", "cpu_hog_stop", "memory_limit", "join", "leave"]
 
@@ -52,6 +59,8 @@ class TestbedSpec(BaseModel):
 
     max_cores: float = Field(default=1.0, gt=0)
     standby: list[DeviceSpec] = []
+    links: list[LinkSpec] = []  # pairs with a standby device (the simulator does not know those devices)
+    events: list[Event] = []
 
 
 @dataclass(frozen=True)
@@ -76,21 +85,21 @@ class Profile:
 def parse_profile(data: Any, where: str = "profile") -> Profile:
     if not isinstance(data, dict):
         raise ScenarioError(f"{where}: expected a mapping at the top level")
-    data = dict(data)
-    try:
-        events = [Event.model_validate(e) for e in data.pop("events", []) or []]
-        testbed = TestbedSpec.model_validate(data.pop("testbed", {}) or {})
-    except ValidationError as err:
-        raise ScenarioError(f"{where}: {err}") from None
     scenario = parse_scenario(data, where)
+    try:
+        testbed = TestbedSpec.model_validate(scenario.testbed or {})
+    except ValidationError as err:
+        raise ScenarioError(f"{where}: testbed: {err}") from None
     if scenario.devices.explicit is None:
         raise ScenarioError(f"{where}: a testbed needs devices.explicit (one worker per device)")
     # the standby devices take part in the link matrix, so materialize them with the rest
     everyone = scenario.model_copy(deep=True)
     everyone.devices.explicit = [*scenario.devices.explicit, *testbed.standby]
+    everyone.links.pairs = [*scenario.links.pairs, *testbed.links]
     setup = materialize(everyone)
     names = list(setup.cluster.names)
     known = set(names)
+    events = list(testbed.events)
     for event in events:
         if event.device not in known:
             raise ScenarioError(f"{where}: event at token {event.at_token} names an unknown device {event.device!r}")
@@ -109,7 +118,23 @@ def parse_profile(data: Any, where: str = "profile") -> Profile:
     fastest = max(d.peak_flops_per_second for d in specs)
     cores = {d.name: testbed.max_cores * d.peak_flops_per_second / fastest for d in specs}
     memory = {d.name: int(d.memory_bytes) for d in specs}
+    events += load_events(scenario, memory)
     return Profile(scenario, sorted(events, key=lambda e: e.at_token), testbed, rates, cores, memory)
+
+
+def load_events(scenario: Scenario, memory: dict[str, int]) -> list[Event]:
+    """The scenario's scripted background load as testbed events."""
+    out = []
+    for load in scenario.background.events:
+        if load.compute_fraction > 0:
+            out += [Event(at_token=load.start_token, kind="cpu_hog", device=load.device),
+                    Event(at_token=load.end_token, kind="cpu_hog_stop", device=load.device)]
+        if load.memory_fraction > 0:
+            full = memory[load.device]
+            out += [Event(at_token=load.start_token, kind="memory_limit", device=load.device,
+                          memory_bytes=full * (1 - load.memory_fraction)),
+                    Event(at_token=load.end_token, kind="memory_limit", device=load.device, memory_bytes=full)]
+    return out
 
 
 def load_profile(path: str | Path) -> Profile:
