@@ -39,8 +39,28 @@ CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
+# tokenizer_config.json settings with which transformers' wrapper changes the Rust tokenizer's
+# behaviour after loading it (rewriting its post-processor, splitting special tokens, ...):
+# a directory that sets any of them is served by transformers itself
+WRAPPER_SETTINGS = ("add_bos_token", "add_eos_token", "split_special_tokens", "add_prefix_space")
+
+
+def supported(directory: str | Path) -> bool:
+    """Whether LeanTokenizer gives transformers' results for this directory: a tokenizer.json
+    with a post-processor, and none of WRAPPER_SETTINGS in its tokenizer_config.json."""
+    directory = Path(directory)
+    try:
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        backend = json.loads((directory / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return backend.get("post_processor") is not None and not any(
+        config.get(key) not in (None, False) for key in WRAPPER_SETTINGS)
+
+
 class LeanTokenizer:
-    """A tokenizer directory written by ``save_pretrained`` of a fast tokenizer."""
+    """A tokenizer directory written by ``save_pretrained`` of a fast tokenizer (``supported``)."""
 
     def __init__(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -180,26 +180,31 @@ def gguf_tokenizer(source: ModelSource) -> Any:
     the GGUF through the gguf reader, which holds every vocabulary string as a numpy view
     (+174 MB peak for SmolLM2's 49k tokens), and its own wrapper costs ~55 MiB more than
     LeanTokenizer's +35."""
-    from edgeheads.headnode.lean_tokenizer import LeanTokenizer
+    from edgeheads.headnode.lean_tokenizer import LeanTokenizer, supported
 
     path = Path(source.location)
     stat = path.stat()
     saved = model_cache.cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if (saved / "tokenizer.json").is_file():
         try:
-            return LeanTokenizer(saved)
+            return LeanTokenizer(saved) if supported(saved) else _auto_tokenizer(str(saved), {})
         except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception for a bad file
             log.warning("saved tokenizer %s unreadable (%s); rebuilding it from the GGUF", saved, err)
-    from transformers import AutoTokenizer
 
     location, kwargs = source.transformers_args()
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenizer = _auto_tokenizer(location, kwargs)
     try:
         tokenizer.save_pretrained(str(saved))
     except OSError as err:  # a read-only cache: build it again next time
         log.info("cannot keep the tokenizer at %s: %s", saved, err)
         return tokenizer
-    return LeanTokenizer(saved)
+    return LeanTokenizer(saved) if supported(saved) else tokenizer
+
+
+def _auto_tokenizer(location: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(location, **kwargs)
 
 
 def release_free_memory() -> None:

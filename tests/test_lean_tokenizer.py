@@ -81,3 +81,27 @@ def test_q4_gguf_generates_without_importing_transformers(smollm2_gguf, pair):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_settings_transformers_applies_itself_keep_transformers(tmp_path):
+    """A saved tokenizer whose config holds a setting transformers' wrapper acts on after loading
+    the Rust tokenizer (adding BOS/EOS, splitting special tokens, a prefix space) is not served
+    lean, whatever that setting would change; nor is one without a post-processor."""
+    import json
+    import shutil
+
+    from edgeheads.headnode.lean_tokenizer import WRAPPER_SETTINGS, supported
+
+    source = next((model_cache.cache_dir() / "tokenizers").glob("SmolLM2-135M-Instruct*"))
+    assert supported(source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    for key in WRAPPER_SETTINGS:
+        copy = tmp_path / key
+        shutil.copytree(source, copy)
+        (copy / "tokenizer_config.json").write_text(json.dumps({**config, key: True}))
+        assert not supported(copy), key
+        (copy / "tokenizer_config.json").write_text(json.dumps({**config, key: False}))
+        assert supported(copy), key
+    backend = json.loads((source / "tokenizer.json").read_text())
+    (copy / "tokenizer.json").write_text(json.dumps({**backend, "post_processor": None}))
+    assert not supported(copy)
