@@ -162,9 +162,13 @@ class LocalCluster:
         self.env.setdefault("EDGEHEADS_HEADNODE__HTTP_LISTEN", f"{host}:0")
 
     # ------------------------------------------------------------------ processes
+    def _command(self, name: str, args: list[str]) -> list[str]:
+        """The program that runs daemon ``name`` (a subclass may wrap it, e.g. in a namespace)."""
+        return self.worker_command if args[0] == "worker" else self.cli_command
+
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False,
                tie_to_parent: bool = True) -> None:
-        command = self.worker_command if args[0] == "worker" else self.cli_command
+        command = self._command(name, args)
         self.args[name] = list(args)
         with open(self.dir / f"{name}.log", "ab" if append else "wb") as log_file, _stop_signals_deferred():
             self.procs[name] = subprocess.Popen(

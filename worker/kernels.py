@@ -63,27 +63,22 @@ def _int4pack(weights: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype
     return packed, scale_zero  # (N, K/2) uint8, (K/32, N, 2)
 
 
-_packed_in_place: dict[tuple, torch.Tensor] = {}  # (data_ptr, shape, dtype) of packed codes -> their scale_zero
-
-
 def pack_in_place(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
     """For weights that nothing will ever read back or ship (the in-process engine's): overwrite
-    each q4 weight's codes with the int4 kernel's packed layout, which has the same size, so the
-    weight is held once instead of beside a repacked copy. Afterwards only ``int4pack_linear``
-    (in ``dtype``) reads those codes correctly: dequantizing them gives wrong values. Returns
-    the bytes this saves. Entries last as long as the codes tensor object given here."""
+    each q4 weight's codes with the int4 kernel's packed layout, which has the same size, and
+    register them as their own prepared form, so the weight is held once instead of beside a
+    repacked copy. Afterwards only ``int4pack_linear`` (in ``dtype``, on these tensor objects)
+    reads those codes correctly: dequantizing them gives wrong values. Returns the bytes saved."""
     saved = 0
     for name in [n for n in weights if n + ".min" in weights]:
         codes = weights[name]
-        key = (codes.data_ptr(), tuple(codes.shape), dtype)
-        if codes.device.type != "cpu" or key in _packed_in_place:
+        if codes.device.type != "cpu" or ("int4pack", id(codes), codes.data_ptr(), dtype) in _prepared:
             continue
         packed, scale_zero = _int4pack(weights, name, dtype)
         if packed.shape != codes.shape or packed.dtype != codes.dtype:  # another torch's layout: keep both
             continue
         codes.copy_(packed)
-        _packed_in_place[key] = scale_zero
-        weakref.finalize(codes, _packed_in_place.pop, key, None)
+        prepared("int4pack", codes, dtype, lambda: (codes, scale_zero))
         saved += packed.nbytes
     return saved
 
@@ -94,11 +89,7 @@ def int4pack_linear(x: torch.Tensor, weights: Mapping[str, torch.Tensor], name: 
     codes = weights[name]
     if codes.device.type != "cpu":
         return dequant_linear(x, weights, name, bias)
-    scale_zero = _packed_in_place.get((codes.data_ptr(), tuple(codes.shape), x.dtype))
-    if scale_zero is not None:
-        packed = codes
-    else:
-        packed, scale_zero = prepared("int4pack", codes, x.dtype, lambda: _int4pack(weights, name, x.dtype))
+    packed, scale_zero = prepared("int4pack", codes, x.dtype, lambda: _int4pack(weights, name, x.dtype))
     y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, Q4_GROUP, scale_zero)
     y = y.view(*x.shape[:-1], -1)
     return y if bias is None else y + bias

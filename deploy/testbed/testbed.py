@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ import testbed_cgroup as cgroup  # noqa: E402
 import testbed_net as net  # noqa: E402
 from testbed_profile import Event, Profile, load_profile  # noqa: E402
 
-from edgeheads.headnode.embedded import LocalCluster, _stop_signals_deferred, _stop_with_parent  # noqa: E402
+from edgeheads.headnode.embedded import LocalCluster  # noqa: E402
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 SETTLE_TOKENS = 2  # tokens after a placement change left out of its measured median (the switch itself)
@@ -86,17 +85,15 @@ class Testbed(LocalCluster):
         return ["worker", "--listen", f"{self.endpoints[name].address}:0", "--controller", self.addresses["controller"],
                 "--name", name, "--threads", "1", "--memory-limit", str(self.profile.memory[name])]
 
+    def _command(self, name: str, args: list[str]) -> list[str]:
+        command = super()._command(name, args)
+        return ["ip", "netns", "exec", self.endpoints[name].namespace, *command] if name in self.endpoints else command
+
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False,
                tie_to_parent: bool = True) -> None:
-        if name not in self.endpoints:
-            return super()._spawn(name, args, show_stderr, append, tie_to_parent)
-        self.args[name] = list(args)
-        command = ["ip", "netns", "exec", self.endpoints[name].namespace, *self.worker_command, *args,
-                   "--ready-file", str(self.dir / f"{name}.ready")]
-        with open(self.dir / f"{name}.log", "ab" if append else "wb") as log_file, _stop_signals_deferred():
-            self.procs[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
-                                                start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
-        self.groups[name].add(self.procs[name].pid)  # `ip netns exec` execs the worker in this process
+        super()._spawn(name, args, show_stderr, append, tie_to_parent)
+        if name in self.groups:
+            self.groups[name].add(self.procs[name].pid)  # `ip netns exec` execs the worker in this process
 
     def stop(self, timeout_seconds: float = 10) -> None:
         for hog in self.hogs.values():
