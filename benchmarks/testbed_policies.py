@@ -1,8 +1,8 @@
 """Every placement policy on the emulated testbed under the same scripted events (needs root).
 
-    sudo python benchmarks/testbed_policies.py [--profile deploy/testbed/profiles/edge-events.yaml]
+    sudo python benchmarks/testbed_policies.py [--profile deploy/testbed/profiles/edge-events.yaml ...]
         [--policies edgeshard,dynamic-layer,spread,round-robin,resource-aware] [--tokens 512]
-        [--dtype q4] [--out out]
+        [--dtype q4] [--warmup 32] [--out out]
 
 Each policy gets a fresh testbed (deploy/testbed/testbed.py: one namespaced, shaped,
 CPU-quota'd worker per board) and one greedy generation of --tokens tokens, with the profile's
@@ -10,12 +10,16 @@ events (a CPU hog on a board, a memory limit dropping, a board joining and one l
 at the same tokens. ``edgeshard`` is the static layer pipeline: planned once (re-planning
 off), re-planned only when a worker leaves; the others re-plan every interval_tokens.
 
-Prints, per policy: total decode time and tokens/s, the ratio of each to the static pipeline
-in the same run, re-plans, migrations and bytes moved, and whether its tokens equal the first
-policy's. Writes OUT/testbed-policies.json, a per-token timeline per policy with the events
-marked (OUT/testbed-policies.png), and the controller's predicted token time against the
-measured one for every placement that ran (OUT/testbed-fidelity.png), with the share within
-+-15%. Quantized kernels are pinned (EDGEHEADS_KERNELS) so that every run computes alike.
+Each run starts with a --warmup generation (the cluster's first request, from which the
+controller calibrates its cost model: controller/calibration.py), then the measured one.
+
+Prints, per profile and policy: total decode time and tokens/s, the ratio of each to the static
+pipeline in the same run, re-plans, migrations and bytes moved, and whether its tokens equal the
+first policy's. Writes OUT/testbed-policies-PROFILE.json, a per-token timeline per policy with
+the events marked (OUT/testbed-policies-PROFILE.png), and, over every profile given, the
+controller's predicted token time against the measured one for every placement that ran
+(OUT/testbed-fidelity.png), with the share within +-15%. Quantized kernels are pinned
+(EDGEHEADS_KERNELS) so that every run computes alike.
 """
 
 from __future__ import annotations
@@ -37,18 +41,18 @@ POLICIES = "edgeshard,dynamic-layer,spread,round-robin,resource-aware"
 STATIC = "edgeshard"
 
 
-def run_policy(profile, policy: str, tokens: int, prompt: str, dtype: str) -> dict:
+def run_policy(profile, policy: str, tokens: int, prompt: str, dtype: str, warmup: int) -> dict:
     replan = 0 if policy == STATIC else None  # None: the profile's interval_tokens
-    print(f"--- {policy}: starting the testbed", file=sys.stderr, flush=True)
+    print(f"--- {profile.scenario.name} {policy}: starting the testbed", file=sys.stderr, flush=True)
     with testbed.Testbed(profile, policy, dtype=dtype, replan_every_tokens=replan) as bed:
-        run = testbed.generate(bed, prompt, tokens)
+        run = testbed.generate(bed, prompt, tokens, warmup_tokens=warmup)
     record = testbed.summary(run, profile, policy)
     print(f"--- {policy}: {record['tokens']} tokens in {record['decode_seconds']:.1f} s, "
           f"{record['replans']} plans, {record['migrations']} migrations", file=sys.stderr, flush=True)
     return record
 
 
-def plot(records: list[dict], out: Path) -> list[Path]:
+def plot(records: list[dict], out: Path, name: str) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -67,49 +71,43 @@ def plot(records: list[dict], out: Path) -> list[Path]:
     axes[-1, 0].set_xlabel("token (dashed: " + ", ".join(f"{e['kind']} {e['device']} @{e['token']}"
                                                            for e in records[0]["events"]) + ")")
     fig.tight_layout()
-    timeline = out / "testbed-policies.png"
+    timeline = out / f"testbed-policies-{name}.png"
     fig.savefig(timeline, dpi=110)
     plt.close(fig)
+    return timeline
+
+
+def plot_fidelity(records: list[dict], out: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
     rows = [f for r in records for f in r["fidelity"] if f["predicted_token_seconds"]]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for r in records:
-        pts = [(f["measured_token_seconds"] * 1000, f["predicted_token_seconds"] * 1000) for f in r["fidelity"]
-               if f["predicted_token_seconds"]]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    for basis, marker in (("warm-up", "s"), ("decision", "o"), ("uncalibrated", "x")):
+        pts = [(f["measured_token_seconds"] * 1000, f["predicted_token_seconds"] * 1000) for f in rows
+               if f["basis"] == basis]
         if pts:
-            ax.scatter(*zip(*pts), label=r["policy"], s=14)
+            ax.scatter(*zip(*pts), label=f"{basis} ({len(pts)})", s=18, marker=marker)
     top = max([max(f["measured_token_seconds"], f["predicted_token_seconds"]) * 1000 for f in rows] or [1])
     ax.plot([0, top], [0, top], color="grey", lw=0.8)
     ax.fill_between([0, top], [0, 0.85 * top], [0, 1.15 * top], color="grey", alpha=0.15, label="+-15%")
     ax.set_xlabel("measured ms/token")
     ax.set_ylabel("predicted ms/token")
     ax.legend(fontsize=7)
+    ax.set_title("predicted against measured token time, every placement run", fontsize=9)
     fig.tight_layout()
     fidelity = out / "testbed-fidelity.png"
     fig.savefig(fidelity, dpi=110)
     plt.close(fig)
-    return [timeline, fidelity]
+    return fidelity
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default=str(REPO / "deploy" / "testbed" / "profiles" / "edge-events.yaml"))
-    p.add_argument("--policies", default=POLICIES)
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--dtype", default="q4")
-    p.add_argument("--prompt", default="Write a long story about a robot who learns to paint.")
-    p.add_argument("--out", default="out")
-    args = p.parse_args()
-    if os.geteuid() != 0 or not testbed_cgroup.available():
-        print("needs root and cgroup v1's cpu controller", file=sys.stderr)
-        return 2
-    os.environ.setdefault("EDGEHEADS_KERNELS", "int8=int8pack,q4=int4pack")
-    profile = load_profile(args.profile)
-    tokens = args.tokens or profile.scenario.new_tokens
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = [run_policy(profile, policy, tokens, args.prompt, args.dtype) for policy in args.policies.split(",")]
-    (out / "testbed-policies.json").write_text(json.dumps(records, indent=1))
+def report(records: list[dict]) -> None:
     base = next((r for r in records if r["policy"] == STATIC), records[0])
+    print(f"profile {records[0]['profile']}")
     print(f"{'policy':16} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'time / static':>13} {'plans':>6} "
           f"{'migr.':>6} {'MiB moved':>9} same tokens")
     for r in records:
@@ -117,15 +115,57 @@ def main() -> int:
         print(f"{r['policy']:16} {r['tokens']:6d} {r['decode_seconds']:8.1f} {r['tokens_per_second'] or 0:7.2f} "
               f"{r['decode_seconds'] / base['decode_seconds']:13.2f} {r['replans']:6d} {r['migrations'] or 0:6d} "
               f"{(r['migrated_bytes'] or 0) / 2**20:9.1f} {'yes' if same else 'NO'}")
+
+
+def report_fidelity(records: list[dict]) -> None:
     rows = [f for r in records for f in r["fidelity"] if f["predicted_token_seconds"]]
+    for basis in ("warm-up", "decision", "uncalibrated"):
+        some = [f for f in rows if f["basis"] == basis]
+        within = [f for f in some if abs(f["predicted_over_measured"] - 1) <= 0.15]
+        if some:
+            print(f"fidelity ({basis}): {len(within)} of {len(some)} placements within +-15% of the measured token time")
     within = [f for f in rows if abs(f["predicted_over_measured"] - 1) <= 0.15]
-    print(f"fidelity: {len(within)} of {len(rows)} placements predicted within +-15% of the measured token time")
+    print(f"fidelity (all): {len(within)} of {len(rows)} placements within +-15%")
     for r in records:
         for f in r["fidelity"]:
-            print(f"  {r['policy']:16} epoch {f['epoch']:3d}: predicted {1000 * (f['predicted_token_seconds'] or 0):7.1f} "
-                  f"ms, measured {1000 * f['measured_token_seconds']:7.1f} ms over {f['tokens']} tokens")
-    for path in plot(records, out):
-        print(f"plot: {path}")
+            print(f"  {r['profile']:14} {r['policy']:16} epoch {f['epoch']:3d}: predicted "
+                  f"{1000 * (f['predicted_token_seconds'] or 0):7.1f} ms ({f['basis']}), measured "
+                  f"{1000 * f['measured_token_seconds']:7.1f} ms over {f['tokens']} tokens")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", action="append", help="a profile (repeat for several; default: edge-events)")
+    p.add_argument("--policies", default=POLICIES)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--dtype", default="q4")
+    p.add_argument("--prompt", default="Write a long story about a robot who learns to paint.")
+    p.add_argument("--warmup", type=int, default=32, help="tokens of the warm-up generation (0: none)")
+    p.add_argument("--out", default="out")
+    args = p.parse_args()
+    if os.geteuid() != 0 or not testbed_cgroup.available():
+        print("needs root and cgroup v1's cpu controller", file=sys.stderr)
+        return 2
+    os.environ.setdefault("EDGEHEADS_KERNELS", "int8=int8pack,q4=int4pack")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    everything = []
+    for path in args.profile or [str(REPO / "deploy" / "testbed" / "profiles" / "edge-events.yaml")]:
+        profile = load_profile(path)
+        tokens = args.tokens or profile.scenario.new_tokens
+        records = [run_policy(profile, policy, tokens, args.prompt, args.dtype, args.warmup)
+                   for policy in args.policies.split(",")]
+        name = profile.scenario.name
+        (out / f"testbed-policies-{name}.json").write_text(json.dumps(records, indent=1))
+        report(records)
+        picture = plot(records, out, name)
+        if picture:
+            print(f"plot: {picture}")
+        everything += records
+    report_fidelity(everything)
+    picture = plot_fidelity(everything, out)
+    if picture:
+        print(f"plot: {picture}")
     return 0
 
 

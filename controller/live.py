@@ -13,14 +13,17 @@ and the run lengths of what each worker reports, in seconds; an ``AlgorithmPolic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgeheads.controller import replan_gate
 from edgeheads.controller.algorithms import make_algorithm
+from edgeheads.controller.calibration import CalibrationView, calibrated_problem, predict_seconds
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Cluster, Device, Infeasible, ModelDemand, Placement, Problem
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity
@@ -29,6 +32,7 @@ from edgeheads.common.spec import BlockId, ModelShape
 DEFAULT_BANDWIDTH_BYTES_PER_SECOND = 100e6 / 8
 DEFAULT_LATENCY_SECONDS = 1e-3
 DEFAULT_FLOPS = 1e10  # for a worker that has not measured itself yet
+MAX_HORIZON_TOKENS = 4096  # the most tokens a plan's migrations are weighed against
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,15 @@ def to_names(problem: Problem, placement: Placement) -> dict[BlockId, str]:
 
 
 def predicted_token_seconds(shape: ModelShape, workers: list[LiveWorker], placement: dict[BlockId, str],
-                            context_tokens: int) -> float | None:
-    """The cost model's per-token latency of ``placement`` (None if it names unknown workers)."""
+                            context_tokens: int, calibration: CalibrationView | None = None) -> float | None:
+    """The cost model's per-token latency of ``placement`` (None if it names unknown workers);
+    with a calibration, as the head node's client will see it (controller/calibration.py)."""
     problem = live_problem(shape, workers, context_tokens)
     indices = to_indices(problem, placement)
-    return None if indices is None else token_latency_seconds(problem, indices)
+    if indices is None:
+        return None
+    return token_latency_seconds(problem, indices) if calibration is None else predict_seconds(
+        problem, indices, calibration)
 
 
 class LiveTelemetry:
@@ -151,11 +159,15 @@ class AlgorithmPolicy:
 
     def __call__(self, shape: ModelShape, workers: list[WorkerCapacity], context_tokens: int,
                  previous: dict[BlockId, str] | None = None, live: list[LiveWorker] | None = None,
-                 gate: LiveGate | None = None) -> dict[BlockId, str]:
+                 gate: LiveGate | None = None, calibration: CalibrationView | None = None) -> dict[BlockId, str]:
         known = {w.name: w for w in live or []}
         live = [known.get(w.name, LiveWorker(w.name, w.memory_available_bytes, 0.0)) for w in workers]
         problem = live_problem(shape, live, context_tokens)
+        if calibration is not None and calibration.calibrated:
+            problem = calibrated_problem(problem, calibration)
         before = to_indices(problem, previous) if previous else None
+        if gate is not None and before is not None:
+            problem = dataclasses.replace(problem, horizon_tokens=expected_horizon_tokens(problem, before, gate))
         decision = self.algorithm.place(problem, before)
         if isinstance(decision, Infeasible):
             raise InfeasiblePlacement(decision.reason)
@@ -165,6 +177,19 @@ class AlgorithmPolicy:
                 log.info("kept the placement: moving would not pay (%s)", self.last_gate.reason)
                 decision = chosen
         return to_names(problem, decision)
+
+
+def expected_horizon_tokens(problem: Problem, previous: Placement, gate: LiveGate) -> int:
+    """The tokens a placement chosen now is expected to serve: the median expected persistence
+    of the workers' conditions at the decode rate, at least one interval. The algorithm weighs
+    migrations against this rather than one interval (the paper's myopic objective would never
+    move 100 MB for 16 tokens of gain); the gate then checks the move per worker."""
+    rate = gate.tokens_per_second
+    if rate <= 0:
+        rate = 1.0 / max(token_latency_seconds(problem, previous), 1e-9)
+    seconds = [gate.persistence_seconds.get(name, gate.prior_seconds) for name in problem.cluster.names]
+    tokens = statistics.median(seconds) * rate if seconds else 0.0
+    return max(problem.interval_tokens, int(min(tokens, MAX_HORIZON_TOKENS)))
 
 
 def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: LiveGate, repair=None

@@ -11,7 +11,10 @@ from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller import replan_gate
-from edgeheads.controller.live import AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, predicted_token_seconds
+from edgeheads.controller.calibration import Calibration, messages_on_path, calibrated_problem
+from edgeheads.controller.costmodel import token_latency_seconds
+from edgeheads.controller.live import (AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, live_problem,
+                                       predicted_token_seconds, to_indices)
 from edgeheads.controller.repair import lost_workers, repair
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import POLICIES, InfeasiblePlacement, Placement, WorkerCapacity
@@ -41,6 +44,7 @@ class WorkerRecord:
     links: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer address -> (bytes/s, latency s)
     memory_limit_bytes: int = 0  # the ceiling it runs under (0: not reported)
     memory_limit_source: str = ""  # "cgroup", "config" or "host"
+    kind_rates: dict[str, float] = field(default_factory=dict)  # block kind -> decode FLOP/s as timed
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class PlanDecision:
     blocks_moved: int
     blocks_per_worker: dict[str, int]
     predicted_token_seconds: float | None  # the cost model's estimate (links assumed, see controller/live.py)
+    calibrated: bool = False  # the estimate used measured timings (controller/calibration.py)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class ClusterState:
         self.precopy_slowdown = precopy_slowdown
         self.telemetry = LiveTelemetry(smoothing_seconds)
         self.tokens_per_second = 0.0
+        self.calibration = Calibration()  # the cost model's measured corrections
         self._progress: tuple[float, int] | None = None  # (window start, tokens in it)
         self._last_progress = 0.0
 
@@ -127,6 +133,7 @@ class ClusterState:
         self.workers[record.name] = record
         self.telemetry.observe(record.name, record.compute_flops, record.memory_available_bytes, record.links,
                                record.last_seen)
+        self.calibration.observe_worker(record.name, record.kind_rates, record.compute_flops)
         log.info("worker %s registered at %s (%d bytes available)", record.name, record.address,
                  record.memory_available_bytes)
         return old is None or old.address != record.address
@@ -145,11 +152,16 @@ class ClusterState:
         if compute_flops:
             record.compute_flops = compute_flops
         self.telemetry.observe(name, record.compute_flops, memory_available_bytes, record.links, record.last_seen)
+        self.calibration.observe_worker(name, record.kind_rates)
         return True
 
-    def note_progress(self, tokens: int, now: float | None = None) -> None:
-        """Decoded tokens reported by the head node: the decode rate the gate converts seconds with."""
+    def note_progress(self, tokens: int, now: float | None = None, epoch: int = -1, dataflow_seconds: float = 0.0,
+                      head_seconds: float = 0.0, context_tokens: int = 0) -> None:
+        """Decoded tokens reported by the head node: the decode rate the gate converts seconds with,
+        and (with the step's timings) the windows the cost model's message cost is fitted from."""
         now = time.monotonic() if now is None else now
+        if self.calibration.observe_step(epoch, tokens, dataflow_seconds, head_seconds, context_tokens):
+            self._close_calibration_window(epoch)
         if self._progress is None or now - self._last_progress > DECODE_RATE_STALE_SECONDS:
             self._progress, self.tokens_per_second = (now, 0), 0.0
         start, count = self._progress
@@ -161,6 +173,34 @@ class ClusterState:
             self._progress = (now, 0)
         else:
             self._progress = (start, count)
+
+    def _close_calibration_window(self, epoch: int) -> None:
+        """The model's time (no message cost) and messages for the placement a window ran under."""
+        if self.shape is None or epoch != self.current.epoch or not self.current.placement:
+            self.calibration.close_window(0.0, 0.0)
+            return
+        problem = live_problem(self.shape, self.live_workers(smoothed=False), self._context())
+        indices = to_indices(problem, self.current.placement)
+        if indices is None:
+            self.calibration.close_window(0.0, 0.0)
+            return
+        calibrated = calibrated_problem(problem, self.calibration.view(), hop_seconds=0.0)
+        base = token_latency_seconds(calibrated, indices)
+        self.calibration.close_window(base, messages_on_path(calibrated, indices, base))
+
+    def predict_current(self) -> float | None:
+        """The (calibrated, when anything was measured) per-token latency of the placement in use."""
+        if self.shape is None or not self.current.placement:
+            return None
+        view = self.calibration.view(list(self.workers))
+        return predicted_token_seconds(self.shape, self.live_workers(smoothed=False), self.current.placement,
+                                       self._context(), view if view.calibrated else None)
+
+    def _context(self) -> int:
+        """The context to predict at: the head node's latest, else the planning context."""
+        assert self.shape is not None
+        context = self.calibration.context_tokens or self.planning_context_tokens
+        return max(1, min(context, self.shape.max_positions))
 
     def decode_rate(self, now: float | None = None) -> float:
         """Tokens/s lately, 0 when nothing was decoded for DECODE_RATE_STALE_SECONDS."""
@@ -209,6 +249,7 @@ class ClusterState:
         if self.workers.pop(name, None) is None:
             return False
         self.telemetry.forget(name)
+        self.calibration.forget(name)
         log.warning("worker %s left the cluster: %s", name, reason)
         return True
 
@@ -278,6 +319,7 @@ class ClusterState:
             extra["previous"] = dict(self.current.placement)
         if getattr(self._policy, "uses_compute", False):
             extra["live"] = self.live_workers()
+            extra["calibration"] = self.calibration.view(list(self.workers))
         if self.replan_gate and getattr(self._policy, "uses_gate", False):
             now = time.monotonic()
             extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), self.decode_rate(now),
@@ -328,9 +370,14 @@ class ClusterState:
         for worker in placement.values():
             per_worker[worker] = per_worker.get(worker, 0) + 1
         live = self.live_workers(smoothed=False)  # the prediction is for the conditions as reported
-        predicted = predicted_token_seconds(self.shape, live, placement, context) if self.shape else None
+        view = self.calibration.view(list(self.workers))
+        if self.calibration.context_tokens:
+            context = self._context()
+        predicted = (predicted_token_seconds(self.shape, live, placement, context, view if view.calibrated else None)
+                     if self.shape else None)
         predicted = None if predicted is None else float(predicted)
-        decision = PlanDecision(self.current.epoch, time.time(), reason, self.policy, moved, per_worker, predicted)
+        decision = PlanDecision(self.current.epoch, time.time(), reason, self.policy, moved, per_worker, predicted,
+                                view.calibrated)
         self.decisions.append(decision)
         del self.decisions[:-self.decisions_kept]
         log.info("placement epoch %d (%s, policy %s): %d blocks moved; per worker %s; predicted %s per token",

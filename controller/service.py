@@ -116,6 +116,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                                 memory_limit_bytes=report.memory_limit_bytes,
                                 memory_limit_source=report.memory_limit_source,
                                 temperature_celsius=report.temperature_celsius, throttling=report.throttling,
+                                kind_rates={k.kind: k.flops_per_second for k in report.kind_rates},
                                 links={link.peer: (link.bandwidth_bytes_per_second, link.latency_seconds)
                                        for link in report.links})
                 if not self.state.heartbeat(report.name, report.memory_available_bytes, report.memory_used_bytes,
@@ -181,7 +182,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
     async def ReportProgress(self, request_iterator, context):
         async for report in request_iterator:
             self.tokens_since_plan += report.tokens
-            self.state.note_progress(report.tokens)
+            self.state.note_progress(report.tokens, epoch=report.epoch, dataflow_seconds=report.dataflow_seconds,
+                                     head_seconds=report.head_seconds, context_tokens=report.context_tokens)
             if self.replan_every_tokens and self.tokens_since_plan >= self.replan_every_tokens:
                 self.request_replan("tokens", f"{self.tokens_since_plan} tokens since the last plan")
                 self.tokens_since_plan = 0
@@ -204,11 +206,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return controller_pb2.ListWorkersReply(workers=self._workers())
 
     async def Status(self, request, context):
+        view = self.state.calibration.view(list(self.state.workers))
+        current = self.state.predict_current()
         return controller_pb2.ControllerStatusReply(
             model=self.state.model_name, policy=self.state.policy, epoch=self.state.current.epoch,
             error=self.state.current.error, workers=self._workers(), tokens_since_plan=self.tokens_since_plan,
             replan_every_tokens=self.replan_every_tokens,
             decisions=[controller_pb2.PlanDecision(
                 epoch=d.epoch, unix_time=d.unix_time, reason=d.reason, policy=d.policy, blocks_moved=d.blocks_moved,
-                blocks_per_worker=d.blocks_per_worker, predicted_token_seconds=d.predicted_token_seconds or 0.0)
-                for d in self.state.decisions])
+                blocks_per_worker=d.blocks_per_worker, predicted_token_seconds=d.predicted_token_seconds or 0.0,
+                calibrated=d.calibrated)
+                for d in self.state.decisions],
+            calibration=controller_pb2.CostCalibration(
+                hop_seconds=view.hop_seconds, head_seconds=view.head_seconds, kind_factors=view.kind_factors,
+                observations=view.windows),
+            current_predicted_token_seconds=current or 0.0)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +49,19 @@ __all__ = ["ClusterError", "ClusterExecutor", "Epoch"]
 log = logging.getLogger(__name__)
 
 RETRIES_PER_STEP = 3  # recoveries one step may wait for before its failure stands
+HEAD_GAP_SECONDS = 1.0  # a session's steps further apart than this are not one decode loop
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One step that succeeded, as reported to the controller (ProgressReport)."""
+
+    tokens: int
+    seconds: float  # the whole step: dataflow and LM head
+    epoch: int
+    dataflow_seconds: float
+    head_seconds: float  # the head node's own time per token around the dataflow; 0 when unknown
+    context_tokens: int
 
 
 class ClusterExecutor:
@@ -68,7 +82,7 @@ class ClusterExecutor:
         self.admission = Admission(parts, self.channels.stubs, max_sessions, metrics)
         self.gate = StepGate()  # steps run concurrently; an epoch switch holds them back
         self.epoch: Epoch | None = None
-        self.on_step: Callable[[int, float, int], None] | None = None  # (tokens, seconds, epoch) after a step
+        self.on_step: Callable[[StepTiming], None] | None = None  # after every step that succeeded
         self.placement_lock = asyncio.Lock()  # one placement change at a time: a migration or a recovery
         self.recovery: Recovery | None = None  # set by what follows the controller (ControllerLink)
         self.rebuilds = 0  # completed recoveries: a step that began before one is retried
@@ -152,6 +166,7 @@ class ClusterExecutor:
                 start = time.perf_counter()
                 try:
                     final = await self.run(record, token_ids)
+                    ran = time.perf_counter() - start
                 except ClusterError as err:
                     failure = err
                 except asyncio.CancelledError as err:
@@ -166,10 +181,17 @@ class ClusterExecutor:
                 else:
                     record.history.append(tuple(token_ids))
                     logits = self.head.logits(final)
-                    elapsed = time.perf_counter() - start
+                    end = time.perf_counter()
+                    elapsed = end - start
                     self.stats.step(self.dataflow.label, len(token_ids), elapsed)
+                    # the head node's own time per token: since this session's previous step, less
+                    # this step's dataflow (only for a decode step following one closely)
+                    since = end - record.last_step_end if record.last_step_end else 0.0
+                    head = since - ran if len(token_ids) == 1 and 0 < since < HEAD_GAP_SECONDS else 0.0
+                    record.last_step_end = end
                     if self.on_step is not None:
-                        self.on_step(len(token_ids), elapsed, epoch.number)
+                        self.on_step(StepTiming(len(token_ids), elapsed, epoch.number, ran, max(0.0, head),
+                                                record.tokens))
                     return logits
             # out of the gate: a recovery holds it exclusively
             retry = False

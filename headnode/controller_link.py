@@ -19,7 +19,7 @@ import logging
 
 import grpc
 
-from edgeheads.headnode.cluster import ClusterExecutor
+from edgeheads.headnode.cluster import ClusterExecutor, StepTiming
 from edgeheads.headnode.migrate import MigrationError, MigrationReport, migrate
 from edgeheads.headnode.placement_feed import PlacementAnswer, PlacementFeed
 from edgeheads.headnode.recovery import Recovery
@@ -56,9 +56,12 @@ class ControllerLink:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _on_step(self, tokens: int, seconds: float, epoch: int) -> None:
+    def _on_step(self, step: StepTiming) -> None:
         try:
-            self.progress.put_nowait(controller_pb2.ProgressReport(tokens=tokens, step_seconds=seconds, epoch=epoch))
+            self.progress.put_nowait(controller_pb2.ProgressReport(
+                tokens=step.tokens, step_seconds=step.seconds, epoch=step.epoch,
+                dataflow_seconds=step.dataflow_seconds, head_seconds=step.head_seconds,
+                context_tokens=step.context_tokens))
         except asyncio.QueueFull:  # the controller is not keeping up; progress is advisory
             pass
 

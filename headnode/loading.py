@@ -21,7 +21,7 @@ import torch
 from edgeheads.common.formats import parse_dtype
 from edgeheads.headnode import model_cache
 from edgeheads.headnode.dtype_choice import AUTO, auto_dtype, default_dtype
-from edgeheads.headnode.parts_format import convert_parts
+from edgeheads.headnode.parts_format import convert_parts, float_parts
 from edgeheads.headnode.slicing import ModelParts, UnsupportedModelError, slice_checkpoint, unsupported_message
 from edgeheads.common.spec import SUPPORTED_ARCHITECTURES
 
@@ -125,9 +125,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
     """Load and slice a model with its weights in ``dtype``: a format name or pair as
     ``formats.parse_dtype`` reads it (``fp32``, ``bf16``, ``fp16``, ``int8``, ``q4``,
     ``q4:fp32``, ...), ``auto`` (headnode/dtype_choice.py) or a torch float dtype; None: the
-    default (``EDGEHEADS_HEADNODE__DTYPE``, else ``auto``), as the CLI and the head node use. ``q4`` from a llama-family GGUF reads its
-    quantized tensors as they are stored (headnode/gguf_direct.py); every other case loads
-    floats through transformers and converts them."""
+    default (``EDGEHEADS_HEADNODE__DTYPE``, else ``auto``), as the CLI and the head node use.
+    A llama-family GGUF is read by headnode/gguf_direct.py: ``q4`` keeps its quantized tensors
+    as stored, any other format dequantizes them (the values transformers' GGUF reader gives, in
+    a tenth of its time) and converts. Every other source loads floats through transformers
+    and converts them."""
     source = resolve(spec, progress)
     if dtype is None:
         dtype = default_dtype()
@@ -138,9 +140,19 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
             print(f"--dtype auto: {spec} runs as {dtype} on this CPU (docs/formats.md)", file=sys.stderr)
     fmt, compute = parse_dtype(dtype) if isinstance(dtype, str) else (None, dtype)
     log.info("loading model %s from %s (%s) as %s", spec, source.location, source.kind, dtype)
-    if fmt == "q4" and source.kind == "gguf":
-        direct = load_gguf_direct(spec, source, compute, progress)
+    if source.kind == "gguf":
+        floats = torch.float32 if fmt else compute
+        direct = load_gguf_direct(spec, source, compute if fmt == "q4" else floats, progress,
+                                  int8_per_row=fmt == "q4")
+        if direct is not None and fmt == "q4":
+            return direct
         if direct is not None:
+            direct.parts = float_parts(direct.parts, floats)
+            release_free_memory()
+            if fmt and fmt != "fp32":
+                direct.parts = convert_parts(direct.parts, fmt, compute)
+                release_free_memory()
+            direct.dtype = dtype if isinstance(dtype, str) else direct.parts.shape.dtype
             return direct
     model, tokenizer = load_transformers(source, torch.float32 if fmt else compute)
     loaded = from_transformers(spec, model, tokenizer)
@@ -152,10 +164,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
     return loaded
 
 
-def load_gguf_direct(spec: str, source: ModelSource, compute: torch.dtype, progress: bool) -> LoadedModel | None:
+def load_gguf_direct(spec: str, source: ModelSource, compute: torch.dtype, progress: bool,
+                     int8_per_row: bool = True) -> LoadedModel | None:
     """A GGUF's quantized tensors kept as stored (Q4_0/Q4_1 as q4); Q8_0 tensors re-quantized
-    per row for the fast int8 kernel. None when the file is not one gguf_direct reads (then the
-    float path takes it)."""
+    per row for the fast int8 kernel with ``int8_per_row``, else kept in groups of 32 as stored.
+    None when the file is not one gguf_direct reads (then the transformers path takes it)."""
     from edgeheads.headnode.gguf_direct import ARCHITECTURES, read_gguf_parts, read_header
 
     if read_header(source.location).metadata.get("general.architecture") not in ARCHITECTURES:
@@ -165,7 +178,7 @@ def load_gguf_direct(spec: str, source: ModelSource, compute: torch.dtype, progr
     tokenizer = gguf_tokenizer(source)
     release_free_memory()
     try:
-        parts = read_gguf_parts(source.location, compute, progress, int8_per_row=True)
+        parts = read_gguf_parts(source.location, compute, progress, int8_per_row=int8_per_row)
     except UnsupportedModelError as err:
         log.info("%s: %s; converting from floats instead", spec, err)
         return None

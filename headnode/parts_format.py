@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from edgeheads.common.formats import FLOAT_FORMATS, check_format, convert, dtype_name
+from edgeheads.common.formats import FLOAT_FORMATS, check_format, convert, dequantize, dtype_name, logical_shapes
 from edgeheads.common.spec import BlockKind, ModelShape, block_params
 from edgeheads.headnode.slicing import ModelParts
 
@@ -63,3 +63,30 @@ def _convert_layer_attention(parts: ModelParts, ids: list, fmt: str, compute: to
             weights[name] = t[i * rows:(i + 1) * rows]
         result[block_id] = weights
     return result
+
+
+def float_parts(parts: ModelParts, compute: torch.dtype) -> ModelParts:
+    """``parts`` (quantized as a GGUF stores them) with every weight dequantized to ``compute``:
+    the float model transformers would load from the same file, value for value, with each
+    layer's attention q/k/v rows again views of one buffer. Used to read a GGUF in a float or
+    another format without transformers' GGUF reader (headnode/loading.py)."""
+    def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: dequantize(weights, n, compute) for n in logical_shapes(weights)}
+
+    out = ModelParts(parts.shape, dequantized(parts.head))
+    if parts.shape.tie_embeddings:
+        out.head["lm_head.weight"] = out.head["embed.weight"]
+    by_layer: dict[int, list] = {}
+    for block_id, weights in parts.blocks.items():
+        out.blocks[block_id] = dequantized(weights)
+        if block_id.kind is BlockKind.ATTENTION:
+            by_layer.setdefault(block_id.layer, []).append(block_id)
+    for ids in by_layer.values():
+        for name in ("qkv.weight", "qkv.bias"):
+            if name in out.blocks[ids[0]]:
+                fused = torch.cat([out.blocks[b][name] for b in ids])
+                rows = fused.shape[0] // len(ids)
+                for i, b in enumerate(ids):
+                    out.blocks[b][name] = fused[i * rows:(i + 1) * rows]
+    out.shape = with_format(parts.shape, out.blocks, compute)
+    return out

@@ -49,6 +49,7 @@ class Session:
     wire: str = ""  # the id its caches have on workers (its name until a rebuild)
     history: list[tuple[int, ...]] = field(default_factory=list)  # the token ids of each step done
     rebuilds: int = 0
+    last_step_end: float = 0.0  # time.perf_counter() when its last step returned (0: none yet)
 
     def __post_init__(self) -> None:
         self.wire = self.wire or self.name

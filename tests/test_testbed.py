@@ -97,7 +97,7 @@ def test_small_testbed_run_is_exact_and_records_predictions(require_capability, 
     with testbed.Testbed(profile, "resource-aware", dtype="fp32") as bed:
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert all(e.namespace in names for e in bed.endpoints.values())
-        run = testbed.generate(bed, prompt, profile.scenario.new_tokens)
+        run = testbed.generate(bed, prompt, profile.scenario.new_tokens, warmup_tokens=12)
         groups = {name: g.path for name, g in bed.groups.items()}
         namespaces = [e.namespace for e in bed.endpoints.values()]
     record = testbed.summary(run, profile, "resource-aware")
@@ -110,6 +110,14 @@ def test_small_testbed_run_is_exact_and_records_predictions(require_capability, 
     for row in record["fidelity"]:
         assert row["predicted_token_seconds"] and row["predicted_token_seconds"] > 0
         assert row["measured_token_seconds"] > 0 and row["tokens"] >= 1
+        # after the warm-up every prediction is calibrated from measurements
+        assert row["basis"] in ("warm-up", "decision"), row
+    # the controller learned from the workers' timed blocks and the head node's steps
+    calibration = record["calibration"]
+    assert set(calibration["kind_factors"]) == {"attn", "proj", "ffn"}
+    assert calibration["kind_factors"]["ffn"] == 1.0 and calibration["kind_factors"]["attn"] > 0
+    assert calibration["windows"] >= 1 and calibration["head_seconds"] > 0
+    assert record["warmup"]["predicted_token_seconds"] > 0
     assert testbed.plot(record, tmp_path / "timeline.png").stat().st_size > 0
     # nothing is left behind: namespaces, bridge, CPU groups
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -32,8 +32,8 @@ RETRY_FIRST_SECONDS = 0.2  # the controller is retried after this, doubling up t
 RETRY_MAX_SECONDS = 5.0
 
 
-def telemetry_report(host: BlockHost, service: WorkerService,
-                     compute: telemetry.ComputeEstimate) -> controller_pb2.TelemetryReport:
+def telemetry_report(host: BlockHost, service: WorkerService, compute: telemetry.ComputeEstimate,
+                     kinds: telemetry.KindRates | None = None) -> controller_pb2.TelemetryReport:
     used = host.memory_used_bytes()
     cpu, load = telemetry.cpu_readings()
     throttled = telemetry.throttled()
@@ -48,7 +48,9 @@ def telemetry_report(host: BlockHost, service: WorkerService,
         throttling=(controller_pb2.THROTTLING_UNKNOWN if throttled is None else
                     controller_pb2.THROTTLING_ACTIVE if throttled else controller_pb2.THROTTLING_NONE),
         links=service.links.reports(),
-        memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source)
+        memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source,
+        kind_rates=[controller_pb2.KindRate(kind=k, flops_per_second=r)
+                    for k, r in sorted((kinds.update(host.kind_work) if kinds is not None else {}).items())])
 
 
 async def _register_and_report(host: BlockHost, service: WorkerService, settings: WorkerSettings,
@@ -72,9 +74,11 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
                 backoff = RETRY_FIRST_SECONDS
                 period = settings.telemetry_period_seconds or reply.heartbeat_seconds
 
+                kinds = telemetry.KindRates()
+
                 async def reports():
                     while True:
-                        yield telemetry_report(host, service, compute)
+                        yield telemetry_report(host, service, compute, kinds)
                         await asyncio.sleep(period)
                 await stub.Telemetry(reports())
         except grpc.aio.AioRpcError as err:

@@ -91,6 +91,9 @@ class BlockHost:
         self.block_hash: dict[BlockId, str] = {}
         self.compute_seconds = 0.0
         self.flops_done = 0.0
+        # decode work by block kind ("attention", "projection", "ffn"): [FLOPs, seconds], cumulative;
+        # what the controller's cost model is calibrated from (controller/calibration.py)
+        self.kind_work: dict[str, list[float]] = {}
         self._version = 0  # bumped whenever self.blocks changes
         self.ended: OrderedDict[str, None] = OrderedDict()  # sessions the head node ended (end_session)
         self.last_used: dict[str, float] = {}  # session -> time.monotonic() of its last call (worker/idle_sessions.py)
@@ -289,9 +292,11 @@ class BlockHost:
         values = dict(inputs) if self.device.type == "cpu" else {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
         start = time.perf_counter()
+        timed: list[tuple[CallUnit, float]] = []  # decode calls only: prefill runs at another rate
         try:
             with torch.inference_mode():
                 for unit in compiled.units:
+                    began = time.perf_counter()
                     if unit.group is not None:
                         touched += unit.group.blocks
                         parts = unit.group.split(unit.group.forward(session, values[unit.inputs[0]], reserve_tokens))
@@ -301,6 +306,8 @@ class BlockHost:
                         values[unit.outputs[0]] = unit.block.forward(torch.cat(args[1:], dim=-1), args[0])
                     else:
                         values[unit.outputs[0]] = unit.block.forward(values[unit.inputs[0]])
+                    if fed == 1:
+                        timed.append((unit, time.perf_counter() - began))
         except (BlockShapeError, ValueError, RuntimeError) as err:
             for block in touched:  # roll the caches back to where the request found them
                 cache = block.caches.get(session)
@@ -315,4 +322,9 @@ class BlockHost:
         first = next(iter(values.values()), None)
         tokens = first.shape[1] if first is not None and first.dim() == 3 else 1
         self.flops_done += tokens * sum(b.flops_decode(position + tokens) for b in blocks)
+        for unit, seconds in timed:
+            members = unit.group.blocks if unit.group is not None else [unit.block]
+            work = self.kind_work.setdefault(members[0].block_id.kind.value, [0.0, 0.0])
+            work[0] += sum(b.flops_decode(position + 1) for b in members)
+            work[1] += seconds
         return {name: values[name] for name in returns}

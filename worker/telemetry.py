@@ -190,3 +190,26 @@ class ComputeEstimate:
             self.flops_per_second += self.weight * (measured - self.flops_per_second)
             self._flops, self._seconds = flops_total, seconds_total
         return self.flops_per_second
+
+
+class KindRates:
+    """Decode FLOP/s by block kind, as the blocks ran: per report, each kind with at least
+    ``min_seconds`` of new work moves an exponential average toward its measured rate. The
+    controller calibrates its cost model from these (controller/calibration.py)."""
+
+    def __init__(self, weight: float = 0.3, min_seconds: float = 0.02) -> None:
+        self.weight = weight
+        self.min_seconds = min_seconds
+        self.rates: dict[str, float] = {}
+        self._seen: dict[str, tuple[float, float]] = {}
+
+    def update(self, kind_work: dict[str, list[float]]) -> dict[str, float]:
+        for kind, (flops_total, seconds_total) in kind_work.items():
+            flops0, seconds0 = self._seen.get(kind, (0.0, 0.0))
+            d_flops, d_seconds = flops_total - flops0, seconds_total - seconds0
+            if d_seconds >= self.min_seconds and d_flops > 0:
+                measured = d_flops / d_seconds
+                old = self.rates.get(kind)
+                self.rates[kind] = measured if old is None else old + self.weight * (measured - old)
+                self._seen[kind] = (flops_total, seconds_total)
+        return dict(self.rates)

@@ -38,6 +38,7 @@ from edgeheads.headnode.embedded import LocalCluster  # noqa: E402
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 SETTLE_TOKENS = 2  # tokens after a placement change left out of its measured median (the switch itself)
+TELEMETRY_WAIT_SECONDS = 2.5  # two telemetry periods: the timings of a warm-up reach the controller
 
 
 class Testbed(LocalCluster):
@@ -110,7 +111,7 @@ class Testbed(LocalCluster):
     def fire(self, event: Event) -> None:
         device = event.device
         if event.kind == "cpu_hog":
-            self.hogs[device] = cgroup.CpuHog(self.groups[device])
+            self.hogs[device] = cgroup.CpuHog(self.groups[device], event.processes)
         elif event.kind == "cpu_hog_stop":
             hog = self.hogs.pop(device, None)
             if hog is not None:
@@ -127,13 +128,37 @@ class Testbed(LocalCluster):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
 
-    def decisions(self) -> list[dict]:
+    def controller_status(self) -> controller_pb2.ControllerStatusReply:
         with grpc.insecure_channel(self.addresses["controller"]) as channel:
-            reply = controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),
-                                                                      timeout=10)
+            return controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),
+                                                                     timeout=10)
+
+    def decisions(self) -> list[dict]:
         return [{"epoch": d.epoch, "unix_time": d.unix_time, "reason": d.reason, "policy": d.policy,
-                 "blocks_moved": d.blocks_moved, "predicted_token_seconds": d.predicted_token_seconds or None}
-                for d in reply.decisions]
+                 "blocks_moved": d.blocks_moved, "predicted_token_seconds": d.predicted_token_seconds or None,
+                 "calibrated": d.calibrated}
+                for d in self.controller_status().decisions]
+
+    def calibration(self) -> dict:
+        """What the controller's cost model has learned, and its prediction for the placement in use."""
+        reply = self.controller_status()
+        c = reply.calibration
+        return {"epoch": reply.epoch, "hop_seconds": c.hop_seconds, "head_seconds": c.head_seconds,
+                "kind_factors": dict(c.kind_factors), "windows": c.observations,
+                "predicted_token_seconds": reply.current_predicted_token_seconds or None}
+
+    def warm_up(self, prompt: str, tokens: int) -> dict:
+        """A short generation before the measured one, as a cluster's first request would be: the
+        workers time their blocks and the controller fits its message cost on it. Returns the
+        calibration after it (with the controller's prediction for the placement in use)."""
+        from edgeheads.headnode.client import Client
+
+        with Client(self.address) as client:
+            for event in client._events(prompt, tokens, 0.0, 0, 1.0, None, False):
+                if event.done:
+                    break
+        time.sleep(TELEMETRY_WAIT_SECONDS)  # the workers' next reports carry the timings
+        return self.calibration()
 
 
 # ---------------------------------------------------------------------- one generation
@@ -145,14 +170,19 @@ class Run:
     fired: list[dict] = field(default_factory=list)  # events: kind, device, token, unix time, seconds taken
     decisions: list[dict] = field(default_factory=list)
     status: dict = field(default_factory=dict)
+    warmup: dict | None = None  # Testbed.warm_up's calibration, when the run had one
+    calibration: dict = field(default_factory=dict)  # the controller's at the end
 
 
-def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False) -> Run:
+def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False, warmup_tokens: int = 0) -> Run:
     """One greedy generation, firing the profile's events at their tokens (each in a thread of
-    its own, so the stream is never held up) and noting the epoch every token ran under."""
+    its own, so the stream is never held up) and noting the epoch every token ran under; after a
+    warm-up generation of ``warmup_tokens`` when that is not 0."""
     from edgeheads.headnode.client import Client
 
     run = Run()
+    if warmup_tokens:
+        run.warmup = bed.warm_up(prompt, warmup_tokens)
     epoch = [0]
     done = threading.Event()
     pending = list(bed.profile.events)
@@ -199,14 +229,23 @@ def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False) 
                 thread.join(timeout=120)
         run.status = client.status()
     run.decisions = bed.decisions()
+    run.calibration = bed.calibration()
     return run
 
 
 def fidelity(run: Run) -> list[dict]:
     """Per placement that decoded at least a few tokens: the controller's predicted token time
     beside the measured median gap between tokens under it (the first SETTLE_TOKENS after a
-    switch left out)."""
-    predicted = {d["epoch"]: d["predicted_token_seconds"] for d in run.decisions}
+    switch left out).
+
+    The prediction is the one the controller made when it chose the placement ("basis":
+    "decision", or "uncalibrated" when nothing had been measured yet). For the placement a
+    warm-up ran on, it is the controller's prediction after the warm-up ("warm-up"): fitted on
+    that same placement, so in-sample."""
+    predicted = {d["epoch"]: (d["predicted_token_seconds"], "decision" if d.get("calibrated") else "uncalibrated")
+                 for d in run.decisions}
+    if run.warmup and run.warmup.get("predicted_token_seconds"):
+        predicted[run.warmup["epoch"]] = (run.warmup["predicted_token_seconds"], "warm-up")
     gaps: dict[int, list[float]] = {}
     since_switch = 0
     for i in range(1, len(run.arrivals)):
@@ -216,9 +255,9 @@ def fidelity(run: Run) -> list[dict]:
     out = []
     for epoch, values in sorted(gaps.items()):
         measured = statistics.median(values)
-        guess = predicted.get(epoch)
+        guess, basis = predicted.get(epoch, (None, None))
         out.append({"epoch": epoch, "tokens": len(values), "measured_token_seconds": measured,
-                    "predicted_token_seconds": guess,
+                    "predicted_token_seconds": guess, "basis": basis,
                     "predicted_over_measured": guess / measured if guess and measured > 0 else None})
     return out
 
@@ -231,7 +270,8 @@ def summary(run: Run, profile: Profile, policy: str) -> dict:
             "median_token_seconds": statistics.median(gaps) if gaps else None,
             "migrations": run.status.get("migrations"), "migrated_bytes": run.status.get("migrated_bytes"),
             "replans": len(run.decisions), "events": run.fired, "fidelity": fidelity(run),
-            "token_ids": run.token_ids, "arrivals": run.arrivals, "epochs": run.epochs, "decisions": run.decisions}
+            "token_ids": run.token_ids, "arrivals": run.arrivals, "epochs": run.epochs, "decisions": run.decisions,
+            "warmup": run.warmup, "calibration": run.calibration}
 
 
 def plot(record: dict, path: Path) -> Path | None:
@@ -269,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="out")
+    p.add_argument("--warmup", type=int, default=32, help="tokens of a warm-up generation first (0: none)")
     args = p.parse_args(argv)
     if os.geteuid() != 0 or not cgroup.available():
         print("the testbed needs root and cgroup v1's cpu controller (namespaces, tc, cgroups)", file=sys.stderr)
@@ -279,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     with Testbed(profile, args.policy, args.dtype, args.model) as bed:
         print(f"testbed up: {', '.join(f'{d} ({profile.cores[d]:.2f} cores)' for d in profile.devices)}",
               file=sys.stderr)
-        run = generate(bed, args.prompt, args.tokens or profile.scenario.new_tokens)
+        run = generate(bed, args.prompt, args.tokens or profile.scenario.new_tokens, warmup_tokens=args.warmup)
     record = summary(run, profile, args.policy)
     stem = f"testbed-{profile.scenario.name}-{args.policy}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
@@ -287,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: record[k] for k in ("policy", "tokens", "decode_seconds", "tokens_per_second",
                                               "migrations", "replans")}))
     for row in record["fidelity"]:
-        print(f"epoch {row['epoch']}: predicted {row['predicted_token_seconds']} s, measured "
+        print(f"epoch {row['epoch']}: predicted {row['predicted_token_seconds']} s ({row['basis']}), measured "
               f"{row['measured_token_seconds']:.4f} s over {row['tokens']} tokens")
     if picture:
         print(f"plot: {picture}")

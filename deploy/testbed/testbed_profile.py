@@ -16,8 +16,9 @@ background) whose optional ``testbed`` mapping the simulator leaves alone:
         - {at_token: 384, kind: leave, device: pi4}     # its worker is stopped (SIGTERM)
 
 A background event with a compute fraction becomes a ``cpu_hog`` at its start token and a
-``cpu_hog_stop`` at its end token: one busy loop sharing the device's quota with its worker,
-about half of the device under the kernel's fair share, whatever the fraction. One with a
+``cpu_hog_stop`` at its end token: busy loops sharing the device's quota with its worker, as
+many as leave the worker about the rest of the device under the kernel's fair share (one for
+0.5, three for 0.75: ``hog_processes``). One with a
 memory fraction lowers the worker's memory limit by that fraction for its tokens. The random
 background jobs (start_probability_per_token) are not run on the testbed.
 
@@ -52,6 +53,7 @@ class Event(BaseModel):
     kind: EventKind
     device: str
     memory_bytes: float | None = Field(default=None, gt=0)
+    processes: int = Field(default=1, ge=1, le=32)  # a cpu_hog's busy loops
 
 
 class TestbedSpec(BaseModel):
@@ -122,12 +124,21 @@ def parse_profile(data: Any, where: str = "profile") -> Profile:
     return Profile(scenario, sorted(events, key=lambda e: e.at_token), testbed, rates, cores, memory)
 
 
+def hog_processes(compute_fraction: float) -> int:
+    """Busy loops that take ``compute_fraction`` of a device from its one worker thread, each
+    getting a fair share of the device's quota: f / (1 - f), at least one."""
+    if compute_fraction >= 0.97:
+        return 32
+    return max(1, round(compute_fraction / (1.0 - compute_fraction)))
+
+
 def load_events(scenario: Scenario, memory: dict[str, int]) -> list[Event]:
     """The scenario's scripted background load as testbed events."""
     out = []
     for load in scenario.background.events:
         if load.compute_fraction > 0:
-            out += [Event(at_token=load.start_token, kind="cpu_hog", device=load.device),
+            out += [Event(at_token=load.start_token, kind="cpu_hog", device=load.device,
+                          processes=hog_processes(load.compute_fraction)),
                     Event(at_token=load.end_token, kind="cpu_hog_stop", device=load.device)]
         if load.memory_fraction > 0:
             full = memory[load.device]

@@ -21,7 +21,7 @@ class ControllerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PlanDecision(_message.Message):
-    __slots__ = ("epoch", "unix_time", "reason", "policy", "blocks_moved", "blocks_per_worker", "predicted_token_seconds")
+    __slots__ = ("epoch", "unix_time", "reason", "policy", "blocks_moved", "blocks_per_worker", "predicted_token_seconds", "calibrated")
     class BlocksPerWorkerEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class PlanDecision(_message.Message):
     BLOCKS_MOVED_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     unix_time: float
     reason: str
@@ -43,10 +44,30 @@ class PlanDecision(_message.Message):
     blocks_moved: int
     blocks_per_worker: _containers.ScalarMap[str, int]
     predicted_token_seconds: float
-    def __init__(self, epoch: _Optional[int] = ..., unix_time: _Optional[float] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ..., blocks_moved: _Optional[int] = ..., blocks_per_worker: _Optional[_Mapping[str, int]] = ..., predicted_token_seconds: _Optional[float] = ...) -> None: ...
+    calibrated: bool
+    def __init__(self, epoch: _Optional[int] = ..., unix_time: _Optional[float] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ..., blocks_moved: _Optional[int] = ..., blocks_per_worker: _Optional[_Mapping[str, int]] = ..., predicted_token_seconds: _Optional[float] = ..., calibrated: _Optional[bool] = ...) -> None: ...
+
+class CostCalibration(_message.Message):
+    __slots__ = ("hop_seconds", "head_seconds", "kind_factors", "observations")
+    class KindFactorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    HOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    hop_seconds: float
+    head_seconds: float
+    kind_factors: _containers.ScalarMap[str, float]
+    observations: int
+    def __init__(self, hop_seconds: _Optional[float] = ..., head_seconds: _Optional[float] = ..., kind_factors: _Optional[_Mapping[str, float]] = ..., observations: _Optional[int] = ...) -> None: ...
 
 class ControllerStatusReply(_message.Message):
-    __slots__ = ("model", "policy", "epoch", "error", "workers", "decisions", "tokens_since_plan", "replan_every_tokens")
+    __slots__ = ("model", "policy", "epoch", "error", "workers", "decisions", "tokens_since_plan", "replan_every_tokens", "calibration", "current_predicted_token_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +76,8 @@ class ControllerStatusReply(_message.Message):
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SINCE_PLAN_FIELD_NUMBER: _ClassVar[int]
     REPLAN_EVERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_PREDICTED_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     policy: str
     epoch: int
@@ -63,17 +86,25 @@ class ControllerStatusReply(_message.Message):
     decisions: _containers.RepeatedCompositeFieldContainer[PlanDecision]
     tokens_since_plan: int
     replan_every_tokens: int
-    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., error: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., decisions: _Optional[_Iterable[_Union[PlanDecision, _Mapping]]] = ..., tokens_since_plan: _Optional[int] = ..., replan_every_tokens: _Optional[int] = ...) -> None: ...
+    calibration: CostCalibration
+    current_predicted_token_seconds: float
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., error: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., decisions: _Optional[_Iterable[_Union[PlanDecision, _Mapping]]] = ..., tokens_since_plan: _Optional[int] = ..., replan_every_tokens: _Optional[int] = ..., calibration: _Optional[_Union[CostCalibration, _Mapping]] = ..., current_predicted_token_seconds: _Optional[float] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
-    __slots__ = ("tokens", "step_seconds", "epoch")
+    __slots__ = ("tokens", "step_seconds", "epoch", "dataflow_seconds", "head_seconds", "context_tokens")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DATAFLOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: int
     step_seconds: float
     epoch: int
-    def __init__(self, tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+    dataflow_seconds: float
+    head_seconds: float
+    context_tokens: int
+    def __init__(self, tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., dataflow_seconds: _Optional[float] = ..., head_seconds: _Optional[float] = ..., context_tokens: _Optional[int] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
     __slots__ = ()
@@ -106,7 +137,7 @@ class RegisterReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetryReport(_message.Message):
-    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links", "memory_limit_bytes", "memory_limit_source")
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links", "memory_limit_bytes", "memory_limit_source", "kind_rates")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +149,7 @@ class TelemetryReport(_message.Message):
     LINKS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_RATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_available_bytes: int
     memory_used_bytes: int
@@ -129,7 +161,16 @@ class TelemetryReport(_message.Message):
     links: _containers.RepeatedCompositeFieldContainer[LinkReport]
     memory_limit_bytes: int
     memory_limit_source: str
-    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ...) -> None: ...
+    kind_rates: _containers.RepeatedCompositeFieldContainer[KindRate]
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ..., kind_rates: _Optional[_Iterable[_Union[KindRate, _Mapping]]] = ...) -> None: ...
+
+class KindRate(_message.Message):
+    __slots__ = ("kind", "flops_per_second")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    flops_per_second: float
+    def __init__(self, kind: _Optional[str] = ..., flops_per_second: _Optional[float] = ...) -> None: ...
 
 class LinkReport(_message.Message):
     __slots__ = ("peer", "bandwidth_bytes_per_second", "latency_seconds", "source")

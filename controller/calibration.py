@@ -1,0 +1,210 @@
+"""Calibrating the cost model from what runs (pure; the controller feeds it, see controller/membership.py).
+
+The paper's cost model (controller/costmodel.py) prices a block at its FLOPs over the device's
+FLOP/s and a message at its bytes over the link's bandwidth plus the link's latency. Measured
+against a real cluster it misses three things, and this module learns each from measurements:
+
+- **What a block really costs on a worker.** Workers time every decode call per block kind
+  (``KindRate`` in their telemetry). Seconds per FLOP of worker k running kind c is fitted as
+  ``g_c * u_k`` (``fit_rates``): ``g_c`` says how much dearer a FLOP of attention or projection
+  is than one of an FFN (small matrices, the K/V cache, per-call overhead), the same on every
+  worker; ``u_k`` is the worker's own speed, under its load and quota as it is now. A worker
+  that has not run anything yet gets its start-up benchmark scaled by how far the benchmark
+  was from the truth on the workers that have (at their best: a loaded worker's slowness is
+  its own, not the idle one's).
+- **What a message costs beyond its bytes.** Serialising, the relay's framing and the wake-ups
+  on both ends: ``hop_seconds`` per message, fitted by least squares from windows of measured
+  dataflow time against the calibrated model's prediction without it (``fit_hop``). The two
+  messages between the head node and the first and last workers count too.
+- **The head node's own work per token:** the LM head, sampling and streaming, as the head node
+  measures it (``ProgressReport.head_seconds``).
+
+A calibrated prediction of a placement is the cost model on the calibrated problem plus the
+head node's two messages and its own time (``predict_seconds``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeheads.common.spec import BlockKind
+from edgeheads.controller.costmodel import token_latency_seconds
+from edgeheads.controller.problem import Placement, Problem
+
+REFERENCE_KIND = BlockKind.FFN.value
+HOP_LIMITS_SECONDS = (0.0, 0.05)  # a fitted message cost outside this is clipped
+WINDOW_TOKENS = 8  # decode steps per fitting window
+SETTLE_STEPS = 2  # steps after an epoch change left out of its windows (the switch itself)
+WINDOWS_KEPT = 24  # the hop fit uses this many recent windows
+HEAD_WEIGHT = 0.2  # EWMA weight of each head node report
+HEADNODE_MESSAGES = 2  # head node -> layer 0 and the last FFN -> head node
+FIT_ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class CalibrationView:
+    """A snapshot of what has been learned, for one plan or one prediction (immutable: a
+    solve in a worker thread may hold it while new measurements arrive)."""
+
+    device_rates: dict[str, float] = field(default_factory=dict)  # worker -> FLOP/s of an FFN FLOP
+    kind_factors: dict[str, float] = field(default_factory=dict)  # kind -> seconds per FLOP relative to the FFN
+    hop_seconds: float = 0.0
+    head_seconds: float = 0.0
+    windows: int = 0  # measured windows behind hop_seconds
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether any measured figure is in it (otherwise the plain cost model is used)."""
+        return bool(self.device_rates) or self.windows > 0 or self.head_seconds > 0
+
+
+def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, float],
+              best_ratios: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(device rates, kind factors) from measured decode FLOP/s per worker and kind.
+
+    Least squares in log space of ``seconds_per_flop[k, c] = g_c * u_k`` with ``g_ffn = 1``
+    (alternating means; the model is exact when every worker runs the same kernels at its own
+    speed). Workers without measurements and with a benchmark get that benchmark times the
+    median measured/benchmark ratio: each worker's best one in ``best_ratios`` when given
+    (updated here with the ratios measured now), else the ratios measured now."""
+    observed = {(k, c): math.log(1.0 / r) for k, rates in kind_rates.items() for c, r in rates.items() if r > 0}
+    workers = sorted({k for k, _ in observed})
+    kinds = sorted({c for _, c in observed})
+    log_u = {k: statistics.fmean(v for (w, _), v in observed.items() if w == k) for k in workers}
+    log_g = {c: 0.0 for c in kinds}
+    for _ in range(FIT_ROUNDS):
+        log_g = {c: statistics.fmean(v - log_u[k] for (k, cc), v in observed.items() if cc == c) for c in kinds}
+        if REFERENCE_KIND in log_g:
+            shift = log_g[REFERENCE_KIND]
+            log_g = {c: g - shift for c, g in log_g.items()}
+        log_u = {k: statistics.fmean(v - log_g[c] for (kk, c), v in observed.items() if kk == k) for k in workers}
+    rates = {k: math.exp(-u) for k, u in log_u.items()}
+    ratios = [rates[k] / benchmarks[k] for k in workers if benchmarks.get(k, 0) > 0]
+    if best_ratios is not None:
+        for k in workers:
+            if benchmarks.get(k, 0) > 0:
+                best_ratios[k] = max(best_ratios.get(k, 0.0), rates[k] / benchmarks[k])
+        ratios = [r for k, r in best_ratios.items() if k in benchmarks]
+    if ratios:
+        efficiency = statistics.median(ratios)
+        for k, bench in benchmarks.items():
+            if k not in rates and bench > 0:
+                rates[k] = bench * efficiency
+    return rates, {c: math.exp(g) for c, g in log_g.items()}
+
+
+def calibrated_problem(problem: Problem, view: CalibrationView, hop_seconds: float | None = None) -> Problem:
+    """``problem`` with the measured block costs and the message cost added to every link's
+    latency (``hop_seconds`` overrides the view's). Devices the view does not know keep their FLOP/s."""
+    hop = view.hop_seconds if hop_seconds is None else hop_seconds
+    cluster = problem.cluster
+    rates = np.array([view.device_rates.get(name, 0.0) for name in cluster.names])
+    available = np.where(rates > 0, rates, cluster.available_flops_per_second)
+    factors = np.array([view.kind_factors.get(b.kind.value, 1.0) for b in problem.blocks])
+    cluster = dataclasses.replace(cluster, available_flops_per_second=available,
+                                  latency_seconds=cluster.latency_seconds + hop)
+    return dataclasses.replace(problem, cluster=cluster, flops=problem.flops * factors)
+
+
+def messages_on_path(problem: Problem, placement: Placement, base_seconds: float | None = None) -> float:
+    """How many messages the critical path of ``placement`` carries (the cost model's slope in
+    a per-message cost), the head node's two included."""
+    base = token_latency_seconds(problem, placement) if base_seconds is None else base_seconds
+    step = 1e-3
+    bumped = dataclasses.replace(problem, cluster=dataclasses.replace(
+        problem.cluster, latency_seconds=problem.cluster.latency_seconds + step))
+    return (token_latency_seconds(bumped, placement) - base) / step + HEADNODE_MESSAGES
+
+
+def predict_seconds(problem: Problem, placement: Placement, view: CalibrationView) -> float:
+    """Per-token latency of ``placement`` as the head node's client sees it: the calibrated
+    cost model, the head node's two messages and its own work."""
+    return (token_latency_seconds(calibrated_problem(problem, view), placement)
+            + HEADNODE_MESSAGES * view.hop_seconds + view.head_seconds)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One fitting window: the measured median dataflow time of a few steps of one placement,
+    the calibrated model's time for it without any message cost, and its messages on the path."""
+
+    measured_seconds: float
+    model_seconds: float
+    messages: float
+
+
+def fit_hop(windows: list[Window]) -> float:
+    """The per-message cost minimising the squared error of ``model + messages * hop`` over the windows."""
+    num = sum((w.measured_seconds - w.model_seconds) * w.messages for w in windows)
+    den = sum(w.messages ** 2 for w in windows)
+    if den <= 0:
+        return 0.0
+    low, high = HOP_LIMITS_SECONDS
+    return min(high, max(low, num / den))
+
+
+class Calibration:
+    """What the controller has measured so far (one per controller)."""
+
+    def __init__(self) -> None:
+        self.kind_rates: dict[str, dict[str, float]] = {}
+        self.benchmarks: dict[str, float] = {}
+        self.best_ratios: dict[str, float] = {}  # per worker: the highest measured/benchmark rate seen
+        self.head_seconds = 0.0
+        self.windows: deque[Window] = deque(maxlen=WINDOWS_KEPT)
+        self.context_tokens = 0
+        self._epoch = -1
+        self._steps_in_epoch = 0
+        self._pending: list[float] = []
+
+    def observe_worker(self, name: str, kind_rates: dict[str, float], benchmark_flops: float = 0.0) -> None:
+        if kind_rates:
+            self.kind_rates[name] = dict(kind_rates)
+        if benchmark_flops > 0:
+            self.benchmarks.setdefault(name, benchmark_flops)
+
+    def forget(self, name: str) -> None:
+        self.kind_rates.pop(name, None)
+        self.benchmarks.pop(name, None)
+        self.best_ratios.pop(name, None)
+
+    def observe_step(self, epoch: int, tokens: int, dataflow_seconds: float, head_seconds: float,
+                     context_tokens: int) -> bool:
+        """One step the head node reported; True when a window of this epoch is complete (then
+        call ``close_window`` with the model's figures for the placement in use)."""
+        if context_tokens:
+            self.context_tokens = context_tokens
+        if head_seconds > 0:
+            self.head_seconds = head_seconds if not self.head_seconds else (
+                self.head_seconds + HEAD_WEIGHT * (head_seconds - self.head_seconds))
+        if epoch != self._epoch:
+            self._epoch, self._steps_in_epoch, self._pending = epoch, 0, []
+        if tokens != 1 or dataflow_seconds <= 0:  # a prefill (or batched) step runs at another rate
+            return False
+        self._steps_in_epoch += 1
+        if self._steps_in_epoch <= SETTLE_STEPS:
+            return False
+        self._pending.append(dataflow_seconds)
+        return len(self._pending) >= WINDOW_TOKENS
+
+    def close_window(self, model_seconds: float, messages: float) -> None:
+        """Record the window just completed against the model's time (no message cost) and messages."""
+        if self._pending:
+            self.windows.append(Window(statistics.median(self._pending), model_seconds, messages))
+        self._pending = []
+
+    def view(self, workers: list[str] | None = None) -> CalibrationView:
+        names = set(self.kind_rates) | set(self.benchmarks) if workers is None else set(workers)
+        rates, factors = fit_rates({k: r for k, r in self.kind_rates.items() if k in names},
+                                   {k: b for k, b in self.benchmarks.items() if k in names}, self.best_ratios)
+        return CalibrationView(rates, factors, fit_hop(list(self.windows)), self.head_seconds, len(self.windows))
+
+
+__all__ = ["Calibration", "CalibrationView", "Window", "calibrated_problem", "fit_hop", "fit_rates",
+           "messages_on_path", "predict_seconds"]

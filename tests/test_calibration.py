@@ -1,0 +1,164 @@
+"""Calibrating the cost model from measurements (controller/calibration.py): the rate fit,
+the calibrated problem, the message count on the critical path, the message-cost fit, the
+windows the controller builds from the head node's progress, and the worker's per-kind timing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edgeheads.common.spec import SMOLLM2_135M, BlockKind
+from edgeheads.controller import calibration as cal
+from edgeheads.controller.costmodel import token_latency_seconds
+from edgeheads.controller.live import LiveWorker, live_problem, to_indices
+from edgeheads.controller.membership import ClusterState, WorkerRecord
+from edgeheads.worker.telemetry import KindRates
+
+GiB = 1 << 30
+
+
+def test_rate_fit_recovers_kind_factors_and_worker_speeds_and_scales_unmeasured_workers():
+    truth_g = {"attn": 4.0, "proj": 2.5, "ffn": 1.0}
+    truth_rate = {"a": 8e9, "b": 2e9}
+    measured = {k: {c: r / g for c, g in truth_g.items()} for k, r in truth_rate.items()}
+    del measured["b"]["proj"]  # b never ran a projection: still identified through the others
+    rates, factors = cal.fit_rates(measured, {"a": 40e9, "b": 10e9, "c": 20e9})
+    assert factors == pytest.approx(truth_g, rel=1e-9)
+    assert rates["a"] == pytest.approx(8e9) and rates["b"] == pytest.approx(2e9)
+    # c has run nothing: its benchmark times what the benchmark overstated on a and b (5x)
+    assert rates["c"] == pytest.approx(20e9 / 5)
+
+
+def test_an_unmeasured_worker_is_scaled_by_the_best_ratio_not_by_a_loaded_workers():
+    best: dict[str, float] = {}
+    idle = {"a": {"ffn": 4e9}}
+    assert cal.fit_rates(idle, {"a": 8e9, "b": 8e9}, best)[0]["b"] == pytest.approx(4e9)
+    loaded = {"a": {"ffn": 1e9}}  # a is busy with another program now: b is not
+    rates, _ = cal.fit_rates(loaded, {"a": 8e9, "b": 8e9}, best)
+    assert rates["a"] == pytest.approx(1e9) and rates["b"] == pytest.approx(4e9)
+    assert best == {"a": pytest.approx(0.5)}
+
+
+def test_rate_fit_without_measurements_knows_nothing():
+    assert cal.fit_rates({}, {"a": 1e10}) == ({}, {})
+    assert not cal.CalibrationView().calibrated
+
+
+def small_problem():
+    workers = [LiveWorker(f"w{i}", 4 * GiB, 1e10) for i in range(3)]
+    return live_problem(SMOLLM2_135M, workers, 64)
+
+
+def test_calibrated_problem_scales_each_kind_replaces_known_rates_and_adds_the_message_cost():
+    problem = small_problem()
+    view = cal.CalibrationView(device_rates={"w0": 2e9}, kind_factors={"attn": 3.0, "ffn": 1.0},
+                               hop_seconds=0.002)
+    out = cal.calibrated_problem(problem, view)
+    attn = np.array([b.kind is BlockKind.ATTENTION for b in problem.blocks])
+    proj = np.array([b.kind is BlockKind.PROJECTION for b in problem.blocks])
+    assert np.allclose(out.flops[attn], 3 * problem.flops[attn])
+    assert np.allclose(out.flops[proj], problem.flops[proj])  # no factor known: as the model says
+    assert list(out.cluster.available_flops_per_second) == [2e9, 1e10, 1e10]
+    assert np.allclose(out.cluster.latency_seconds, problem.cluster.latency_seconds + 0.002)
+    assert cal.calibrated_problem(problem, view, hop_seconds=0.0).cluster.latency_seconds[0, 1] == \
+        problem.cluster.latency_seconds[0, 1]
+
+
+def test_messages_on_path_counts_the_head_nodes_two_and_grows_with_the_hops_a_placement_makes():
+    problem = small_problem()
+    one = to_indices(problem, {b: "w0" for b in problem.blocks})
+    assert cal.messages_on_path(problem, one) == pytest.approx(2.0)
+    # every layer's FFN elsewhere: proj -> ffn and ffn -> next layer's attention and proj
+    split = to_indices(problem, {b: ("w1" if b.kind is BlockKind.FFN else "w0") for b in problem.blocks})
+    layers = SMOLLM2_135M.n_layers
+    assert cal.messages_on_path(problem, split) == pytest.approx(2 + 2 * layers - 1, abs=1e-6)
+
+
+def test_hop_fit_recovers_a_per_message_cost_and_is_clipped():
+    windows = [cal.Window(0.010 + m * 0.0007, 0.010, m) for m in (2, 20, 61)]
+    assert cal.fit_hop(windows) == pytest.approx(0.0007)
+    assert cal.fit_hop([cal.Window(0.001, 0.010, 4)]) == 0.0  # the model already overshoots
+    assert cal.fit_hop([cal.Window(10.0, 0.0, 2)]) == cal.HOP_LIMITS_SECONDS[1]
+    assert cal.fit_hop([]) == 0.0
+
+
+def test_prediction_is_the_calibrated_model_plus_the_head_nodes_messages_and_work():
+    problem = small_problem()
+    placement = to_indices(problem, {b: "w0" for b in problem.blocks})
+    view = cal.CalibrationView({"w0": 5e9}, {"attn": 2.0, "proj": 1.5, "ffn": 1.0}, 0.001, 0.004, 3)
+    model = token_latency_seconds(cal.calibrated_problem(problem, view), placement)
+    assert cal.predict_seconds(problem, placement, view) == pytest.approx(model + 0.002 + 0.004)
+
+
+def test_windows_skip_the_switch_and_prefill_and_restart_with_each_epoch():
+    c = cal.Calibration()
+    assert not c.observe_step(1, 16, 0.5, 0.0, 16)  # prefill
+    complete = [c.observe_step(1, 1, 0.01, 0.002, 17 + i) for i in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS)]
+    assert complete[-1] and not any(complete[:-1])
+    c.close_window(0.008, 2.0)
+    assert c.windows[-1] == cal.Window(0.01, 0.008, 2.0)
+    assert c.context_tokens == 16 + cal.SETTLE_STEPS + cal.WINDOW_TOKENS
+    assert c.head_seconds == pytest.approx(0.002)
+    # a new epoch: its first steps are its switch, and a half window of the old one is dropped
+    for _ in range(3):
+        c.observe_step(1, 1, 0.01, 0.0, 40)
+    assert not any(c.observe_step(2, 1, 0.02, 0.0, 50) for _ in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS - 1))
+    assert c.observe_step(2, 1, 0.02, 0.0, 50)
+
+
+def test_worker_kind_rates_follow_the_timed_work_and_wait_for_enough_of_it():
+    kinds = KindRates(weight=0.5, min_seconds=0.01)
+    work = {"attn": [1e6, 0.001], "ffn": [4e7, 0.02]}
+    assert kinds.update(work) == {"ffn": 2e9}  # 1 ms of attention is too little to tell
+    work["attn"] = [2e7, 0.02]
+    work["ffn"] = [8e7, 0.06]  # the next 40 ms ran at 1 GFLOP/s: half-way there
+    assert kinds.update(work) == {"attn": 1e9, "ffn": 1.5e9}
+
+
+def state_with_timings() -> ClusterState:
+    state = ClusterState("resource-aware")
+    for i in range(3):
+        state.register(WorkerRecord(f"w{i}", f"127.0.0.1:{5000 + i}", 4 * GiB, 5e10))
+    state.set_model(SMOLLM2_135M, "smollm2")
+    for i in range(3):
+        state.heartbeat(f"w{i}", 4 * GiB, 0, 5e10, kind_rates={"attn": 1e9, "proj": 2e9, "ffn": 4e9})
+    return state
+
+
+def test_controller_fits_the_message_cost_from_progress_and_predicts_with_it():
+    state = state_with_timings()
+    uncalibrated = state.decisions[0]
+    assert not uncalibrated.calibrated
+    base = state.predict_current()
+    view = state.calibration.view()
+    assert view.kind_factors == pytest.approx({"attn": 4.0, "proj": 2.0, "ffn": 1.0})
+    assert view.head_seconds == 0 and view.windows == 0
+    # the cluster runs 3 ms slower per token than the calibrated model (the head node's own
+    # work comes on top): fitted as a per-message cost
+    extra = 0.003
+    epoch = state.current.epoch
+    for i in range(cal.SETTLE_STEPS + 3 * cal.WINDOW_TOKENS):
+        state.note_progress(1, epoch=epoch, dataflow_seconds=base + extra, head_seconds=0.001,
+                            context_tokens=state.planning_context_tokens)
+    view = state.calibration.view()
+    assert view.windows == 3
+    messages = state.calibration.windows[-1].messages
+    assert messages >= 2
+    assert view.hop_seconds == pytest.approx(extra / messages, rel=1e-6)
+    assert state.predict_current() == pytest.approx(base + extra + 0.001, rel=1e-6)
+    # a plan made now comes with a calibrated prediction
+    holder = state.current.placement[next(iter(state.current.placement))]
+    state.remove(holder, "test")
+    state.replan(f"{holder} left")
+    assert state.current.epoch == 2 and holder not in state.current.placement.values()
+    decision = state.decisions[-1]
+    assert decision.calibrated and math.isfinite(decision.predicted_token_seconds)
+    assert decision.predicted_token_seconds == pytest.approx(state.predict_current())
+
+
+def test_a_worker_that_leaves_is_forgotten_by_the_calibration():
+    state = state_with_timings()
+    state.remove("w1", "test")
+    assert "w1" not in state.calibration.view().device_rates
