@@ -108,7 +108,8 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
     while done_after is None or len(out) < done_after + tokens_after:
         if len(out) == tokens_before and task is None:
             marks["start"] = time.perf_counter() - origin
-            task = asyncio.create_task(migrate(executor, 2, new, addresses, timeout_seconds=600))
+            # weights from the source: this measures the worker-to-worker pull over the shaped link
+            task = asyncio.create_task(migrate(executor, 2, new, addresses, timeout_seconds=600, weights_from="source"))
         t0 = time.perf_counter()
         token = [int(torch.argmax(await executor.step("s", token)))]
         steps.append((t0 - origin, time.perf_counter() - t0))

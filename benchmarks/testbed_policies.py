@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,11 +42,15 @@ POLICIES = "edgeshard,dynamic-layer,spread,round-robin,resource-aware"
 STATIC = "edgeshard"
 
 
-def run_policy(profile, policy: str, tokens: int, prompt: str, dtype: str, warmup: int) -> dict:
+def run_policy(profile, policy: str, tokens: int, prompt: str, dtype: str, warmup: int, out: Path) -> dict:
     replan = 0 if policy == STATIC else None  # None: the profile's interval_tokens
     print(f"--- {profile.scenario.name} {policy}: starting the testbed", file=sys.stderr, flush=True)
     with testbed.Testbed(profile, policy, dtype=dtype, replan_every_tokens=replan) as bed:
         run = testbed.generate(bed, prompt, tokens, warmup_tokens=warmup)
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        for name in ("controller", "headnode"):  # why each plan was made or kept
+            shutil.copyfile(bed.dir / f"{name}.log", logs / f"{profile.scenario.name}-{policy}-{name}.log")
     record = testbed.summary(run, profile, policy)
     print(f"--- {policy}: {record['tokens']} tokens in {record['decode_seconds']:.1f} s, "
           f"{record['replans']} plans, {record['migrations']} migrations", file=sys.stderr, flush=True)
@@ -84,20 +89,24 @@ def plot_fidelity(records: list[dict], out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [f for r in records for f in r["fidelity"] if f["predicted_token_seconds"]]
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    for basis, marker in (("warm-up", "s"), ("decision", "o"), ("uncalibrated", "x")):
-        pts = [(f["measured_token_seconds"] * 1000, f["predicted_token_seconds"] * 1000) for f in rows
-               if f["basis"] == basis]
-        if pts:
-            ax.scatter(*zip(*pts), label=f"{basis} ({len(pts)})", s=18, marker=marker)
-    top = max([max(f["measured_token_seconds"], f["predicted_token_seconds"]) * 1000 for f in rows] or [1])
-    ax.plot([0, top], [0, top], color="grey", lw=0.8)
-    ax.fill_between([0, top], [0, 0.85 * top], [0, 1.15 * top], color="grey", alpha=0.15, label="+-15%")
-    ax.set_xlabel("measured ms/token")
-    ax.set_ylabel("predicted ms/token")
-    ax.legend(fontsize=7)
-    ax.set_title("predicted against measured token time, every placement run", fontsize=9)
+    rows = [(r, f) for r in records for f in r["fidelity"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
+    for ax, key, title in ((axes[0], "predicted_token_seconds", "as the controller predicts it while it runs"),
+                           (axes[1], "decision_token_seconds", "as predicted when the placement was chosen")):
+        top = 1.0
+        for profile in sorted({r["profile"] for r, _ in rows}):
+            pts = [(f["measured_token_seconds"] * 1000, f[key] * 1000) for r, f in rows
+                   if r["profile"] == profile and f.get(key)]
+            if pts:
+                ax.scatter(*zip(*pts), label=f"{profile} ({len(pts)})", s=18)
+                top = max(top, *(max(p) for p in pts))
+        ax.plot([0, top], [0, top], color="grey", lw=0.8)
+        ax.fill_between([0, top], [0, 0.85 * top], [0, 1.15 * top], color="grey", alpha=0.15, label="+-15%")
+        ax.set_xlabel("measured ms/token")
+        ax.set_ylabel("predicted ms/token")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("predicted against measured token time: every placement, under each set of conditions", fontsize=10)
     fig.tight_layout()
     fidelity = out / "testbed-fidelity.png"
     fig.savefig(fidelity, dpi=110)
@@ -118,19 +127,23 @@ def report(records: list[dict]) -> None:
 
 
 def report_fidelity(records: list[dict]) -> None:
-    rows = [f for r in records for f in r["fidelity"] if f["predicted_token_seconds"]]
-    for basis in ("warm-up", "decision", "uncalibrated"):
-        some = [f for f in rows if f["basis"] == basis]
-        within = [f for f in some if abs(f["predicted_over_measured"] - 1) <= 0.15]
-        if some:
-            print(f"fidelity ({basis}): {len(within)} of {len(some)} placements within +-15% of the measured token time")
-    within = [f for f in rows if abs(f["predicted_over_measured"] - 1) <= 0.15]
-    print(f"fidelity (all): {len(within)} of {len(rows)} placements within +-15%")
+    rows = [f for r in records for f in r["fidelity"]]
+
+    def share(key: str, keep=lambda f: True) -> str:
+        some = [f for f in rows if f.get(key) and keep(f)]
+        within = [f for f in some if abs(f[key] / f["measured_token_seconds"] - 1) <= 0.15]
+        return f"{len(within)} of {len(some)} ({100 * len(within) / max(1, len(some)):.0f}%)"
+
+    print(f"fidelity, predicted while running: {share('predicted_token_seconds')} within +-15% of the measured token time")
+    print(f"fidelity, predicted at decision:   {share('decision_token_seconds')} within +-15%; of those calibrated "
+          f"from earlier measurements: {share('decision_token_seconds', lambda f: f['basis'] == 'decision')}")
     for r in records:
         for f in r["fidelity"]:
-            print(f"  {r['profile']:14} {r['policy']:16} epoch {f['epoch']:3d}: predicted "
-                  f"{1000 * (f['predicted_token_seconds'] or 0):7.1f} ms ({f['basis']}), measured "
-                  f"{1000 * f['measured_token_seconds']:7.1f} ms over {f['tokens']} tokens")
+            guess = 1000 * (f["predicted_token_seconds"] or 0)
+            decided = 1000 * (f["decision_token_seconds"] or 0)
+            print(f"  {r['profile']:12} {r['policy']:15} epoch {f['epoch']:3d} from {f['first_token']:3d}: measured "
+                  f"{1000 * f['measured_token_seconds']:6.1f} ms, predicted {guess:6.1f} running, {decided:6.1f} at "
+                  f"decision ({f['basis']}), {f['tokens']} tokens")
 
 
 def main() -> int:
@@ -153,7 +166,7 @@ def main() -> int:
     for path in args.profile or [str(REPO / "deploy" / "testbed" / "profiles" / "edge-events.yaml")]:
         profile = load_profile(path)
         tokens = args.tokens or profile.scenario.new_tokens
-        records = [run_policy(profile, policy, tokens, args.prompt, args.dtype, args.warmup)
+        records = [run_policy(profile, policy, tokens, args.prompt, args.dtype, args.warmup, out)
                    for policy in args.policies.split(",")]
         name = profile.scenario.name
         (out / f"testbed-policies-{name}.json").write_text(json.dumps(records, indent=1))

@@ -10,8 +10,9 @@ against a real cluster it misses three things, and this module learns each from 
   is than one of an FFN (small matrices, the K/V cache, per-call overhead), the same on every
   worker; ``u_k`` is the worker's own speed, under its load and quota as it is now. A worker
   that has not run anything yet gets its start-up benchmark scaled by how far the benchmark
-  was from the truth on the workers that have (at their best: a loaded worker's slowness is
-  its own, not the idle one's).
+  was from the truth on the workers that have: the least of their best ratios (a loaded
+  worker's slowness is its own, not the idle one's; an untimed board is not assumed faster
+  than the evidence allows).
 - **What a message costs beyond its bytes.** Serialising, the relay's framing and the wake-ups
   on both ends: ``hop_seconds`` per message, fitted by least squares from windows of measured
   dataflow time against the calibrated model's prediction without it (``fit_hop``). The two
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,8 +73,8 @@ def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, flo
     Least squares in log space of ``seconds_per_flop[k, c] = g_c * u_k`` with ``g_ffn = 1``
     (alternating means; the model is exact when every worker runs the same kernels at its own
     speed). Workers without measurements and with a benchmark get that benchmark times the
-    median measured/benchmark ratio: each worker's best one in ``best_ratios`` when given
-    (updated here with the ratios measured now), else the ratios measured now."""
+    least measured/benchmark ratio: of each worker's best one in ``best_ratios`` when given
+    (updated here with the ratios measured now), else of the ratios measured now."""
     observed = {(k, c): math.log(1.0 / r) for k, rates in kind_rates.items() for c, r in rates.items() if r > 0}
     workers = sorted({k for k, _ in observed})
     kinds = sorted({c for _, c in observed})
@@ -92,7 +94,9 @@ def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, flo
                 best_ratios[k] = max(best_ratios.get(k, 0.0), rates[k] / benchmarks[k])
         ratios = [r for k, r in best_ratios.items() if k in benchmarks]
     if ratios:
-        efficiency = statistics.median(ratios)
+        # the least ratio: a board nobody has timed is not assumed faster than the slowest
+        # evidence says (a lightly used board under a CPU quota times faster than its share)
+        efficiency = min(ratios)
         for k, bench in benchmarks.items():
             if k not in rates and bench > 0:
                 rates[k] = bench * efficiency
@@ -152,8 +156,13 @@ def fit_hop(windows: list[Window]) -> float:
 class Calibration:
     """What the controller has measured so far (one per controller)."""
 
-    def __init__(self) -> None:
+    def __init__(self, smoothing_seconds: float = 3.0) -> None:
+        self.smoothing_seconds = smoothing_seconds
         self.kind_rates: dict[str, dict[str, float]] = {}
+        # for planning: the same rates averaged over ``smoothing_seconds`` (time-weighted), so a
+        # plan does not follow load that comes and goes within a few seconds
+        self.smoothed_rates: dict[str, dict[str, float]] = {}
+        self._seen_at: dict[str, float] = {}
         self.benchmarks: dict[str, float] = {}
         self.best_ratios: dict[str, float] = {}  # per worker: the highest measured/benchmark rate seen
         self.head_seconds = 0.0
@@ -163,14 +172,24 @@ class Calibration:
         self._steps_in_epoch = 0
         self._pending: list[float] = []
 
-    def observe_worker(self, name: str, kind_rates: dict[str, float], benchmark_flops: float = 0.0) -> None:
+    def observe_worker(self, name: str, kind_rates: dict[str, float], benchmark_flops: float = 0.0,
+                       now: float | None = None) -> None:
         if kind_rates:
             self.kind_rates[name] = dict(kind_rates)
+            now = time.monotonic() if now is None else now
+            weight = 1.0 - math.exp(-max(now - self._seen_at.get(name, -math.inf), 0.0) / self.smoothing_seconds) \
+                if self.smoothing_seconds > 0 else 1.0
+            old = self.smoothed_rates.get(name, {})
+            self.smoothed_rates[name] = {k: old[k] + weight * (r - old[k]) if k in old else r
+                                         for k, r in kind_rates.items()}
+            self._seen_at[name] = now
         if benchmark_flops > 0:
             self.benchmarks.setdefault(name, benchmark_flops)
 
     def forget(self, name: str) -> None:
         self.kind_rates.pop(name, None)
+        self.smoothed_rates.pop(name, None)
+        self._seen_at.pop(name, None)
         self.benchmarks.pop(name, None)
         self.best_ratios.pop(name, None)
 
@@ -199,9 +218,11 @@ class Calibration:
             self.windows.append(Window(statistics.median(self._pending), model_seconds, messages))
         self._pending = []
 
-    def view(self, workers: list[str] | None = None) -> CalibrationView:
+    def view(self, workers: list[str] | None = None, smoothed: bool = False) -> CalibrationView:
+        """What has been learned: from the latest rates (predictions), or from the smoothed ones (planning)."""
         names = set(self.kind_rates) | set(self.benchmarks) if workers is None else set(workers)
-        rates, factors = fit_rates({k: r for k, r in self.kind_rates.items() if k in names},
+        measured = self.smoothed_rates if smoothed else self.kind_rates
+        rates, factors = fit_rates({k: r for k, r in measured.items() if k in names},
                                    {k: b for k, b in self.benchmarks.items() if k in names}, self.best_ratios)
         return CalibrationView(rates, factors, fit_hop(list(self.windows)), self.head_seconds, len(self.windows))
 

@@ -13,10 +13,8 @@ and the run lengths of what each worker reports, in seconds; an ``AlgorithmPolic
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +30,6 @@ from edgeheads.common.spec import BlockId, ModelShape
 DEFAULT_BANDWIDTH_BYTES_PER_SECOND = 100e6 / 8
 DEFAULT_LATENCY_SECONDS = 1e-3
 DEFAULT_FLOPS = 1e10  # for a worker that has not measured itself yet
-MAX_HORIZON_TOKENS = 4096  # the most tokens a plan's migrations are weighed against
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +76,17 @@ def to_names(problem: Problem, placement: Placement) -> dict[BlockId, str]:
     return {b: problem.cluster.names[int(d)] for b, d in zip(problem.blocks, placement.array())}
 
 
+def unmeasured_latency(calibration: CalibrationView | None) -> float:
+    """The latency assumed on a link no worker has measured: DEFAULT_LATENCY_SECONDS, or none
+    once a per-message cost has been fitted from measurements (it is that cost)."""
+    return 0.0 if calibration is not None and calibration.windows > 0 else DEFAULT_LATENCY_SECONDS
+
+
 def predicted_token_seconds(shape: ModelShape, workers: list[LiveWorker], placement: dict[BlockId, str],
                             context_tokens: int, calibration: CalibrationView | None = None) -> float | None:
     """The cost model's per-token latency of ``placement`` (None if it names unknown workers);
     with a calibration, as the head node's client will see it (controller/calibration.py)."""
-    problem = live_problem(shape, workers, context_tokens)
+    problem = live_problem(shape, workers, context_tokens, latency_seconds=unmeasured_latency(calibration))
     indices = to_indices(problem, placement)
     if indices is None:
         return None
@@ -98,7 +101,8 @@ class LiveTelemetry:
     def __init__(self, smoothing_seconds: float = replan_gate.SMOOTHING_SECONDS,
                  prior_seconds: float = replan_gate.PRIOR_SECONDS) -> None:
         self.smoothing_seconds = smoothing_seconds
-        self.tracker = replan_gate.PersistenceTracker(prior=prior_seconds)
+        # a worker's reported speed ramps to a new level over a few reports: one change, not several
+        self.tracker = replan_gate.PersistenceTracker(prior=prior_seconds, settle=max(smoothing_seconds, 3.0))
         self._seen: dict[str, tuple[float, float, float, dict[str, float]]] = {}  # name -> (time, compute, memory, bw)
 
     def observe(self, name: str, compute_flops: float, memory_bytes: float, links: dict[str, tuple[float, float]],
@@ -154,6 +158,7 @@ class AlgorithmPolicy:
     uses_gate = True
 
     def __init__(self, algorithm: str) -> None:
+        self.name = algorithm
         self.algorithm = make_algorithm(algorithm)
         self.last_gate: replan_gate.GateDecision | None = None
 
@@ -162,34 +167,30 @@ class AlgorithmPolicy:
                  gate: LiveGate | None = None, calibration: CalibrationView | None = None) -> dict[BlockId, str]:
         known = {w.name: w for w in live or []}
         live = [known.get(w.name, LiveWorker(w.name, w.memory_available_bytes, 0.0)) for w in workers]
-        problem = live_problem(shape, live, context_tokens)
-        if calibration is not None and calibration.calibrated:
+        calibrated = calibration is not None and calibration.calibrated
+        problem = live_problem(shape, live, context_tokens, latency_seconds=unmeasured_latency(calibration))
+        if calibrated:
             problem = calibrated_problem(problem, calibration)
         before = to_indices(problem, previous) if previous else None
-        if gate is not None and before is not None:
-            problem = dataclasses.replace(problem, horizon_tokens=expected_horizon_tokens(problem, before, gate))
         decision = self.algorithm.place(problem, before)
         if isinstance(decision, Infeasible):
             raise InfeasiblePlacement(decision.reason)
+        if before is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s over %d tokens: staying %.2f ms/token, its proposal %.2f ms/token (%s)",
+                      self.name, problem.horizon_tokens, 1e3 * token_latency_seconds(problem, before),
+                      1e3 * token_latency_seconds(problem, decision),
+                      "calibrated" if calibrated else "uncalibrated")
+            log.debug("planned on: FLOP/s %s, memory %s, bandwidth %s, latency %s; %s",
+                      dict(zip(problem.cluster.names, problem.cluster.available_flops_per_second.round())),
+                      dict(zip(problem.cluster.names, problem.cluster.memory_bytes)),
+                      problem.cluster.bandwidth_bytes_per_second.round().tolist(),
+                      problem.cluster.latency_seconds.round(5).tolist(), calibration)
         if gate is not None and before is not None:
             chosen, self.last_gate = gate_live(problem, before, decision, gate, getattr(self.algorithm, "repaired", None))
             if chosen is not decision:
                 log.info("kept the placement: moving would not pay (%s)", self.last_gate.reason)
                 decision = chosen
         return to_names(problem, decision)
-
-
-def expected_horizon_tokens(problem: Problem, previous: Placement, gate: LiveGate) -> int:
-    """The tokens a placement chosen now is expected to serve: the median expected persistence
-    of the workers' conditions at the decode rate, at least one interval. The algorithm weighs
-    migrations against this rather than one interval (the paper's myopic objective would never
-    move 100 MB for 16 tokens of gain); the gate then checks the move per worker."""
-    rate = gate.tokens_per_second
-    if rate <= 0:
-        rate = 1.0 / max(token_latency_seconds(problem, previous), 1e-9)
-    seconds = [gate.persistence_seconds.get(name, gate.prior_seconds) for name in problem.cluster.names]
-    tokens = statistics.median(seconds) * rate if seconds else 0.0
-    return max(problem.interval_tokens, int(min(tokens, MAX_HORIZON_TOKENS)))
 
 
 def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: LiveGate, repair=None

@@ -123,7 +123,7 @@ class ClusterState:
         self.precopy_slowdown = precopy_slowdown
         self.telemetry = LiveTelemetry(smoothing_seconds)
         self.tokens_per_second = 0.0
-        self.calibration = Calibration()  # the cost model's measured corrections
+        self.calibration = Calibration(smoothing_seconds)  # the cost model's measured corrections
         self._progress: tuple[float, int] | None = None  # (window start, tokens in it)
         self._last_progress = 0.0
 
@@ -179,7 +179,7 @@ class ClusterState:
         if self.shape is None or epoch != self.current.epoch or not self.current.placement:
             self.calibration.close_window(0.0, 0.0)
             return
-        problem = live_problem(self.shape, self.live_workers(smoothed=False), self._context())
+        problem = live_problem(self.shape, self.live_workers(smoothed=False), self._context(), latency_seconds=0.0)
         indices = to_indices(problem, self.current.placement)
         if indices is None:
             self.calibration.close_window(0.0, 0.0)
@@ -319,7 +319,7 @@ class ClusterState:
             extra["previous"] = dict(self.current.placement)
         if getattr(self._policy, "uses_compute", False):
             extra["live"] = self.live_workers()
-            extra["calibration"] = self.calibration.view(list(self.workers))
+            extra["calibration"] = self.calibration.view(list(self.workers), smoothed=bool(self.replan_gate))
         if self.replan_gate and getattr(self._policy, "uses_gate", False):
             now = time.monotonic()
             extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), self.decode_rate(now),

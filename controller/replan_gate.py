@@ -143,6 +143,7 @@ class _Run:
     reference: np.ndarray
     started: float
     completed: deque = field(default_factory=lambda: deque(maxlen=RUN_WINDOW))
+    direction: np.ndarray | None = None  # sign of the change that began this run, per reading
 
 
 @dataclass
@@ -152,6 +153,11 @@ class PersistenceTracker:
     prior: float = PRIOR_TOKENS
     prior_weight: float = PRIOR_WEIGHT
     change_fraction: float = CHANGE_FRACTION
+    settle: float = 0.0
+    """Changes within this long of a run's start that go the same way as the change that began
+    it continue that change (a reading that ramps to its new level over a few reports, as a
+    worker's averaged timings do, is one change); a change back ends the run as usual, so load
+    that flips stays short-lived."""
     runs: dict[str, _Run] = field(default_factory=dict)
     now: float = 0.0
 
@@ -169,8 +175,13 @@ class PersistenceTracker:
         run = self.runs.get(name)
         if run is None:
             self.runs[name] = _Run(value.copy(), now)
+        elif changed(run.reference, value, self.change_fraction) and now - run.started < self.settle \
+                and _same_way(run, value):
+            run.reference = value.copy()  # still arriving at the level of the change that began this run
         elif changed(run.reference, value, self.change_fraction):
             run.completed.append(max(now - run.started, 0.0))
+            with np.errstate(invalid="ignore"):
+                run.direction = np.sign(value - run.reference)
             run.reference, run.started = value.copy(), now
         else:  # a reading that was not known yet becomes part of the reference
             run.reference = np.where(np.isnan(run.reference), value, run.reference)
@@ -188,6 +199,17 @@ class PersistenceTracker:
 
     def all(self, now: float | None = None) -> dict[str, float]:
         return {name: self.persistence(name, now) for name in self.runs}
+
+
+def _same_way(run: _Run, value: np.ndarray) -> bool:
+    """Whether ``value`` moved from the run's reference the way the change that began the run
+    did, in every reading that changed by more than the change fraction."""
+    if run.direction is None:
+        return False
+    scale = np.maximum(np.abs(run.reference), 1e-12)
+    with np.errstate(invalid="ignore"):
+        moved = np.abs(value - run.reference) > CHANGE_FRACTION * scale
+        return bool(np.all(np.sign(value - run.reference)[moved] == run.direction[moved]))
 
 
 # ----------------------------------------------------------------------------- the gate

@@ -17,6 +17,9 @@ Steps, as in the paper, with the choices it leaves open made concrete (docs/plac
    once, whole-layer moves, and swaps where memory blocks a better move. Cold starts
    also start from the contiguous layer-shard plan (sharding.layer_chain) and keep the
    better result; small cold starts add deterministic kicks (iterated local search).
+   Warm starts also weigh two jumps no chain of single moves reaches when every step alone
+   adds messages: the whole model on one device (each device it fits on), and the layer-shard
+   plan; the best of those and the local search's result stands.
 6. Termination: an iteration bound and a time limit. Running out during steps 3-4
    returns Infeasible; during step 5 it returns the best placement found so far.
 7. At most one migration per block per interval: in a warm start a block that moved
@@ -356,9 +359,26 @@ class ResourceAware:
         stay_objective = objective_with_migration(stay_state, prev)
         state = SearchState(problem, builder.assign)
         improve(state, order, prev, builder.frozen.copy(), budget, self.config)
-        if objective_with_migration(state, prev) < stay_objective * (1.0 - self.config.hysteresis_fraction):
-            return _checked(problem, state.assign)
+        best, best_objective = state.assign, objective_with_migration(state, prev)
+        for jump in _jumps(problem):
+            objective = objective_with_migration(SearchState(problem, jump), prev)
+            if objective < best_objective * (1 - 1e-12):
+                best, best_objective = jump, objective
+        if best_objective < stay_objective * (1.0 - self.config.hysteresis_fraction):
+            return _checked(problem, best)
         return _checked(problem, builder.assign)
+
+
+def _jumps(problem: Problem) -> list[np.ndarray]:
+    """Placements a warm start compares beside its local search: everything on one device, for
+    each device that holds it, and the contiguous layer-shard plan."""
+    total = float(problem.memory_bytes.sum())
+    out = [np.full(problem.n_blocks, d, dtype=np.int64) for d in range(problem.n_devices)
+           if total <= problem.memory_limit_bytes[d]]
+    chain = layer_chain(problem)
+    if chain is not None:
+        out.append(chain.array())
+    return out
 
 
 def _checked(problem: Problem, assign: np.ndarray) -> Decision:

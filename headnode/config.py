@@ -53,6 +53,9 @@ class HeadnodeSettings(Section):
     step_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
     # give up a migration (and keep the old placement) after this many seconds
     migration_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    # where a migrating block's weights come from: the head node, which holds every block's
+    # (the source then exports only K/V caches), or the block's current worker
+    migration_weights: Literal["headnode", "source"] = "headnode"
     # sessions (gRPC and HTTP generations together) that may run at once; one more is refused
     # with RESOURCE_EXHAUSTED (HTTP 429). null or off: no limit but the workers' memory
     max_sessions: Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_off_is_none)] = 32

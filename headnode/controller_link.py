@@ -34,11 +34,12 @@ ANNOUNCE_TIMEOUT_SECONDS = 60.0  # SetModel waits for the workers to register ag
 
 class ControllerLink:
     def __init__(self, cluster: ClusterExecutor, stub: controller_pb2_grpc.ControllerStub,
-                 migration_timeout_seconds: float, model_name: str = "") -> None:
+                 migration_timeout_seconds: float, model_name: str = "", migration_weights: str = "headnode") -> None:
         self.cluster = cluster
         self.stub = stub
         self.model_name = model_name
         self.migration_timeout_seconds = migration_timeout_seconds
+        self.migration_weights = migration_weights
         self.progress: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         self.reports: list[MigrationReport] = []
         self.failures: list[str] = []
@@ -170,7 +171,7 @@ class ControllerLink:
             return
         try:
             report = await migrate(self.cluster, answer.epoch, answer.placement, answer.addresses,
-                                   self.migration_timeout_seconds)
+                                   self.migration_timeout_seconds, self.migration_weights)
             self.reports.append(report)
         except MigrationError as err:
             self.failures.append(str(err))

@@ -57,7 +57,8 @@ async def run_headnode(settings: HeadnodeSettings, grpc_settings: GrpcSettings, 
     # the controller may restart: the channel reconnects quickly, and the link announces the model again
     async with daemon_channel(settings.controller, grpc_settings) as channel:
         controller = controller_pb2_grpc.ControllerStub(channel)
-        link = ControllerLink(cluster, controller, settings.migration_timeout_seconds, model.name)
+        link = ControllerLink(cluster, controller, settings.migration_timeout_seconds, model.name,
+                              settings.migration_weights)
         await wait_for_workers(controller, settings.min_workers, settings.worker_wait_seconds)
         reply = await controller.SetModel(link.model_request())
         if reply.error:

@@ -3,7 +3,12 @@ changing a token.
 
 For a new placement, every block whose worker changes is pulled by its destination
 straight from its source (weights only if the destination lacks their content hash,
-then every session's K/V cache) while decoding goes on: the pre-copy. Then, at a
+then every session's K/V cache) while decoding goes on: the pre-copy. With
+``weights_from="headnode"`` (headnode.migration_weights, the default) the head node first
+sends the destinations the weights they lack, as it did when it distributed the model, so the
+source only exports K/V caches: a block moving off a board that is busy, which is when the
+controller moves blocks, does not wait for that board to serialise its weights (a board left a
+fifth of a core took 67 s to export SmolLM2's 74 MB; the testbed, docs/testbed.md). Then, at a
 step boundary (the StepGate holds new steps back), each destination pulls only the
 cache rows added since, and the head node switches to the new epoch. Only then do
 the sources free the blocks. If anything fails before the switch (a worker dies, a
@@ -51,7 +56,8 @@ class MigrationReport:
     moves: list[Move]
     precopy_bytes: int = 0
     delta_bytes: int = 0
-    weights_skipped: int = 0  # moves whose destination already held the weights
+    weights_skipped: int = 0  # moves whose pull brought no weights (the destination held them)
+    weights_shipped: int = 0  # bytes of weights the head node sent the destinations itself
     precopy_seconds: float = 0.0
     stall_seconds: float = 0.0  # steps were held back this long (delta pull + switch)
 
@@ -63,16 +69,22 @@ def moves_between(old: dict[BlockId, str], new: dict[BlockId, str]) -> list[Move
     return [Move(b, old[b], new[b]) for b in sorted(new) if old[b] != new[b]]
 
 
+WEIGHTS_FROM = ("headnode", "source")
+
+
 async def migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId, str],
-                  addresses: dict[str, str], timeout_seconds: float = 120.0) -> MigrationReport:
+                  addresses: dict[str, str], timeout_seconds: float = 120.0,
+                  weights_from: str = "headnode") -> MigrationReport:
     """Move to placement ``number``; raises MigrationError (old epoch kept) on failure.
     Holds the cluster's placement lock throughout: a recovery waits for it to end."""
+    if weights_from not in WEIGHTS_FROM:
+        raise ValueError(f"weights_from must be one of {WEIGHTS_FROM}, not {weights_from!r}")
     async with cluster.placement_lock:
-        return await _migrate(cluster, number, placement, addresses, timeout_seconds)
+        return await _migrate(cluster, number, placement, addresses, timeout_seconds, weights_from)
 
 
 async def _migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockId, str],
-                   addresses: dict[str, str], timeout_seconds: float) -> MigrationReport:
+                   addresses: dict[str, str], timeout_seconds: float, weights_from: str) -> MigrationReport:
     old = cluster.epoch
     if old is None:
         raise MigrationError("no placement is in use yet")
@@ -109,9 +121,15 @@ async def _migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockI
         raise MigrationError(f"migration to epoch {number} abandoned, epoch {old.number} stays: {refused}")
     try:
         start = time.perf_counter()
+        shipped = 0
+        if weights_from == "headnode":  # bound there now; the pull then brings the caches only
+            stubs = {m.destination: cluster.stub(m.destination, all_addresses[m.destination]) for m in moves}
+            shipped = await cluster.weights.ship({m.block: m.destination for m in moves}, stubs, progress=False,
+                                                 load_timeout_seconds=timeout_seconds)
         pre = await pull_all(delta=False)
         report.precopy_seconds = time.perf_counter() - start
-        report.precopy_bytes = sum(r.bytes for r in pre)
+        report.precopy_bytes = shipped + sum(r.bytes for r in pre)
+        report.weights_shipped = shipped
         report.weights_skipped = sum(not r.weights_sent for r in pre)
         async with cluster.gate.switch():
             held = time.perf_counter()

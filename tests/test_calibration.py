@@ -27,7 +27,7 @@ def test_rate_fit_recovers_kind_factors_and_worker_speeds_and_scales_unmeasured_
     rates, factors = cal.fit_rates(measured, {"a": 40e9, "b": 10e9, "c": 20e9})
     assert factors == pytest.approx(truth_g, rel=1e-9)
     assert rates["a"] == pytest.approx(8e9) and rates["b"] == pytest.approx(2e9)
-    # c has run nothing: its benchmark times what the benchmark overstated on a and b (5x)
+    # c has run nothing: its benchmark times the least measured/benchmark ratio (a and b: 1/5)
     assert rates["c"] == pytest.approx(20e9 / 5)
 
 
@@ -162,3 +162,14 @@ def test_a_worker_that_leaves_is_forgotten_by_the_calibration():
     state = state_with_timings()
     state.remove("w1", "test")
     assert "w1" not in state.calibration.view().device_rates
+
+
+def test_planning_sees_rates_averaged_over_seconds_and_predictions_the_latest():
+    c = cal.Calibration(smoothing_seconds=3.0)
+    c.observe_worker("w", {"ffn": 4e9}, 1e10, now=0.0)
+    c.observe_worker("w", {"ffn": 1e9}, now=1.0)  # a hog for a second
+    assert c.view().device_rates["w"] == pytest.approx(1e9)
+    smoothed = c.view(smoothed=True).device_rates["w"]
+    assert smoothed == pytest.approx(4e9 + (1 - math.exp(-1 / 3)) * (1e9 - 4e9))
+    c.observe_worker("w", {"ffn": 1e9}, now=31.0)  # and it lasted
+    assert c.view(smoothed=True).device_rates["w"] == pytest.approx(1e9, rel=1e-3)

@@ -159,3 +159,43 @@ def test_status_of_an_unreachable_controller_is_a_clear_error():
     result = run_cli("status", "--controller", "127.0.0.1:9")
     assert result.returncode != 0
     assert "controller 127.0.0.1:9" in result.stderr and "UNAVAILABLE" in result.stderr
+
+
+@pytest.mark.parametrize("weights_from", ["headnode", "source"])
+def test_a_migrations_weights_come_from_the_head_node_or_the_source_as_asked(tiny, weights_from):
+    """headnode.migration_weights: with "headnode" the head node sends the destination the
+    weights and the pull from the source brings K/V caches only; with "source" the pull brings
+    both. Either way no token changes."""
+    path, model = tiny
+    parts = model.parts
+    with LocalCluster(str(path), workers=3, progress=False, with_headnode=False) as cluster:
+        addresses = {f"worker-{i}": cluster.addresses[f"worker-{i}"] for i in range(3)}
+        placement = {b: "worker-0" for b in parts.blocks}
+        engine = BlockEngine(parts)
+        ids = model.tokenizer("Weights come from one place or the other").input_ids
+
+        async def run():
+            executor = ClusterExecutor(parts)
+            await executor.apply_placement(1, placement, addresses, progress=False)
+            got, want, token_in, token_ref = [], [], ids, ids
+            for step in range(8):
+                if step == 4:
+                    new = {b: ("worker-1" if b.layer % 2 else "worker-2") for b in parts.blocks}
+                    report = await migrate(executor, 2, new, addresses, timeout_seconds=60, weights_from=weights_from)
+                token_in = [int(torch.argmax(await executor.step("s", token_in)))]
+                token_ref = [int(torch.argmax(engine.forward("s", token_ref)))]
+                got += token_in
+                want += token_ref
+            assert executor.epoch.number == 2
+            weights = sum(executor.weights.digest(b).size_bytes for b in parts.blocks)
+            await executor.close()
+            return got, want, report, weights
+
+        got, want, report, weights = asyncio.run(run())
+    assert got == want
+    assert len(report.moves) == len(parts.blocks)
+    if weights_from == "headnode":
+        assert report.weights_shipped == weights and report.weights_skipped == len(report.moves)
+    else:
+        assert report.weights_shipped == 0 and report.weights_skipped == 0
+    assert report.precopy_bytes > weights  # the caches came from the source either way

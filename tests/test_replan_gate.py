@@ -266,3 +266,26 @@ def test_live_lasting_slowdown_moves_and_lost_memory_always_replans(clock):
     state.replan(state.memory_violation(busy) or "memory")
     assert state.current.epoch == 2 and sum(1 for w in state.current.placement.values() if w == busy) < held
     assert "no longer fits" in state._policy.last_gate.reason
+
+
+def test_a_reading_ramping_to_its_new_level_is_one_change_with_settle():
+    """A worker's averaged timings reach a new level over a few reports: with ``settle`` the
+    ramp is one change, so the run that ended before it still says how long conditions last."""
+    ramp = [(0.0, 1.0), (20.0, 2.0), (21.0, 3.0), (22.0, 4.0), (30.0, 4.0)]
+    settled = PersistenceTracker(prior=5.0, settle=3.0)
+    plain = PersistenceTracker(prior=5.0)
+    for now, value in ramp:
+        for tracker in (settled, plain):
+            tracker.observe_one("w", np.array([value]), now)
+    assert list(settled.runs["w"].completed) == [20.0]
+    assert settled.persistence("w", 30.0) == pytest.approx((5.0 + 20.0 + 10.0) / 2)
+    assert list(plain.runs["w"].completed) == [20.0, 1.0, 1.0]
+    assert plain.persistence("w", 30.0) == pytest.approx((5.0 + 22.0 + 8.0) / 4)  # half as long
+
+
+def test_load_that_flips_back_is_not_a_ramp_even_with_settle():
+    flips = [(0.0, 1.0), (20.0, 2.0), (21.0, 1.0), (22.0, 2.0), (23.0, 1.0)]
+    tracker = PersistenceTracker(prior=5.0, settle=3.0)
+    for now, value in flips:
+        tracker.observe_one("w", np.array([value]), now)
+    assert list(tracker.runs["w"].completed) == [20.0, 1.0, 1.0, 1.0]

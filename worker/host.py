@@ -322,9 +322,13 @@ class BlockHost:
         first = next(iter(values.values()), None)
         tokens = first.shape[1] if first is not None and first.dim() == 3 else 1
         self.flops_done += tokens * sum(b.flops_decode(position + tokens) for b in blocks)
+        # the call's own overhead between the units (lookups, the cache guard) is the blocks'
+        # cost too: each unit carries a share in proportion to its time
+        spent = sum(seconds for _, seconds in timed)
+        scale = (time.perf_counter() - start) / spent if spent > 0 else 1.0
         for unit, seconds in timed:
             members = unit.group.blocks if unit.group is not None else [unit.block]
             work = self.kind_work.setdefault(members[0].block_id.kind.value, [0.0, 0.0])
             work[0] += sum(b.flops_decode(position + 1) for b in members)
-            work[1] += seconds
+            work[1] += seconds * scale
         return {name: values[name] for name in returns}

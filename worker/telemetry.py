@@ -195,9 +195,10 @@ class ComputeEstimate:
 class KindRates:
     """Decode FLOP/s by block kind, as the blocks ran: per report, each kind with at least
     ``min_seconds`` of new work moves an exponential average toward its measured rate. The
-    controller calibrates its cost model from these (controller/calibration.py)."""
+    controller calibrates its cost model from these (controller/calibration.py). The weight is
+    higher than ComputeEstimate's: a board that got busy should look busy within a few reports."""
 
-    def __init__(self, weight: float = 0.3, min_seconds: float = 0.02) -> None:
+    def __init__(self, weight: float = 0.6, min_seconds: float = 0.02) -> None:
         self.weight = weight
         self.min_seconds = min_seconds
         self.rates: dict[str, float] = {}

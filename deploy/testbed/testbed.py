@@ -39,6 +39,8 @@ from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2, worker
 
 SETTLE_TOKENS = 2  # tokens after a placement change left out of its measured median (the switch itself)
 TELEMETRY_WAIT_SECONDS = 2.5  # two telemetry periods: the timings of a warm-up reach the controller
+PREDICTION_POLL_SECONDS = 0.25  # how often a run records the controller's current prediction
+MIN_SEGMENT_TOKENS = 8  # a placement under one set of conditions measured over fewer is left out
 
 
 class Testbed(LocalCluster):
@@ -64,12 +66,12 @@ class Testbed(LocalCluster):
             net.apply(list(self.endpoints.values()), self.profile.rates)
             for name in self.endpoints:
                 self.groups[name] = cgroup.CpuGroup(f"{net.PREFIX}-{name}", self.profile.cores[name])
-            self._spawn("controller", ["controller", "--listen", f"{self.host}:0"])
+            self._spawn("controller", ["-vv", "controller", "--listen", f"{self.host}:0"])  # its plans and why
             self._wait_ready(["controller"])
-            for name in self.profile.devices:
+            for name in self.profile.devices:  # one at a time: a board measures itself alone, as on its own
                 self._spawn(name, self._device_args(name))
-            self._wait_ready(self.profile.devices)
-            args = ["headnode", "--listen", f"{self.host}:0", "--controller", self.addresses["controller"],
+                self._wait_ready([name])
+            args = ["-v", "headnode", "--listen", f"{self.host}:0", "--controller", self.addresses["controller"],
                     "--min-workers", str(len(self.profile.devices)), "--quiet"]
             if self.model:
                 args += ["--model", self.model]
@@ -171,6 +173,7 @@ class Run:
     decisions: list[dict] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     warmup: dict | None = None  # Testbed.warm_up's calibration, when the run had one
+    predictions: list[tuple[float, int, float]] = field(default_factory=list)  # (unix time, epoch, s/token)
     calibration: dict = field(default_factory=dict)  # the controller's at the end
 
 
@@ -189,9 +192,15 @@ def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False, 
     threads: list[threading.Thread] = []
 
     def watch_epoch(client: Client) -> None:
+        asked = 0.0
         while not done.is_set():
             try:
                 epoch[0] = client.status()["epoch"]
+                if time.time() - asked >= PREDICTION_POLL_SECONDS:  # the controller's prediction, as it stands
+                    asked = time.time()
+                    reply = bed.controller_status()
+                    if reply.current_predicted_token_seconds > 0:
+                        run.predictions.append((asked, reply.epoch, reply.current_predicted_token_seconds))
             except Exception:  # noqa: BLE001 - a status call racing a stop: the next one tells
                 pass
             time.sleep(0.05)
@@ -233,32 +242,44 @@ def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False, 
     return run
 
 
-def fidelity(run: Run) -> list[dict]:
-    """Per placement that decoded at least a few tokens: the controller's predicted token time
-    beside the measured median gap between tokens under it (the first SETTLE_TOKENS after a
-    switch left out).
+def segments(run: Run) -> list[tuple[int, int, int]]:
+    """(epoch, first token, end token) of each stretch that ran one placement under one set of
+    conditions: cut at every placement switch and every event."""
+    cuts = sorted({0, len(run.arrivals), *(e["token"] for e in run.fired if 0 < e["token"] < len(run.arrivals)),
+                   *(i for i in range(1, len(run.epochs)) if run.epochs[i] != run.epochs[i - 1])})
+    return [(run.epochs[a], a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
-    The prediction is the one the controller made when it chose the placement ("basis":
-    "decision", or "uncalibrated" when nothing had been measured yet). For the placement a
-    warm-up ran on, it is the controller's prediction after the warm-up ("warm-up"): fitted on
-    that same placement, so in-sample."""
-    predicted = {d["epoch"]: (d["predicted_token_seconds"], "decision" if d.get("calibrated") else "uncalibrated")
-                 for d in run.decisions}
+
+def fidelity(run: Run) -> list[dict]:
+    """Per stretch of one placement under one set of conditions (``segments``) long enough to
+    measure: the median gap between its tokens (the first SETTLE_TOKENS after a cut left out)
+    beside the controller's predicted token time for that placement.
+
+    ``predicted_token_seconds`` is the controller's prediction as it stood during the stretch's
+    second half (the median of those polled): by then it has the workers' timings under the
+    stretch's conditions, which is what the cost model composes; it was never fitted to the
+    stretch's token times except through the one per-message cost it fits over every window.
+    ``decision_token_seconds`` is the prediction made when the placement was chosen, with its
+    ``basis``: "decision" (calibrated from earlier measurements), "warm-up" (the placement the
+    warm-up ran on, predicted after it) or "uncalibrated" (before anything was measured)."""
+    decided = {d["epoch"]: (d["predicted_token_seconds"], "decision" if d.get("calibrated") else "uncalibrated")
+               for d in run.decisions}
     if run.warmup and run.warmup.get("predicted_token_seconds"):
-        predicted[run.warmup["epoch"]] = (run.warmup["predicted_token_seconds"], "warm-up")
-    gaps: dict[int, list[float]] = {}
-    since_switch = 0
-    for i in range(1, len(run.arrivals)):
-        since_switch = 0 if run.epochs[i] != run.epochs[i - 1] else since_switch + 1
-        if since_switch >= SETTLE_TOKENS:
-            gaps.setdefault(run.epochs[i], []).append(run.arrivals[i] - run.arrivals[i - 1])
+        decided[run.warmup["epoch"]] = (run.warmup["predicted_token_seconds"], "warm-up")
     out = []
-    for epoch, values in sorted(gaps.items()):
-        measured = statistics.median(values)
-        guess, basis = predicted.get(epoch, (None, None))
-        out.append({"epoch": epoch, "tokens": len(values), "measured_token_seconds": measured,
-                    "predicted_token_seconds": guess, "basis": basis,
-                    "predicted_over_measured": guess / measured if guess and measured > 0 else None})
+    for epoch, first, end in segments(run):
+        gaps = [run.arrivals[i] - run.arrivals[i - 1] for i in range(max(first + SETTLE_TOKENS, 1), end)]
+        if len(gaps) < MIN_SEGMENT_TOKENS:
+            continue
+        measured = statistics.median(gaps)
+        middle = run.arrivals[first] + (run.arrivals[end - 1] - run.arrivals[first]) / 2
+        polled = [p for t, e, p in run.predictions if e == epoch and middle <= t <= run.arrivals[end - 1]]
+        guess = statistics.median(polled) if polled else None
+        at_decision, basis = decided.get(epoch, (None, None))
+        out.append({"epoch": epoch, "first_token": first, "tokens": len(gaps), "measured_token_seconds": measured,
+                    "predicted_token_seconds": guess,
+                    "predicted_over_measured": guess / measured if guess and measured > 0 else None,
+                    "decision_token_seconds": at_decision, "basis": basis})
     return out
 
 
@@ -328,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: record[k] for k in ("policy", "tokens", "decode_seconds", "tokens_per_second",
                                               "migrations", "replans")}))
     for row in record["fidelity"]:
-        print(f"epoch {row['epoch']}: predicted {row['predicted_token_seconds']} s ({row['basis']}), measured "
+        print(f"epoch {row['epoch']} from token {row['first_token']}: predicted {row['predicted_token_seconds']} s "
+              f"(at decision {row['decision_token_seconds']} s, {row['basis']}), measured "
               f"{row['measured_token_seconds']:.4f} s over {row['tokens']} tokens")
     if picture:
         print(f"plot: {picture}")

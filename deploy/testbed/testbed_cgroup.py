@@ -81,6 +81,15 @@ class CpuGroup:
             pass
 
 
+# a busy loop that ends when the testbed that started it is gone (even a SIGKILLed one)
+HOG = """
+import os, sys
+parent, n = int(sys.argv[1]), 0
+while n or os.getppid() == parent:
+    n = (n + 1) % 2000000
+"""
+
+
 class CpuHog:
     """Busy loops in a board's CPU group: load another program puts on that board."""
 
@@ -88,7 +97,7 @@ class CpuHog:
         self.procs: list[subprocess.Popen] = []
         try:
             for _ in range(processes):
-                self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                self.procs.append(subprocess.Popen([sys.executable, "-c", HOG, str(os.getpid())],
                                                    start_new_session=True))
                 group.add(self.procs[-1].pid)
         except BaseException:
