@@ -91,7 +91,7 @@ class BlockHost:
         self.block_hash: dict[BlockId, str] = {}
         self.compute_seconds = 0.0
         self.flops_done = 0.0
-        # decode work by block kind ("attention", "projection", "ffn"): [FLOPs, seconds], cumulative;
+        # decode work by block kind ("attn", "proj", "ffn"): [FLOPs, seconds], cumulative;
         # what the controller's cost model is calibrated from (controller/calibration.py)
         self.kind_work: dict[str, list[float]] = {}
         self._version = 0  # bumped whenever self.blocks changes
