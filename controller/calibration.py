@@ -73,9 +73,10 @@ def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, flo
     Least squares in log space of ``seconds_per_flop[k, c] = g_c * u_k`` with ``g_ffn = 1``
     (alternating means; the model is exact when every worker runs the same kernels at its own
     speed). Workers without measurements and with a benchmark get that benchmark times the
-    least measured/benchmark ratio: of each worker's best one in ``best_ratios`` when given
-    (updated here with the ratios measured now), else of the ratios measured now."""
-    observed = {(k, c): math.log(1.0 / r) for k, rates in kind_rates.items() for c, r in rates.items() if r > 0}
+    least measured/benchmark ratio: of each worker's best one (``best_ratios``, the best seen
+    before, or the one measured now if that is higher)."""
+    observed = {(k, c): math.log(1.0 / r) for k, rates in kind_rates.items() for c, r in rates.items()
+                if 0 < r < math.inf}
     workers = sorted({k for k, _ in observed})
     kinds = sorted({c for _, c in observed})
     log_u = {k: statistics.fmean(v for (w, _), v in observed.items() if w == k) for k in workers}
@@ -88,11 +89,9 @@ def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, flo
         log_u = {k: statistics.fmean(v - log_g[c] for (kk, c), v in observed.items() if kk == k) for k in workers}
     rates = {k: math.exp(-u) for k, u in log_u.items()}
     ratios = [rates[k] / benchmarks[k] for k in workers if benchmarks.get(k, 0) > 0]
-    if best_ratios is not None:
-        for k in workers:
-            if benchmarks.get(k, 0) > 0:
-                best_ratios[k] = max(best_ratios.get(k, 0.0), rates[k] / benchmarks[k])
-        ratios = [r for k, r in best_ratios.items() if k in benchmarks]
+    if best_ratios:
+        ratios = [max(best_ratios.get(k, 0.0), rates[k] / benchmarks[k]) for k in workers if benchmarks.get(k, 0) > 0]
+        ratios += [r for k, r in best_ratios.items() if k in benchmarks and k not in workers]
     if ratios:
         # the least ratio: a board nobody has timed is not assumed faster than the slowest
         # evidence says (a lightly used board under a CPU quota times faster than its share)
@@ -174,6 +173,9 @@ class Calibration:
 
     def observe_worker(self, name: str, kind_rates: dict[str, float], benchmark_flops: float = 0.0,
                        now: float | None = None) -> None:
+        if benchmark_flops > 0:
+            self.benchmarks.setdefault(name, benchmark_flops)
+        kind_rates = {k: r for k, r in kind_rates.items() if 0 < r < math.inf}
         if kind_rates:
             self.kind_rates[name] = dict(kind_rates)
             now = time.monotonic() if now is None else now
@@ -183,8 +185,10 @@ class Calibration:
             self.smoothed_rates[name] = {k: old[k] + weight * (r - old[k]) if k in old else r
                                          for k, r in kind_rates.items()}
             self._seen_at[name] = now
-        if benchmark_flops > 0:
-            self.benchmarks.setdefault(name, benchmark_flops)
+            if self.benchmarks.get(name, 0) > 0:  # how far the benchmark is from the truth, at best (fit_rates)
+                fitted, _ = fit_rates(self.smoothed_rates, self.benchmarks)
+                if name in fitted:
+                    self.best_ratios[name] = max(self.best_ratios.get(name, 0.0), fitted[name] / self.benchmarks[name])
 
     def forget(self, name: str) -> None:
         self.kind_rates.pop(name, None)
@@ -213,8 +217,10 @@ class Calibration:
         return len(self._pending) >= WINDOW_TOKENS
 
     def close_window(self, model_seconds: float, messages: float) -> None:
-        """Record the window just completed against the model's time (no message cost) and messages."""
-        if self._pending:
+        """Record the window just completed against the model's time (no message cost) and
+        messages; one the model cannot price (``messages`` 0: the placement it ran under is not
+        the controller's current one) is dropped."""
+        if self._pending and messages > 0:
             self.windows.append(Window(statistics.median(self._pending), model_seconds, messages))
         self._pending = []
 
@@ -223,7 +229,8 @@ class Calibration:
         names = set(self.kind_rates) | set(self.benchmarks) if workers is None else set(workers)
         measured = self.smoothed_rates if smoothed else self.kind_rates
         rates, factors = fit_rates({k: r for k, r in measured.items() if k in names},
-                                   {k: b for k, b in self.benchmarks.items() if k in names}, self.best_ratios)
+                                   {k: b for k, b in self.benchmarks.items() if k in names},
+                                   {k: r for k, r in self.best_ratios.items() if k in names})
         return CalibrationView(rates, factors, fit_hop(list(self.windows)), self.head_seconds, len(self.windows))
 
 

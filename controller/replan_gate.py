@@ -176,7 +176,7 @@ class PersistenceTracker:
         if run is None:
             self.runs[name] = _Run(value.copy(), now)
         elif changed(run.reference, value, self.change_fraction) and now - run.started < self.settle \
-                and _same_way(run, value):
+                and _same_way(run, value, self.change_fraction):
             run.reference = value.copy()  # still arriving at the level of the change that began this run
         elif changed(run.reference, value, self.change_fraction):
             run.completed.append(max(now - run.started, 0.0))
@@ -201,14 +201,14 @@ class PersistenceTracker:
         return {name: self.persistence(name, now) for name in self.runs}
 
 
-def _same_way(run: _Run, value: np.ndarray) -> bool:
+def _same_way(run: _Run, value: np.ndarray, fraction: float = CHANGE_FRACTION) -> bool:
     """Whether ``value`` moved from the run's reference the way the change that began the run
     did, in every reading that changed by more than the change fraction."""
     if run.direction is None:
         return False
     scale = np.maximum(np.abs(run.reference), 1e-12)
     with np.errstate(invalid="ignore"):
-        moved = np.abs(value - run.reference) > CHANGE_FRACTION * scale
+        moved = np.abs(value - run.reference) > fraction * scale
         return bool(np.all(np.sign(value - run.reference)[moved] == run.direction[moved]))
 
 

@@ -49,7 +49,7 @@ __all__ = ["ClusterError", "ClusterExecutor", "Epoch"]
 log = logging.getLogger(__name__)
 
 RETRIES_PER_STEP = 3  # recoveries one step may wait for before its failure stands
-HEAD_GAP_SECONDS = 1.0  # a session's steps further apart than this are not one decode loop
+HEAD_GAP_SECONDS = 1.0  # more than this between a session's steps, beyond the step itself: not one decode loop
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class ClusterExecutor:
                     # the head node's own time per token: since this session's previous step, less
                     # this step's dataflow (only for a decode step following one closely)
                     since = end - record.last_step_end if record.last_step_end else 0.0
-                    head = since - ran if len(token_ids) == 1 and 0 < since < HEAD_GAP_SECONDS else 0.0
+                    head = since - ran if len(token_ids) == 1 and 0 < since - ran < HEAD_GAP_SECONDS else 0.0
                     record.last_step_end = end
                     if self.on_step is not None:
                         self.on_step(StepTiming(len(token_ids), elapsed, epoch.number, ran, max(0.0, head),

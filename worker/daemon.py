@@ -59,6 +59,7 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
     """Register, then stream telemetry every period; reconnect with backoff on failure (a
     controller that restarts gets every worker back within about RETRY_MAX_SECONDS)."""
     backoff = RETRY_FIRST_SECONDS
+    kinds = telemetry.KindRates()  # one per process: a reconnect goes on from the rates it had
     while True:
         try:
             async with open_channel(settings.controller, grpc_settings) as ch:
@@ -73,8 +74,6 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
                 registered.set()
                 backoff = RETRY_FIRST_SECONDS
                 period = settings.telemetry_period_seconds or reply.heartbeat_seconds
-
-                kinds = telemetry.KindRates()
 
                 async def reports():
                     while True:
