@@ -85,7 +85,11 @@ def unmeasured_latency(calibration: CalibrationView | None) -> float:
 def predicted_token_seconds(shape: ModelShape, workers: list[LiveWorker], placement: dict[BlockId, str],
                             context_tokens: int, calibration: CalibrationView | None = None) -> float | None:
     """The cost model's per-token latency of ``placement`` (None if it names unknown workers);
-    with a calibration, as the head node's client will see it (controller/calibration.py)."""
+    with a calibration, as the head node's client will see it (controller/calibration.py).
+    None too while no worker is known (a controller that took over a placement, before its
+    workers registered again)."""
+    if not workers:
+        return None
     problem = live_problem(shape, workers, context_tokens, latency_seconds=unmeasured_latency(calibration))
     indices = to_indices(problem, placement)
     if indices is None:

@@ -197,3 +197,10 @@ def test_planning_sees_rates_averaged_over_seconds_and_predictions_the_latest():
     assert smoothed == pytest.approx(4e9 + (1 - math.exp(-1 / 3)) * (1e9 - 4e9))
     c.observe_worker("w", {"ffn": 1e9}, now=31.0)  # and it lasted
     assert c.view(smoothed=True).device_rates["w"] == pytest.approx(1e9, rel=1e-3)
+
+
+def test_a_controller_without_workers_predicts_nothing_instead_of_failing():
+    state = state_with_timings()
+    for name in list(state.workers):
+        state.remove(name, "test")
+    assert state.current.placement and state.predict_current() is None
