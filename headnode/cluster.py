@@ -191,7 +191,7 @@ class ClusterExecutor:
                     record.last_step_end = end
                     if self.on_step is not None:
                         self.on_step(StepTiming(len(token_ids), elapsed, epoch.number, ran, max(0.0, head),
-                                                record.tokens))
+                                                record.position))
                     return logits
             # out of the gate: a recovery holds it exclusively
             retry = False
