@@ -30,7 +30,7 @@ from edgeheads.headnode.slicing import ModelParts
 from edgeheads.worker import kernel_probe, kernels
 from edgeheads.worker.blocks.base import BlockShapeError
 from edgeheads.worker.blocks.factory import make_block
-from edgeheads.worker.executor import AttentionGroup, fusible
+from edgeheads.worker.executor import AttentionGroup, fusible, pack_rows
 from tiny_configs import TINY_CONFIGS, VOCAB
 
 # TINY_CONFIGS["gpt2"] has 48-wide rows, which q4's groups of 32 cannot split; this one can
@@ -309,3 +309,31 @@ def test_packed_engine_computes_what_the_unpacked_one_does(tiny_paths, fresh_cho
         for token in (5, 77, 300):
             assert torch.equal(packed.forward("s", [token]), unpacked.forward("s", [token]))
     assert all(torch.equal(t, before[b][n]) for b, w in other.parts.blocks.items() for n, t in w.items())
+
+
+def test_a_group_rebuilt_over_the_same_weights_keeps_their_prepared_kernel_form(loaded, only_kernel, monkeypatch):
+    """A worker rebuilds its attention groups whenever any block is loaded or unloaded there
+    (every block a migration brings). Over unchanged weights the int4 kernel's repacked form
+    is reused; over new weights (a layer packed anew) it is made anew."""
+    only_kernel("q4", "int4pack")
+    parts = loaded("llama-gqa", "q4").parts
+    blocks = attention_blocks(parts, 1)
+    made = []
+    real = kernels._int4pack
+    monkeypatch.setattr(kernels, "_int4pack", lambda weights, name, dtype: made.append(name) or real(weights, name,
+                                                                                                    dtype))
+    x = torch.randn(1, 1, parts.shape.hidden_size).to(blocks[0].dtype)
+    first = AttentionGroup(blocks).forward("a", x)
+    assert made == ["qkv.weight"]
+    again = AttentionGroup(blocks).forward("b", x)
+    assert made == ["qkv.weight"]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    for name in [n for n in blocks[0].weights if n.startswith("qkv.")]:  # what packing a layer anew does
+        for block, view in zip(blocks, pack_rows([b.weights[name] for b in blocks])):
+            block.weights[name] = view
+    assert fusible(blocks)
+    repacked = AttentionGroup(blocks).forward("c", x)
+    assert made == ["qkv.weight", "qkv.weight"]
+    torch.testing.assert_close(repacked, first, rtol=0, atol=0)
+    assert made[-1] and AttentionGroup(blocks[:1]).forward("d", x).shape[-1] < first.shape[-1]
+    assert len(made) == 3  # one block alone is another view, with its own form

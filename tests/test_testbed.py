@@ -69,7 +69,7 @@ def test_bad_profiles_are_refused_with_a_reason(change, message):
 def test_every_directed_link_is_shaped_once_at_its_sender():
     a, b = testbed_net.Endpoint("a", 0), testbed_net.Endpoint("b", 1)
     rates = {("a", "b"): 1e6, ("b", "a"): 2e6, ("headnode", "a"): 3e6}
-    commands = [" ".join(c) for c in testbed_net.plan_commands([a, b], rates)]
+    commands = [" ".join(c) for c in testbed_net.plan_commands([a, b], rates, relay_port=None)]
     classes = [c for c in commands if " class add " in c and "classid 1:1 " not in c]
     # a -> b at a's namespace egress, b -> a at b's, hub -> a on a's root-side veth; nothing else
     assert len(classes) == 3
@@ -79,6 +79,26 @@ def test_every_directed_link_is_shaped_once_at_its_sender():
     filters = [c for c in commands if " filter add " in c]
     assert any(f"match ip dst {b.address}/32" in c and a.ns_veth in c for c in filters)
     assert any(f"match ip src {testbed_net.HUB}/32" in c and a.host_veth in c for c in filters)
+
+
+def test_relay_traffic_goes_first_on_every_shaped_link():
+    a, b = testbed_net.Endpoint("a", 0), testbed_net.Endpoint("b", 1)
+    rates = {("a", "b"): 1e6, ("headnode", "a"): 3e6}
+    commands = [" ".join(c) for c in testbed_net.plan_commands([a, b], rates, relay_port=50062)]
+    for dev, rate in ((a.ns_veth, "8000000bit"), (a.host_veth, "24000000bit")):
+        mine = [c for c in commands if f"dev {dev} " in c]
+        link = [c for c in mine if " class add " in c and "parent 1: " in c and "classid 1:1 " not in c]
+        assert len(link) == 1 and f"rate {rate} ceil {rate}" in link[0]
+        minor = link[0].split("classid ")[1].split()[0]
+        leaves = {c.split("classid ")[1].split()[0]: c for c in mine if f"parent {minor} " in c}
+        relay, bulk = leaves[minor + "1"], leaves[minor + "2"]
+        assert "prio 0" in relay and f"rate {rate} ceil {rate}" in relay
+        assert "prio 1" in bulk and f"ceil {rate}" in bulk and f"rate {rate} " not in bulk  # it borrows
+        filters = [c for c in mine if " filter add " in c]
+        to_relay = [c for c in filters if c.endswith(f"flowid {minor}1")]
+        assert {"sport" if "sport 50062" in c else "dport" for c in to_relay} == {"sport", "dport"}
+        assert all(" prio 1 " in c for c in to_relay)
+        assert [c for c in filters if c.endswith(f"flowid {minor}2") and " prio 2 " in c and "50062" not in c]
 
 
 @pytest.mark.system

@@ -46,6 +46,21 @@ def extend_view(first: torch.Tensor, count: int) -> torch.Tensor:
     return torch.as_strided(first, shape, first.stride(), first.storage_offset())
 
 
+def group_view(first: AttentionBlock, name: str, count: int) -> torch.Tensor:
+    """``extend_view`` of the first block's weight ``name``, kept on that block while the weight
+    is the same tensor. A kernel's prepared form of a weight (worker/kernels.py) lives as long as
+    the tensor object it was made for, and a worker's groups are rebuilt whenever any block is
+    loaded or unloaded there: a view made anew each time had every group on the worker repack its
+    weights on its next call, once per block a migration brought (decoding slowed 2-3x)."""
+    source = first.weights[name]
+    held = first.group_views.get(name)
+    if held is not None and held[0] is source and held[1] == count:
+        return held[2]
+    view = extend_view(source, count)
+    first.group_views[name] = (source, count, view)  # one per name: an older view's prepared form goes
+    return view
+
+
 def owns_whole_buffer(tensors: Sequence[torch.Tensor]) -> bool:
     """True when the tensors are adjacent views that together fill their storage exactly
     (nothing else, such as a block that left, is kept alive in it)."""
@@ -97,7 +112,7 @@ class AttentionGroup:
             raise ValueError(f"blocks {[str(b.block_id) for b in self.blocks]} cannot run as one group")
         first = self.blocks[0].weights
         # every block's rows as one weight of logical shape (G*(q+2)*d, D), in its format
-        self.qkv = {n: extend_view(first[n], len(self.blocks)) for n in FUSED_NAMES if n in first}
+        self.qkv = {n: group_view(self.blocks[0], n, len(self.blocks)) for n in FUSED_NAMES if n in first}
         self.width = self.blocks[0].shape.heads_per_group * self.blocks[0].shape.head_dim  # q*d per block
 
     def forward(self, session: str, x: torch.Tensor, reserve_tokens: int = 0) -> torch.Tensor:

@@ -63,7 +63,8 @@ class Testbed(LocalCluster):
     # ------------------------------------------------------------------ set-up and teardown
     def start(self) -> str:
         try:
-            net.apply(list(self.endpoints.values()), self.profile.rates)
+            net.apply(list(self.endpoints.values()), self.profile.rates,
+                      relay_port=net.RELAY_PORT if self.profile.testbed.relay_priority else None)
             for name in self.endpoints:
                 self.groups[name] = cgroup.CpuGroup(f"{net.PREFIX}-{name}", self.profile.cores[name])
             self._spawn("controller", ["-vv", "controller", "--listen", f"{self.host}:0"])  # its plans and why
@@ -86,7 +87,8 @@ class Testbed(LocalCluster):
 
     def _device_args(self, name: str) -> list[str]:
         return ["worker", "--listen", f"{self.endpoints[name].address}:0", "--controller", self.addresses["controller"],
-                "--name", name, "--threads", "1", "--memory-limit", str(self.profile.memory[name])]
+                "--name", name, "--threads", "1", "--memory-limit", str(self.profile.memory[name]),
+                "--relay-port", str(net.RELAY_PORT)]
 
     def _command(self, name: str, args: list[str]) -> list[str]:
         command = super()._command(name, args)

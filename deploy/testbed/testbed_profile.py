@@ -8,6 +8,7 @@ background) whose optional ``testbed`` mapping the simulator leaves alone:
         - {device: jetson, start_token: 64, end_token: 320, compute_fraction: 0.5}
     testbed:
       max_cores: 1.0     # the fastest device's CPU quota, in this machine's cores
+      relay_priority: true  # relay frames go before bulk traffic on each link (false: one FIFO)
       standby: [{name: nano, memory_bytes: 2.0e9, peak_flops_per_second: 4.0e9}]  # join by event
       links: [{source: nano, destination: pi4, bandwidth_bytes_per_second: 6.25e6, latency_seconds: 0}]
       events:            # what only the testbed does (the simulator has no membership events)
@@ -60,6 +61,7 @@ class TestbedSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_cores: float = Field(default=1.0, gt=0)
+    relay_priority: bool = True  # relay frames before bulk traffic on every shaped link (testbed_net.py)
     standby: list[DeviceSpec] = []
     links: list[LinkSpec] = []  # pairs with a standby device (the simulator does not know those devices)
     events: list[Event] = []

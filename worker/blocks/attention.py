@@ -34,6 +34,9 @@ class AttentionBlock(Block):
         self._cos = self._sin = None
         self._scale = shape.head_dim ** -0.5
         self._norm_key: tuple | None = None
+        # weight name -> (this block's weight, a number of blocks, the view over that many blocks'
+        # rows from it): worker/executor.py's group_view
+        self.group_views: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         s = self.shape
