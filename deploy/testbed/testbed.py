@@ -41,6 +41,7 @@ SETTLE_TOKENS = 2  # tokens after a placement change left out of its measured me
 TELEMETRY_WAIT_SECONDS = 2.5  # two telemetry periods: the timings of a warm-up reach the controller
 PREDICTION_POLL_SECONDS = 0.25  # how often a run records the controller's current prediction
 MIN_SEGMENT_TOKENS = 8  # a placement under one set of conditions measured over fewer is left out
+RELAY_FIRST_PRECOPY_SLOWDOWN = 1.25  # median token time during a pre-copy with relay frames first (docs/placement.md)
 
 
 class Testbed(LocalCluster):
@@ -51,6 +52,8 @@ class Testbed(LocalCluster):
         interval = profile.scenario.interval_tokens if replan_every_tokens is None else replan_every_tokens
         env = {"EDGEHEADS_CONTROLLER__POLICY": policy, "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": str(interval),
                "EDGEHEADS_WORKER__METRICS_LISTEN": "0.0.0.0:0"}  # a worker binds inside its namespace
+        if profile.testbed.relay_priority:  # what benchmarks/migration_netns.py measures with relay frames first
+            env["EDGEHEADS_CONTROLLER__PRECOPY_SLOWDOWN"] = str(RELAY_FIRST_PRECOPY_SLOWDOWN)
         super().__init__(model, workers=len(profile.devices), host=net.HUB, progress=progress, extra_env=env,
                          dtype=dtype)
         self.profile = profile
