@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgeheads.controller.spread import WorkerCapacity, spread
@@ -47,6 +48,7 @@ from edgeheads.common.spec import BlockKind
 BRIDGE, SUBNET = "eh-br0", "10.77.0"
 NAMESPACES = {"a": f"{SUBNET}.2", "b": f"{SUBNET}.3"}
 RELAY_PORT = 50062
+RELAY_FIRST = Path(__file__).resolve().parents[1] / "deploy" / "relay-first.sh"
 QUEUES = ("fifo", "relay-first")
 
 
@@ -69,25 +71,17 @@ def setup_network(rate_mbit: int, queue: str) -> None:
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", ns_end)
         sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_end, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        shape(["ip", "netns", "exec", ns, "tc"], ns_end, rate_mbit, queue)
+        shape(ns, ns_end, rate_mbit, queue)
 
 
-def shape(tc: list[str], dev: str, rate_mbit: int, queue: str) -> None:
+def shape(ns: str, dev: str, rate_mbit: int, queue: str) -> None:
     """Everything leaving ``dev`` goes through a token bucket at the link rate: one FIFO queue,
-    or relay frames ahead of everything else."""
-    rate = f"{rate_mbit}mbit"
+    or relay frames ahead of everything else, set up as boards set it up (deploy/relay-first.sh)."""
     if queue == "fifo":
-        sh(*tc, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "100ms")
-        return
-    sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20")
-    sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate, "ceil", rate)
-    sh(*tc, "class", "add", "dev", dev, "parent", "1:1", "classid", "1:10", "htb", "rate", rate, "ceil", rate,
-       "prio", "0")
-    sh(*tc, "class", "add", "dev", dev, "parent", "1:1", "classid", "1:20", "htb", "rate", f"{rate_mbit * 10}kbit",
-       "ceil", rate, "prio", "1")
-    for port in ("sport", "dport"):
-        sh(*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
-           port, str(RELAY_PORT), "0xffff", "flowid", "1:10")
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+           "burst", "64kb", "latency", "100ms")
+    else:
+        sh("ip", "netns", "exec", ns, "sh", str(RELAY_FIRST), dev, f"{rate_mbit}mbit", str(RELAY_PORT))
 
 
 def sent_bytes(name: str) -> int:
@@ -97,12 +91,8 @@ def sent_bytes(name: str) -> int:
 
 def bytes_between(series: list[tuple[float, int]], start: float, end: float) -> float:
     """Bytes sent from ``start`` to ``end`` (seconds), interpolated in a (time, counter) series."""
-    def at(t: float) -> float:
-        for (t0, b0), (t1, b1) in zip(series, series[1:]):
-            if t0 <= t <= t1:
-                return b0 + (b1 - b0) * (t - t0) / max(t1 - t0, 1e-9)
-        return series[-1][1] if t > series[-1][0] else series[0][1]
-    return at(end) - at(start)
+    times, counts = zip(*series)
+    return float(np.interp(end, times, counts) - np.interp(start, times, counts))
 
 
 def teardown_network() -> None:
