@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MEMORY_RETURN_MARGIN = 64 << 10  # or 1 %: less than this much more memory is not worth a re-plan
 DECODE_RATE_WINDOW_SECONDS = 1.0  # progress is turned into a decode rate over windows this long
 DECODE_RATE_STALE_SECONDS = 10.0  # with no progress for this long the decode rate is unknown again
+RECENT_EPOCHS_KEPT = 8  # placements of the newest epochs kept, to know the one the head node still runs
 
 
 @dataclass
@@ -113,6 +114,10 @@ class ClusterState:
         self.model_name = ""
         self.current = PlacementEpoch(0, {}, {}, policy)
         self.version = 0  # bumped whenever ``current`` is replaced: a new epoch, or a re-plan that failed
+        # the epoch the head node's steps last ran under, and the placements of the recent epochs: while a
+        # migration is pending the head node still runs an older one, which is what it measures
+        self.running_epoch = 0
+        self._recent: dict[int, Placement] = {}
         self._short_of: dict[str, int] = {}  # while no placement fits: the memory each worker had then
         self._seeded = False  # the placement is a head node's (adopt): the next plan keeps what still fits
         self._rejoining: tuple[float, frozenset[str]] | None = None  # (until, workers): no plan before they register
@@ -160,6 +165,8 @@ class ClusterState:
         """Decoded tokens reported by the head node: the decode rate the gate converts seconds with,
         and (with the step's timings) the windows the cost model's message cost is fitted from."""
         now = time.monotonic() if now is None else now
+        if epoch >= 0:
+            self.running_epoch = epoch
         if self.calibration.observe_step(epoch, tokens, dataflow_seconds, head_seconds, context_tokens):
             self._close_calibration_window(epoch)
         if self._progress is None or now - self._last_progress > DECODE_RATE_STALE_SECONDS:
@@ -176,11 +183,12 @@ class ClusterState:
 
     def _close_calibration_window(self, epoch: int) -> None:
         """The model's time (no message cost) and messages for the placement a window ran under."""
-        if self.shape is None or epoch != self.current.epoch or not self.current.placement:
+        placement = self._recent.get(epoch)
+        if self.shape is None or not placement:
             self.calibration.close_window(0.0, 0.0)
             return
         problem = live_problem(self.shape, self.live_workers(smoothed=False), self._context(), latency_seconds=0.0)
-        indices = to_indices(problem, self.current.placement)
+        indices = to_indices(problem, placement)
         if indices is None:
             self.calibration.close_window(0.0, 0.0)
             return
@@ -188,12 +196,22 @@ class ClusterState:
         base = token_latency_seconds(calibrated, indices)
         self.calibration.close_window(base, messages_on_path(calibrated, indices, base))
 
+    def running(self) -> tuple[int, Placement]:
+        """The epoch the head node runs (its latest step's) and its placement; the newest epoch
+        when the head node has reported nothing yet, or ran an epoch this controller never published."""
+        placement = self._recent.get(self.running_epoch)
+        if placement:
+            return self.running_epoch, placement
+        return self.current.epoch, self.current.placement
+
     def predict_current(self) -> float | None:
-        """The (calibrated, when anything was measured) per-token latency of the placement in use."""
-        if self.shape is None or not self.current.placement:
+        """The (calibrated, when anything was measured) per-token latency of the placement in use:
+        the one the head node runs, which is not yet the newest while a migration is pending."""
+        _, placement = self.running()
+        if self.shape is None or not placement:
             return None
         view = self.calibration.view(list(self.workers))
-        return predicted_token_seconds(self.shape, self.live_workers(smoothed=False), self.current.placement,
+        return predicted_token_seconds(self.shape, self.live_workers(smoothed=False), placement,
                                        self._context(), view if view.calibrated else None)
 
     def _context(self) -> int:
@@ -362,6 +380,10 @@ class ClusterState:
     def _publish(self, current: PlacementEpoch) -> None:
         self.current = current
         self.version += 1
+        if current.placement:
+            self._recent[current.epoch] = current.placement
+            for old in sorted(self._recent)[:-RECENT_EPOCHS_KEPT]:
+                del self._recent[old]
 
     def _record(self, reason: str, previous: Placement, context: int) -> None:
         placement = self.current.placement

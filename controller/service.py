@@ -220,4 +220,4 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             calibration=controller_pb2.CostCalibration(
                 hop_seconds=view.hop_seconds, head_seconds=view.head_seconds, kind_factors=view.kind_factors,
                 observations=view.windows),
-            current_predicted_token_seconds=current or 0.0)
+            current_predicted_token_seconds=current or 0.0, running_epoch=self.state.running()[0])

@@ -78,9 +78,9 @@ class Client:
         self.close()
 
     def _events(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                seed: int | None, chat: bool | None) -> Iterator[headnode_pb2.GenerateEvent]:
+                seed: int | None, chat: bool | None, ignore_eos: bool = False) -> Iterator[headnode_pb2.GenerateEvent]:
         request = headnode_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                               top_k=top_k, top_p=top_p, seed=seed, chat=chat)
+                                               top_k=top_k, top_p=top_p, seed=seed, chat=chat, ignore_eos=ignore_eos)
         try:
             yield from self._stub.Generate(request, timeout=self.timeout_seconds)
         except grpc.RpcError as err:
@@ -88,11 +88,12 @@ class Client:
 
     def generate_full(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                       top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-                      on_text: Callable[[str], None] | None = None) -> Generation:
-        """Everything the call produced; ``on_text`` sees each text piece as it arrives."""
+                      on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generation:
+        """Everything the call produced; ``on_text`` sees each text piece as it arrives. With
+        ``ignore_eos`` the generation runs to ``max_new_tokens`` through end-of-sequence tokens."""
         out = Generation()
         pieces = []
-        for event in self._events(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat):
+        for event in self._events(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, ignore_eos):
             if event.done:
                 out.finish_reason, out.prompt_tokens = event.finish_reason, event.prompt_tokens
                 out.prefill_seconds, out.decode_seconds = event.prefill_seconds, event.decode_seconds

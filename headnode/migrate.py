@@ -3,7 +3,11 @@ changing a token.
 
 For a new placement, every block whose worker changes is pulled by its destination
 straight from its source (weights only if the destination lacks their content hash,
-then every session's K/V cache) while decoding goes on: the pre-copy. With
+then every session's K/V cache) while decoding goes on: the pre-copy. The blocks one
+destination takes from one source travel in a few PullBlocks calls of up to
+PULL_BATCH_BLOCKS blocks each, not one call per block: a source serves calls between its
+decode steps, and a board left a tenth of a core took 80 s to give up 150 blocks one call
+at a time (docs/testbed.md). With
 ``weights_from="headnode"`` (headnode.migration_weights, the default) the head node first
 sends the destinations the weights they lack, as it did when it distributed the model, so the
 source only exports K/V caches: a block moving off a board that is busy, which is when the
@@ -36,7 +40,8 @@ from edgeheads.common.spec import BlockId
 log = logging.getLogger(__name__)
 
 
-PULLS_IN_FLIGHT = 2
+PULLS_IN_FLIGHT = 2  # PullBlocks calls per destination at a time
+PULL_BATCH_BLOCKS = 32  # blocks per PullBlocks call
 
 
 class MigrationError(ClusterError):
@@ -69,6 +74,17 @@ def moves_between(old: dict[BlockId, str], new: dict[BlockId, str]) -> list[Move
     return [Move(b, old[b], new[b]) for b in sorted(new) if old[b] != new[b]]
 
 
+def pull_batches(moves: list[Move], batch_blocks: int = PULL_BATCH_BLOCKS) -> list[list[Move]]:
+    """The moves as PullBlocks calls: one source and one destination per call, at most
+    ``batch_blocks`` blocks each, in the order of ``moves``."""
+    if batch_blocks < 1:
+        raise ValueError(f"batch_blocks must be at least 1, not {batch_blocks}")
+    by_pair: dict[tuple[str, str], list[Move]] = {}
+    for move in moves:
+        by_pair.setdefault((move.source, move.destination), []).append(move)
+    return [pair[i:i + batch_blocks] for pair in by_pair.values() for i in range(0, len(pair), batch_blocks)]
+
+
 WEIGHTS_FROM = ("headnode", "source")
 
 
@@ -95,26 +111,31 @@ async def _migrate(cluster: ClusterExecutor, number: int, placement: dict[BlockI
     shape_json = json.dumps(cluster.shape.to_dict())
     all_addresses = {**old.addresses, **addresses}
 
-    async def pull(move: Move, delta: bool) -> worker_pb2.PullBlockReply:
-        stub = cluster.stub(move.destination, all_addresses[move.destination])
-        request = worker_pb2.PullBlockRequest(
-            block_id=str(move.block), source_address=old.addresses[move.source], model_shape_json=shape_json,
-            content_hash=cluster.weights.content_hash(move.block), delta=delta, timeout_seconds=timeout_seconds)
+    async def pull(batch: list[Move], delta: bool) -> list[worker_pb2.PullBlockReply]:
+        first = batch[0]
+        stub = cluster.stub(first.destination, all_addresses[first.destination])
+        request = worker_pb2.PullBlocksRequest(
+            source_address=old.addresses[first.source], model_shape_json=shape_json, delta=delta,
+            timeout_seconds=timeout_seconds,  # for each block
+            blocks=[worker_pb2.PullItem(block_id=str(m.block), content_hash=cluster.weights.content_hash(m.block))
+                    for m in batch])
         try:
-            return await stub.PullBlock(request, timeout=timeout_seconds + 5)
+            reply = await stub.PullBlocks(request, timeout=timeout_seconds * len(batch) + 5)
         except grpc.aio.AioRpcError as err:
-            raise MigrationError(f"{move.block} {move.source} -> {move.destination}: {err.code().name}: "
-                                 f"{err.details()}") from None
+            raise MigrationError(f"{len(batch)} blocks {first.source} -> {first.destination} ({first.block}, ...): "
+                                 f"{err.code().name}: {err.details()}") from None
+        return list(reply.blocks)
 
     async def pull_all(delta: bool) -> list[worker_pb2.PullBlockReply]:
-        # destinations in parallel; per destination two pulls in flight, so the link stays
-        # busy while the source serializes the next block
+        # destinations in parallel; per destination two calls in flight, so the link stays
+        # busy while the source serializes the next batch
         limits = {d: asyncio.Semaphore(PULLS_IN_FLIGHT) for d in {m.destination for m in moves}}
 
-        async def limited(move: Move) -> worker_pb2.PullBlockReply:
-            async with limits[move.destination]:
-                return await pull(move, delta)
-        return list(await asyncio.gather(*[limited(m) for m in moves]))
+        async def limited(batch: list[Move]) -> list[worker_pb2.PullBlockReply]:
+            async with limits[batch[0].destination]:
+                return await pull(batch, delta)
+        replies = await asyncio.gather(*[limited(b) for b in pull_batches(moves)])
+        return [r for batch in replies for r in batch]
 
     refused = await cluster.admission.placement_refusal(placement)
     if refused is not None:

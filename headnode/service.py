@@ -47,7 +47,7 @@ class HeadnodeService(headnode_pb2_grpc.HeadnodeServicer):
             params = SamplingParams(
                 max_new_tokens=request.max_new_tokens or min(64, room), temperature=request.temperature,
                 top_k=request.top_k, top_p=request.top_p or 1.0,
-                seed=request.seed if request.HasField("seed") else None)
+                seed=request.seed if request.HasField("seed") else None, stop_on_eos=not request.ignore_eos)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         session = uuid.uuid4().hex

@@ -205,6 +205,18 @@ def near_valid(method: Method, env: Env, rng: random.Random) -> list[Message] | 
         return [worker_pb2.ExportBlockStateRequest(
             block_id=rand_block(env, rng), include_weights=rng.random() < 0.3,
             from_positions={rng.choice(env.fuzz_sessions + [""]): rng.choice(UNSIGNED)})]
+    if name == "ExportBlockStates":
+        return [worker_pb2.ExportBlockStatesRequest(
+            blocks=[worker_pb2.ExportBlockStateRequest(block_id=rand_block(env, rng), include_weights=rng.random() < 0.3)
+                    for _ in range(rng.choice([0, 1, 3]))], max_bytes_per_second=rng.choice(FLOATS))]
+    if name == "PullBlocks":
+        return [worker_pb2.PullBlocksRequest(
+            blocks=[worker_pb2.PullItem(block_id=rng.choice(["attn(1000,0)", "ffn(-3)", "", rand_string(rng)]),
+                                        content_hash=rng.choice(["0" * 64, ""])) for _ in range(rng.choice([0, 1, 2]))],
+            source_address=rng.choice(SAFE_SOURCES + [env.addresses[w] for w in env.workers]
+                                      + [env.addresses["headnode"]]),
+            model_shape_json=shape_json, delta=rng.random() < 0.5,
+            timeout_seconds=rng.choice([0.0, 0.5, 2.0, -1.0, math.nan, math.inf, 1e300]))]
     if name == "PullBlock":
         return [worker_pb2.PullBlockRequest(
             block_id=rng.choice(["attn(1000,0)", "ffn(-3)", "", rand_string(rng)]),
@@ -299,6 +311,12 @@ def defang(method: Method, messages: list[Message], env: Env, rng: random.Random
             ids = [fake(b) if env.is_real_block(b) else b for b in m.block_ids]  # would unload a real block
             del m.block_ids[:]
             m.block_ids.extend(ids)
+        elif name == "PullBlocks":
+            for item in m.blocks:
+                if env.is_real_block(item.block_id):
+                    item.block_id = fake(item.block_id)  # would pull a real block's state onto this worker
+            if m.source_address not in SAFE_SOURCES and m.source_address not in env.addresses.values():
+                m.source_address = rng.choice(SAFE_SOURCES)  # loopback only, nothing to resolve
         elif name == "PullBlock":
             if env.is_real_block(m.block_id):
                 m.block_id = fake(m.block_id)  # would pull a real block's state onto this worker

@@ -12,8 +12,8 @@ import pytest
 from edgeheads.common.spec import SMOLLM2_135M, BlockKind
 from edgeheads.controller import calibration as cal
 from edgeheads.controller.costmodel import token_latency_seconds
-from edgeheads.controller.live import LiveWorker, live_problem, to_indices
-from edgeheads.controller.membership import ClusterState, WorkerRecord
+from edgeheads.controller.live import LiveWorker, live_problem, predicted_token_seconds, to_indices
+from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord
 from edgeheads.worker.telemetry import KindRates
 
 GiB = 1 << 30
@@ -204,3 +204,36 @@ def test_a_controller_without_workers_predicts_nothing_instead_of_failing():
     for name in list(state.workers):
         state.remove(name, "test")
     assert state.current.placement and state.predict_current() is None
+
+
+def test_while_a_migration_is_pending_predictions_and_windows_are_for_the_epoch_the_head_node_runs():
+    state = state_with_timings()
+    first, placement = state.current.epoch, dict(state.current.placement)
+    running_prediction = state.predict_current()
+    # a new epoch moves the feed-forward blocks of one worker onto another (as a re-plan would)
+    holder = placement[next(iter(placement))]
+    other = next(w for w in state.workers if w != holder)
+    moved = {b: other if w == holder and b.kind is BlockKind.FFN else w for b, w in placement.items()}
+    state._publish(PlacementEpoch(first + 1, moved, dict(state.current.addresses), state.policy))
+    assert state.current.epoch == first + 1 and state.current.placement != placement
+    # nothing reported yet: the newest epoch is the one in use
+    assert state.running() == (first + 1, state.current.placement)
+    # the head node still runs the first epoch (its migration is pending)
+    base = 0.02
+    for _ in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS):
+        state.note_progress(1, epoch=first, dataflow_seconds=base, head_seconds=0.001,
+                            context_tokens=state.planning_context_tokens)
+    assert state.running() == (first, placement)
+    # its window was kept (the controller knows what it ran), not dropped as another epoch's
+    assert state.calibration.view().windows == 1
+    pending = predicted_token_seconds(state.shape, state.live_workers(smoothed=False), state.current.placement,
+                                      state._context(), state.calibration.view())
+    assert state.predict_current() != pytest.approx(pending)
+    assert state.predict_current() == pytest.approx(
+        predicted_token_seconds(state.shape, state.live_workers(smoothed=False), placement, state._context(),
+                                state.calibration.view()))
+    assert running_prediction is not None
+    # once the head node reports the new epoch, it is the one predicted
+    state.note_progress(1, epoch=first + 1, dataflow_seconds=base, context_tokens=state.planning_context_tokens)
+    assert state.running() == (first + 1, state.current.placement)
+    assert state.predict_current() == pytest.approx(pending)

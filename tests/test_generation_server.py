@@ -119,6 +119,18 @@ def test_streamed_text_adds_up_to_the_decoded_tokens_even_when_eos_cuts_a_charac
     assert full.text.startswith(" fine ")
 
 
+def test_ignore_eos_runs_to_max_new_tokens_through_an_end_of_sequence(served, tiny_tokenizer):
+    address, cluster = served
+    eos = tiny_tokenizer.eos_token_id
+    cluster.script = [40, eos, 41, 42, eos, 43]
+    with Client(address) as client:
+        stopped = client.generate_full("x", max_new_tokens=6, chat=False)
+        cluster.steps.clear()
+        through = client.generate_full("x", max_new_tokens=6, chat=False, ignore_eos=True)
+    assert stopped.token_ids == [40] and stopped.finish_reason == "eos"
+    assert through.token_ids == [40, eos, 41, 42, eos, 43] and through.finish_reason == "length"
+
+
 def test_bad_sampling_parameters_are_invalid_argument(served):
     address, _ = served
     with Client(address) as client:

@@ -76,9 +76,9 @@ def test_pull_paces_the_precopy_from_the_measured_link_but_not_the_delta(source)
         def __init__(self) -> None:
             self.requests = []
 
-        def ExportBlockState(self, request, timeout=None):
+        def ExportBlockStates(self, request, timeout=None):
             self.requests.append(request)
-            return src_service.ExportBlockState(request, None)
+            return src_service.ExportBlockStates(request, None)
 
     class Context:
         async def abort(self, code, details):

@@ -26,3 +26,16 @@ def paced_rate(fraction: float, measured_bytes_per_second: float | None) -> floa
     if fraction <= 0 or not measured_bytes_per_second or measured_bytes_per_second <= 0:
         return 0.0
     return fraction * measured_bytes_per_second
+
+
+PACED_CHUNK_SECONDS = 0.01  # a paced chunk is this long at the pacing rate, at least PACED_CHUNK_BYTES
+
+
+def paced_chunk_bytes(rate_bytes_per_second: float, unpaced_bytes: int) -> int:
+    """The chunk size of a stream paced to ``rate_bytes_per_second`` (``unpaced_bytes`` when
+    unpaced): about PACED_CHUNK_SECONDS of it, so that a chunk never holds a relay frame back
+    for long on a slow link, while a fast link is not cut into many small chunks (each chunk
+    is a turn of the source's event loop, which a busy board gives out slowly)."""
+    if rate_bytes_per_second <= 0:
+        return unpaced_bytes
+    return int(min(unpaced_bytes, max(PACED_CHUNK_BYTES, rate_bytes_per_second * PACED_CHUNK_SECONDS)))

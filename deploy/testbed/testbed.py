@@ -161,7 +161,7 @@ class Testbed(LocalCluster):
         from edgeheads.headnode.client import Client
 
         with Client(self.address) as client:
-            for event in client._events(prompt, tokens, 0.0, 0, 1.0, None, False):
+            for event in client._events(prompt, tokens, 0.0, 0, 1.0, None, False, ignore_eos=True):
                 if event.done:
                     break
         time.sleep(TELEMETRY_WAIT_SECONDS)  # the workers' next reports carry the timings
@@ -204,8 +204,10 @@ def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False, 
                 if time.time() - asked >= PREDICTION_POLL_SECONDS:  # the controller's prediction, as it stands
                     asked = time.time()
                     reply = bed.controller_status()
+                    # the prediction is for the epoch the head node's steps ran under (running_epoch),
+                    # which is older than reply.epoch while a migration is pending
                     if reply.current_predicted_token_seconds > 0:
-                        run.predictions.append((asked, reply.epoch, reply.current_predicted_token_seconds))
+                        run.predictions.append((asked, reply.running_epoch, reply.current_predicted_token_seconds))
             except Exception:  # noqa: BLE001 - a status call racing a stop: the next one tells
                 pass
             time.sleep(0.05)
@@ -227,7 +229,8 @@ def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False, 
         try:
             while pending and pending[0].at_token == 0:
                 fire(pending.pop(0), 0)
-            for event in client._events(prompt, tokens, 0.0, 0, 1.0, None, chat):
+            # every run is ``tokens`` long, whatever this machine's kernels make of the end
+            for event in client._events(prompt, tokens, 0.0, 0, 1.0, None, chat, ignore_eos=True):
                 if event.done:
                     break
                 run.token_ids.append(event.token_id)

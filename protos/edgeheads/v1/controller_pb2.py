@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geheads/v1/controller.proto\x12\x0c\x65\x64geheads.v1\"\x19\n\x17\x43ontrollerStatusRequest\"\x9f\x02\n\x0cPlanDecision\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x11\n\tunix_time\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0c\x62locks_moved\x18\x05 \x01(\r\x12J\n\x11\x62locks_per_worker\x18\x06 \x03(\x0b\x32/.edgeheads.v1.PlanDecision.BlocksPerWorkerEntry\x12\x1f\n\x17predicted_token_seconds\x18\x07 \x01(\x01\x12\x12\n\ncalibrated\x18\x08 \x01(\x08\x1a\x36\n\x14\x42locksPerWorkerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xcc\x01\n\x0f\x43ostCalibration\x12\x13\n\x0bhop_seconds\x18\x01 \x01(\x01\x12\x14\n\x0chead_seconds\x18\x02 \x01(\x01\x12\x44\n\x0ckind_factors\x18\x03 \x03(\x0b\x32..edgeheads.v1.CostCalibration.KindFactorsEntry\x12\x14\n\x0cobservations\x18\x04 \x01(\r\x1a\x32\n\x10KindFactorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc3\x02\n\x15\x43ontrollerStatusReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12)\n\x07workers\x18\x05 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo\x12-\n\tdecisions\x18\x06 \x03(\x0b\x32\x1a.edgeheads.v1.PlanDecision\x12\x19\n\x11tokens_since_plan\x18\x07 \x01(\x04\x12\x1b\n\x13replan_every_tokens\x18\x08 \x01(\r\x12\x32\n\x0b\x63\x61libration\x18\t \x01(\x0b\x32\x1d.edgeheads.v1.CostCalibration\x12\'\n\x1f\x63urrent_predicted_token_seconds\x18\n \x01(\x01\"\x8d\x01\n\x0eProgressReport\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x01\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10\x64\x61taflow_seconds\x18\x04 \x01(\x01\x12\x14\n\x0chead_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\x04\"\r\n\x0bProgressAck\"\xb0\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\x07 \x01(\t\"8\n\rRegisterReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\"\xf0\x02\n\x0fTelemetryReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x05 \x01(\x01\x12\x0f\n\x07load_1m\x18\x06 \x01(\x01\x12\x1b\n\x13temperature_celsius\x18\x07 \x01(\x01\x12,\n\nthrottling\x18\x08 \x01(\x0e\x32\x18.edgeheads.v1.Throttling\x12\'\n\x05links\x18\t \x03(\x0b\x32\x18.edgeheads.v1.LinkReport\x12\x1a\n\x12memory_limit_bytes\x18\n \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\x0b \x01(\t\x12*\n\nkind_rates\x18\x0c \x03(\x0b\x32\x16.edgeheads.v1.KindRate\"2\n\x08KindRate\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10\x66lops_per_second\x18\x02 \x01(\x01\"g\n\nLinkReport\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\"\n\x1a\x62\x61ndwidth_bytes_per_second\x18\x02 \x01(\x01\x12\x17\n\x0flatency_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x0e\n\x0cTelemetryAck\"}\n\x0fSetModelRequest\x12\x18\n\x10model_shape_json\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12-\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32\x18.edgeheads.v1.Assignment\"*\n\x13GetPlacementRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"?\n\nAssignment\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"~\n\x0ePlacementReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.edgeheads.v1.Assignment\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07members\x18\x05 \x03(\t\"\x14\n\x12ListWorkersRequest\"\xf1\x02\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x0f\n\x07load_1m\x18\x08 \x01(\x01\x12\x1b\n\x13temperature_celsius\x18\t \x01(\x01\x12,\n\nthrottling\x18\n \x01(\x0e\x32\x18.edgeheads.v1.Throttling\x12\'\n\x05links\x18\x0b \x03(\x0b\x32\x18.edgeheads.v1.LinkReport\x12\x1a\n\x12memory_limit_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\r \x01(\t\"=\n\x10ListWorkersReply\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo*P\n\nThrottling\x12\x16\n\x12THROTTLING_UNKNOWN\x10\x00\x12\x13\n\x0fTHROTTLING_NONE\x10\x01\x12\x15\n\x11THROTTLING_ACTIVE\x10\x02\x32\x81\x05\n\nController\x12\x46\n\x08Register\x12\x1d.edgeheads.v1.RegisterRequest\x1a\x1b.edgeheads.v1.RegisterReply\x12H\n\tTelemetry\x12\x1d.edgeheads.v1.TelemetryReport\x1a\x1a.edgeheads.v1.TelemetryAck(\x01\x12G\n\x08SetModel\x12\x1d.edgeheads.v1.SetModelRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12O\n\x0cGetPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12S\n\x0eWatchPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply0\x01\x12O\n\x0bListWorkers\x12 .edgeheads.v1.ListWorkersRequest\x1a\x1e.edgeheads.v1.ListWorkersReply\x12K\n\x0eReportProgress\x12\x1c.edgeheads.v1.ProgressReport\x1a\x19.edgeheads.v1.ProgressAck(\x01\x12T\n\x06Status\x12%.edgeheads.v1.ControllerStatusRequest\x1a#.edgeheads.v1.ControllerStatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64geheads/v1/controller.proto\x12\x0c\x65\x64geheads.v1\"\x19\n\x17\x43ontrollerStatusRequest\"\x9f\x02\n\x0cPlanDecision\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x11\n\tunix_time\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0c\x62locks_moved\x18\x05 \x01(\r\x12J\n\x11\x62locks_per_worker\x18\x06 \x03(\x0b\x32/.edgeheads.v1.PlanDecision.BlocksPerWorkerEntry\x12\x1f\n\x17predicted_token_seconds\x18\x07 \x01(\x01\x12\x12\n\ncalibrated\x18\x08 \x01(\x08\x1a\x36\n\x14\x42locksPerWorkerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xcc\x01\n\x0f\x43ostCalibration\x12\x13\n\x0bhop_seconds\x18\x01 \x01(\x01\x12\x14\n\x0chead_seconds\x18\x02 \x01(\x01\x12\x44\n\x0ckind_factors\x18\x03 \x03(\x0b\x32..edgeheads.v1.CostCalibration.KindFactorsEntry\x12\x14\n\x0cobservations\x18\x04 \x01(\r\x1a\x32\n\x10KindFactorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xda\x02\n\x15\x43ontrollerStatusReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12)\n\x07workers\x18\x05 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo\x12-\n\tdecisions\x18\x06 \x03(\x0b\x32\x1a.edgeheads.v1.PlanDecision\x12\x19\n\x11tokens_since_plan\x18\x07 \x01(\x04\x12\x1b\n\x13replan_every_tokens\x18\x08 \x01(\r\x12\x32\n\x0b\x63\x61libration\x18\t \x01(\x0b\x32\x1d.edgeheads.v1.CostCalibration\x12\'\n\x1f\x63urrent_predicted_token_seconds\x18\n \x01(\x01\x12\x15\n\rrunning_epoch\x18\x0b \x01(\x04\"\x8d\x01\n\x0eProgressReport\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x01\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10\x64\x61taflow_seconds\x18\x04 \x01(\x01\x12\x14\n\x0chead_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\x04\"\r\n\x0bProgressAck\"\xb0\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\x07 \x01(\t\"8\n\rRegisterReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\"\xf0\x02\n\x0fTelemetryReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x05 \x01(\x01\x12\x0f\n\x07load_1m\x18\x06 \x01(\x01\x12\x1b\n\x13temperature_celsius\x18\x07 \x01(\x01\x12,\n\nthrottling\x18\x08 \x01(\x0e\x32\x18.edgeheads.v1.Throttling\x12\'\n\x05links\x18\t \x03(\x0b\x32\x18.edgeheads.v1.LinkReport\x12\x1a\n\x12memory_limit_bytes\x18\n \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\x0b \x01(\t\x12*\n\nkind_rates\x18\x0c \x03(\x0b\x32\x16.edgeheads.v1.KindRate\"2\n\x08KindRate\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10\x66lops_per_second\x18\x02 \x01(\x01\"g\n\nLinkReport\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\"\n\x1a\x62\x61ndwidth_bytes_per_second\x18\x02 \x01(\x01\x12\x17\n\x0flatency_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x0e\n\x0cTelemetryAck\"}\n\x0fSetModelRequest\x12\x18\n\x10model_shape_json\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12-\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32\x18.edgeheads.v1.Assignment\"*\n\x13GetPlacementRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"?\n\nAssignment\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"~\n\x0ePlacementReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x18.edgeheads.v1.Assignment\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07members\x18\x05 \x03(\t\"\x14\n\x12ListWorkersRequest\"\xf1\x02\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12\x15\n\rcompute_flops\x18\x04 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x0f\n\x07load_1m\x18\x08 \x01(\x01\x12\x1b\n\x13temperature_celsius\x18\t \x01(\x01\x12,\n\nthrottling\x18\n \x01(\x0e\x32\x18.edgeheads.v1.Throttling\x12\'\n\x05links\x18\x0b \x03(\x0b\x32\x18.edgeheads.v1.LinkReport\x12\x1a\n\x12memory_limit_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13memory_limit_source\x18\r \x01(\t\"=\n\x10ListWorkersReply\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.edgeheads.v1.WorkerInfo*P\n\nThrottling\x12\x16\n\x12THROTTLING_UNKNOWN\x10\x00\x12\x13\n\x0fTHROTTLING_NONE\x10\x01\x12\x15\n\x11THROTTLING_ACTIVE\x10\x02\x32\x81\x05\n\nController\x12\x46\n\x08Register\x12\x1d.edgeheads.v1.RegisterRequest\x1a\x1b.edgeheads.v1.RegisterReply\x12H\n\tTelemetry\x12\x1d.edgeheads.v1.TelemetryReport\x1a\x1a.edgeheads.v1.TelemetryAck(\x01\x12G\n\x08SetModel\x12\x1d.edgeheads.v1.SetModelRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12O\n\x0cGetPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply\x12S\n\x0eWatchPlacement\x12!.edgeheads.v1.GetPlacementRequest\x1a\x1c.edgeheads.v1.PlacementReply0\x01\x12O\n\x0bListWorkers\x12 .edgeheads.v1.ListWorkersRequest\x1a\x1e.edgeheads.v1.ListWorkersReply\x12K\n\x0eReportProgress\x12\x1c.edgeheads.v1.ProgressReport\x1a\x19.edgeheads.v1.ProgressAck(\x01\x12T\n\x06Status\x12%.edgeheads.v1.ControllerStatusRequest\x1a#.edgeheads.v1.ControllerStatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANDECISION_BLOCKSPERWORKERENTRY']._serialized_options = b'8\001'
   _globals['_COSTCALIBRATION_KINDFACTORSENTRY']._loaded_options = None
   _globals['_COSTCALIBRATION_KINDFACTORSENTRY']._serialized_options = b'8\001'
-  _globals['_THROTTLING']._serialized_start=2658
-  _globals['_THROTTLING']._serialized_end=2738
+  _globals['_THROTTLING']._serialized_start=2681
+  _globals['_THROTTLING']._serialized_end=2761
   _globals['_CONTROLLERSTATUSREQUEST']._serialized_start=47
   _globals['_CONTROLLERSTATUSREQUEST']._serialized_end=72
   _globals['_PLANDECISION']._serialized_start=75
@@ -48,37 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COSTCALIBRATION_KINDFACTORSENTRY']._serialized_start=519
   _globals['_COSTCALIBRATION_KINDFACTORSENTRY']._serialized_end=569
   _globals['_CONTROLLERSTATUSREPLY']._serialized_start=572
-  _globals['_CONTROLLERSTATUSREPLY']._serialized_end=895
-  _globals['_PROGRESSREPORT']._serialized_start=898
-  _globals['_PROGRESSREPORT']._serialized_end=1039
-  _globals['_PROGRESSACK']._serialized_start=1041
-  _globals['_PROGRESSACK']._serialized_end=1054
-  _globals['_REGISTERREQUEST']._serialized_start=1057
-  _globals['_REGISTERREQUEST']._serialized_end=1233
-  _globals['_REGISTERREPLY']._serialized_start=1235
-  _globals['_REGISTERREPLY']._serialized_end=1291
-  _globals['_TELEMETRYREPORT']._serialized_start=1294
-  _globals['_TELEMETRYREPORT']._serialized_end=1662
-  _globals['_KINDRATE']._serialized_start=1664
-  _globals['_KINDRATE']._serialized_end=1714
-  _globals['_LINKREPORT']._serialized_start=1716
-  _globals['_LINKREPORT']._serialized_end=1819
-  _globals['_TELEMETRYACK']._serialized_start=1821
-  _globals['_TELEMETRYACK']._serialized_end=1835
-  _globals['_SETMODELREQUEST']._serialized_start=1837
-  _globals['_SETMODELREQUEST']._serialized_end=1962
-  _globals['_GETPLACEMENTREQUEST']._serialized_start=1964
-  _globals['_GETPLACEMENTREQUEST']._serialized_end=2006
-  _globals['_ASSIGNMENT']._serialized_start=2008
-  _globals['_ASSIGNMENT']._serialized_end=2071
-  _globals['_PLACEMENTREPLY']._serialized_start=2073
-  _globals['_PLACEMENTREPLY']._serialized_end=2199
-  _globals['_LISTWORKERSREQUEST']._serialized_start=2201
-  _globals['_LISTWORKERSREQUEST']._serialized_end=2221
-  _globals['_WORKERINFO']._serialized_start=2224
-  _globals['_WORKERINFO']._serialized_end=2593
-  _globals['_LISTWORKERSREPLY']._serialized_start=2595
-  _globals['_LISTWORKERSREPLY']._serialized_end=2656
-  _globals['_CONTROLLER']._serialized_start=2741
-  _globals['_CONTROLLER']._serialized_end=3382
+  _globals['_CONTROLLERSTATUSREPLY']._serialized_end=918
+  _globals['_PROGRESSREPORT']._serialized_start=921
+  _globals['_PROGRESSREPORT']._serialized_end=1062
+  _globals['_PROGRESSACK']._serialized_start=1064
+  _globals['_PROGRESSACK']._serialized_end=1077
+  _globals['_REGISTERREQUEST']._serialized_start=1080
+  _globals['_REGISTERREQUEST']._serialized_end=1256
+  _globals['_REGISTERREPLY']._serialized_start=1258
+  _globals['_REGISTERREPLY']._serialized_end=1314
+  _globals['_TELEMETRYREPORT']._serialized_start=1317
+  _globals['_TELEMETRYREPORT']._serialized_end=1685
+  _globals['_KINDRATE']._serialized_start=1687
+  _globals['_KINDRATE']._serialized_end=1737
+  _globals['_LINKREPORT']._serialized_start=1739
+  _globals['_LINKREPORT']._serialized_end=1842
+  _globals['_TELEMETRYACK']._serialized_start=1844
+  _globals['_TELEMETRYACK']._serialized_end=1858
+  _globals['_SETMODELREQUEST']._serialized_start=1860
+  _globals['_SETMODELREQUEST']._serialized_end=1985
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=1987
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=2029
+  _globals['_ASSIGNMENT']._serialized_start=2031
+  _globals['_ASSIGNMENT']._serialized_end=2094
+  _globals['_PLACEMENTREPLY']._serialized_start=2096
+  _globals['_PLACEMENTREPLY']._serialized_end=2222
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2224
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2244
+  _globals['_WORKERINFO']._serialized_start=2247
+  _globals['_WORKERINFO']._serialized_end=2616
+  _globals['_LISTWORKERSREPLY']._serialized_start=2618
+  _globals['_LISTWORKERSREPLY']._serialized_end=2679
+  _globals['_CONTROLLER']._serialized_start=2764
+  _globals['_CONTROLLER']._serialized_end=3405
 # @@protoc_insertion_point(module_scope)

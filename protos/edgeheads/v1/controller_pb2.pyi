@@ -67,7 +67,7 @@ class CostCalibration(_message.Message):
     def __init__(self, hop_seconds: _Optional[float] = ..., head_seconds: _Optional[float] = ..., kind_factors: _Optional[_Mapping[str, float]] = ..., observations: _Optional[int] = ...) -> None: ...
 
 class ControllerStatusReply(_message.Message):
-    __slots__ = ("model", "policy", "epoch", "error", "workers", "decisions", "tokens_since_plan", "replan_every_tokens", "calibration", "current_predicted_token_seconds")
+    __slots__ = ("model", "policy", "epoch", "error", "workers", "decisions", "tokens_since_plan", "replan_every_tokens", "calibration", "current_predicted_token_seconds", "running_epoch")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ControllerStatusReply(_message.Message):
     REPLAN_EVERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_PREDICTED_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_EPOCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     policy: str
     epoch: int
@@ -88,7 +89,8 @@ class ControllerStatusReply(_message.Message):
     replan_every_tokens: int
     calibration: CostCalibration
     current_predicted_token_seconds: float
-    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., error: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., decisions: _Optional[_Iterable[_Union[PlanDecision, _Mapping]]] = ..., tokens_since_plan: _Optional[int] = ..., replan_every_tokens: _Optional[int] = ..., calibration: _Optional[_Union[CostCalibration, _Mapping]] = ..., current_predicted_token_seconds: _Optional[float] = ...) -> None: ...
+    running_epoch: int
+    def __init__(self, model: _Optional[str] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., error: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., decisions: _Optional[_Iterable[_Union[PlanDecision, _Mapping]]] = ..., tokens_since_plan: _Optional[int] = ..., replan_every_tokens: _Optional[int] = ..., calibration: _Optional[_Union[CostCalibration, _Mapping]] = ..., current_predicted_token_seconds: _Optional[float] = ..., running_epoch: _Optional[int] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
     __slots__ = ("tokens", "step_seconds", "epoch", "dataflow_seconds", "head_seconds", "context_tokens")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64geheads/v1/headnode.proto\x12\x0c\x65\x64geheads.v1\"\xbe\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04\x63hat\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x03\x42\x07\n\x05_seedB\x07\n\x05_chat\"\x9c\x01\n\rGenerateEvent\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x07 \x01(\x01\"\x0f\n\rStatusRequest\"\xee\x02\n\x0bStatusReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07workers\x18\x03 \x03(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x04 \x01(\r\x12\x16\n\x0eplacement_json\x18\x05 \x01(\t\x12\x12\n\nphases_run\x18\x06 \x01(\x04\x12\x1a\n\x12mean_phase_seconds\x18\x07 \x01(\x01\x12\x18\n\x10phases_per_token\x18\x08 \x01(\r\x12\"\n\x1amean_phase_compute_seconds\x18\t \x01(\x01\x12\x12\n\nmigrations\x18\n \x01(\r\x12\x1a\n\x12migration_failures\x18\x0b \x01(\r\x12\x16\n\x0emigrated_bytes\x18\x0c \x01(\x04\x12\x19\n\x11max_stall_seconds\x18\r \x01(\x01\x12\x1c\n\x14last_migration_error\x18\x0e \x01(\t\x12\x10\n\x08\x64\x61taflow\x18\x0f \x01(\t2\x96\x01\n\x08Headnode\x12H\n\x08Generate\x12\x1d.edgeheads.v1.GenerateRequest\x1a\x1b.edgeheads.v1.GenerateEvent0\x01\x12@\n\x06Status\x12\x1b.edgeheads.v1.StatusRequest\x1a\x19.edgeheads.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64geheads/v1/headnode.proto\x12\x0c\x65\x64geheads.v1\"\xd2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04\x63hat\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seedB\x07\n\x05_chat\"\x9c\x01\n\rGenerateEvent\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x07 \x01(\x01\"\x0f\n\rStatusRequest\"\xee\x02\n\x0bStatusReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07workers\x18\x03 \x03(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x04 \x01(\r\x12\x16\n\x0eplacement_json\x18\x05 \x01(\t\x12\x12\n\nphases_run\x18\x06 \x01(\x04\x12\x1a\n\x12mean_phase_seconds\x18\x07 \x01(\x01\x12\x18\n\x10phases_per_token\x18\x08 \x01(\r\x12\"\n\x1amean_phase_compute_seconds\x18\t \x01(\x01\x12\x12\n\nmigrations\x18\n \x01(\r\x12\x1a\n\x12migration_failures\x18\x0b \x01(\r\x12\x16\n\x0emigrated_bytes\x18\x0c \x01(\x04\x12\x19\n\x11max_stall_seconds\x18\r \x01(\x01\x12\x1c\n\x14last_migration_error\x18\x0e \x01(\t\x12\x10\n\x08\x64\x61taflow\x18\x0f \x01(\t2\x96\x01\n\x08Headnode\x12H\n\x08Generate\x12\x1d.edgeheads.v1.GenerateRequest\x1a\x1b.edgeheads.v1.GenerateEvent0\x01\x12@\n\x06Status\x12\x1b.edgeheads.v1.StatusRequest\x1a\x19.edgeheads.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgeheads.v1.headnode_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=236
-  _globals['_GENERATEEVENT']._serialized_start=239
-  _globals['_GENERATEEVENT']._serialized_end=395
-  _globals['_STATUSREQUEST']._serialized_start=397
-  _globals['_STATUSREQUEST']._serialized_end=412
-  _globals['_STATUSREPLY']._serialized_start=415
-  _globals['_STATUSREPLY']._serialized_end=781
-  _globals['_HEADNODE']._serialized_start=784
-  _globals['_HEADNODE']._serialized_end=934
+  _globals['_GENERATEREQUEST']._serialized_end=256
+  _globals['_GENERATEEVENT']._serialized_start=259
+  _globals['_GENERATEEVENT']._serialized_end=415
+  _globals['_STATUSREQUEST']._serialized_start=417
+  _globals['_STATUSREQUEST']._serialized_end=432
+  _globals['_STATUSREPLY']._serialized_start=435
+  _globals['_STATUSREPLY']._serialized_end=801
+  _globals['_HEADNODE']._serialized_start=804
+  _globals['_HEADNODE']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

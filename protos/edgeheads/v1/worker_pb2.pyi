@@ -247,6 +247,42 @@ class PullBlockRequest(_message.Message):
     timeout_seconds: float
     def __init__(self, block_id: _Optional[str] = ..., source_address: _Optional[str] = ..., model_shape_json: _Optional[str] = ..., content_hash: _Optional[str] = ..., delta: _Optional[bool] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
+class ExportBlockStatesRequest(_message.Message):
+    __slots__ = ("blocks", "max_bytes_per_second")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[ExportBlockStateRequest]
+    max_bytes_per_second: float
+    def __init__(self, blocks: _Optional[_Iterable[_Union[ExportBlockStateRequest, _Mapping]]] = ..., max_bytes_per_second: _Optional[float] = ...) -> None: ...
+
+class PullItem(_message.Message):
+    __slots__ = ("block_id", "content_hash")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    content_hash: str
+    def __init__(self, block_id: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
+
+class PullBlocksRequest(_message.Message):
+    __slots__ = ("source_address", "model_shape_json", "blocks", "delta", "timeout_seconds")
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHAPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    source_address: str
+    model_shape_json: str
+    blocks: _containers.RepeatedCompositeFieldContainer[PullItem]
+    delta: bool
+    timeout_seconds: float
+    def __init__(self, source_address: _Optional[str] = ..., model_shape_json: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[PullItem, _Mapping]]] = ..., delta: _Optional[bool] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class PullBlocksReply(_message.Message):
+    __slots__ = ("blocks",)
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[PullBlockReply]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[PullBlockReply, _Mapping]]] = ...) -> None: ...
+
 class PullBlockReply(_message.Message):
     __slots__ = ("block_id", "bytes", "weights_sent", "sessions", "rows", "seconds")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -90,6 +90,16 @@ class WorkerStub:
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockRequest.SerializeToString,
                 response_deserializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockReply.FromString,
                 _registered_method=True)
+        self.ExportBlockStates = channel.unary_stream(
+                '/edgeheads.v1.Worker/ExportBlockStates',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.ExportBlockStatesRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.PullBlocks = channel.unary_unary(
+                '/edgeheads.v1.Worker/PullBlocks',
+                request_serializer=edgeheads_dot_v1_dot_worker__pb2.PullBlocksRequest.SerializeToString,
+                response_deserializer=edgeheads_dot_v1_dot_worker__pb2.PullBlocksReply.FromString,
+                _registered_method=True)
         self.GetTelemetry = channel.unary_unary(
                 '/edgeheads.v1.Worker/GetTelemetry',
                 request_serializer=edgeheads_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
@@ -189,6 +199,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportBlockStates(self, request, context):
+        """Several blocks from one source in one stream: their payloads one after another, each a
+        chunk sequence of its own (offsets from 0, the last chunk with the checksum), in the order
+        asked. A source busy decoding serves one call between its steps instead of one per block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullBlocks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTelemetry(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -267,6 +292,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PullBlock,
                     request_deserializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockRequest.FromString,
                     response_serializer=edgeheads_dot_v1_dot_worker__pb2.PullBlockReply.SerializeToString,
+            ),
+            'ExportBlockStates': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportBlockStates,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.ExportBlockStatesRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'PullBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullBlocks,
+                    request_deserializer=edgeheads_dot_v1_dot_worker__pb2.PullBlocksRequest.FromString,
+                    response_serializer=edgeheads_dot_v1_dot_worker__pb2.PullBlocksReply.SerializeToString,
             ),
             'GetTelemetry': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTelemetry,
@@ -581,6 +616,60 @@ class Worker:
             '/edgeheads.v1.Worker/PullBlock',
             edgeheads_dot_v1_dot_worker__pb2.PullBlockRequest.SerializeToString,
             edgeheads_dot_v1_dot_worker__pb2.PullBlockReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportBlockStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeheads.v1.Worker/ExportBlockStates',
+            edgeheads_dot_v1_dot_worker__pb2.ExportBlockStatesRequest.SerializeToString,
+            edgeheads_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeheads.v1.Worker/PullBlocks',
+            edgeheads_dot_v1_dot_worker__pb2.PullBlocksRequest.SerializeToString,
+            edgeheads_dot_v1_dot_worker__pb2.PullBlocksReply.FromString,
             options,
             channel_credentials,
             insecure,
