@@ -42,6 +42,11 @@ TELEMETRY_WAIT_SECONDS = 2.5  # two telemetry periods: the timings of a warm-up 
 PREDICTION_POLL_SECONDS = 0.25  # how often a run records the controller's current prediction
 MIN_SEGMENT_TOKENS = 8  # a placement under one set of conditions measured over fewer is left out
 RELAY_FIRST_PRECOPY_SLOWDOWN = 1.25  # median token time during a pre-copy with relay frames first (docs/placement.md)
+# A board left a tenth of a core by a hog (edge-hog) can go more than the default 5 s between
+# telemetry reports: its decode steps take over a second each and run on the loop that sends
+# them. The controller would then drop a worker that is only slow, and re-plan even the static
+# plan. A worker that really leaves closes its telemetry stream, which is noticed at once.
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
 
 
 class Testbed(LocalCluster):
@@ -51,7 +56,8 @@ class Testbed(LocalCluster):
                  replan_every_tokens: int | None = None, progress: bool = False) -> None:
         interval = profile.scenario.interval_tokens if replan_every_tokens is None else replan_every_tokens
         env = {"EDGEHEADS_CONTROLLER__POLICY": policy, "EDGEHEADS_CONTROLLER__REPLAN_EVERY_TOKENS": str(interval),
-               "EDGEHEADS_WORKER__METRICS_LISTEN": "0.0.0.0:0"}  # a worker binds inside its namespace
+               "EDGEHEADS_WORKER__METRICS_LISTEN": "0.0.0.0:0",  # a worker binds inside its namespace
+               "EDGEHEADS_CONTROLLER__HEARTBEAT_TIMEOUT_SECONDS": str(HEARTBEAT_TIMEOUT_SECONDS)}
         if profile.testbed.relay_priority:  # what benchmarks/migration_netns.py measures with relay frames first
             env["EDGEHEADS_CONTROLLER__PRECOPY_SLOWDOWN"] = str(RELAY_FIRST_PRECOPY_SLOWDOWN)
         super().__init__(model, workers=len(profile.devices), host=net.HUB, progress=progress, extra_env=env,
