@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from edgeheads.common.spec import BlockId
+from edgeheads.common.spec import BlockId, BlockKind
 from edgeheads.headnode.admission import AdmissionError, Ledger, ModelCost, SessionLimitError, WorkerBudget, mib
 from edgeheads.headnode.metrics import HeadnodeMetrics
 from edgeheads.headnode.slicing import ModelParts
@@ -65,6 +65,12 @@ class Admission:
 
     def cost(self, placement: Mapping[BlockId, str]) -> ModelCost:
         return ModelCost.of(placement, self.weights, self.row_bytes)
+
+    def cache_bytes(self, blocks: Iterable[BlockId]) -> int:
+        """Bytes of K/V caches the admitted sessions' reservations take in ``blocks`` (at most
+        what their caches hold now)."""
+        attention = sum(1 for b in blocks if b.kind is BlockKind.ATTENTION)
+        return attention * self.ledger.reserved_tokens * self.row_bytes
 
     def reserved_bytes(self, placement: Mapping[BlockId, str]) -> dict[str, int]:
         """worker -> bytes of K/V caches the admitted sessions hold there under ``placement``."""

@@ -161,11 +161,13 @@ def test_status_of_an_unreachable_controller_is_a_clear_error():
     assert "controller 127.0.0.1:9" in result.stderr and "UNAVAILABLE" in result.stderr
 
 
-@pytest.mark.parametrize("weights_from", ["headnode", "source"])
-def test_a_migrations_weights_come_from_the_head_node_or_the_source_as_asked(tiny, weights_from):
+@pytest.mark.parametrize("weights_from, switch_cache_bytes", [("headnode", 16 << 20), ("headnode", -1),
+                                                              ("source", 16 << 20)])
+def test_a_migrations_weights_come_from_the_head_node_or_the_source_as_asked(tiny, weights_from,
+                                                                              switch_cache_bytes):
     """headnode.migration_weights: with "headnode" the head node sends the destination the
-    weights and the pull from the source brings K/V caches only; with "source" the pull brings
-    both. Either way no token changes."""
+    weights and the pull from the source brings K/V caches only, whole at the switch when they
+    are small, else pre-copied; with "source" the pull brings both. Either way no token changes."""
     path, model = tiny
     parts = model.parts
     with LocalCluster(str(path), workers=3, progress=False, with_headnode=False) as cluster:
@@ -181,7 +183,8 @@ def test_a_migrations_weights_come_from_the_head_node_or_the_source_as_asked(tin
             for step in range(8):
                 if step == 4:
                     new = {b: ("worker-1" if b.layer % 2 else "worker-2") for b in parts.blocks}
-                    report = await migrate(executor, 2, new, addresses, timeout_seconds=60, weights_from=weights_from)
+                    report = await migrate(executor, 2, new, addresses, timeout_seconds=60, weights_from=weights_from,
+                                           switch_cache_bytes=switch_cache_bytes)
                 token_in = [int(torch.argmax(await executor.step("s", token_in)))]
                 token_ref = [int(torch.argmax(engine.forward("s", token_ref)))]
                 got += token_in
@@ -198,4 +201,9 @@ def test_a_migrations_weights_come_from_the_head_node_or_the_source_as_asked(tin
         assert report.weights_shipped == weights and report.weights_skipped == len(report.moves)
     else:
         assert report.weights_shipped == 0 and report.weights_skipped == 0
-    assert report.precopy_bytes > weights  # the caches came from the source either way
+    at_switch = weights_from == "headnode" and switch_cache_bytes >= 0
+    assert report.caches_at_switch == at_switch
+    if at_switch:  # the caches came from the source, whole, at the switch
+        assert report.precopy_bytes == weights and report.delta_bytes > 0
+    else:  # pre-copied, and only the rows of the steps since at the switch
+        assert report.precopy_bytes > weights

@@ -78,7 +78,17 @@ def test_pull_paces_the_precopy_from_the_measured_link_but_not_the_delta(source)
 
         def ExportBlockStates(self, request, timeout=None):
             self.requests.append(request)
-            return src_service.ExportBlockStates(request, None)
+            return Call(src_service.ExportBlockStates(request, None))
+
+    class Call:  # what a grpc.aio stream call offers the puller
+        def __init__(self, chunks) -> None:
+            self.chunks = chunks
+
+        def __aiter__(self):
+            return self.chunks.__aiter__()
+
+        def cancel(self) -> bool:
+            return False
 
     class Context:
         async def abort(self, code, details):

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from edgeheads.common.wire import sha256_hex, weights_to_blob
-from edgeheads.headnode.migrate import Move, pull_batches
+from edgeheads.headnode.migrate import Move, precopy_caches, pull_batches
 from edgeheads.headnode.slicing import slice_checkpoint
 from edgeheads.v1 import worker_pb2, worker_pb2_grpc
 from edgeheads.worker.host import BlockHost, OpSpec
@@ -185,3 +185,9 @@ def test_a_paced_chunk_is_about_ten_ms_of_the_rate():
     assert paced_chunk_bytes(1e6, 1 << 20) == PACED_CHUNK_BYTES  # slow link: the small chunk
     assert paced_chunk_bytes(2e7, 1 << 20) == 200_000
     assert paced_chunk_bytes(1e9, 1 << 20) == 1 << 20  # never over the configured chunk
+
+
+def test_small_caches_move_at_the_switch_unless_the_source_sends_the_weights():
+    assert not precopy_caches("headnode", 1 << 20, switch_cache_bytes=16 << 20)
+    assert precopy_caches("headnode", 17 << 20, switch_cache_bytes=16 << 20)
+    assert precopy_caches("source", 0, switch_cache_bytes=16 << 20)  # its pull brings the weights anyway

@@ -133,12 +133,12 @@ class MigrationRpcs:
         replies: list[worker_pb2.PullBlockReply] = []
         start = begun = time.perf_counter()
         current = items[0].block_id
+        # no deadline on the whole call: each payload is bounded below, however long the imports take
         stream = self._source(source).ExportBlockStates(
-            worker_pb2.ExportBlockStatesRequest(blocks=exports, max_bytes_per_second=rate),
-            timeout=None if limit is None else limit * len(items))
+            worker_pb2.ExportBlockStatesRequest(blocks=exports, max_bytes_per_second=rate))
         try:
             chunk_iter = stream.__aiter__()
-            assembler = ChunkAssembler(self.max_payload_bytes)
+            assembler, first_chunk = ChunkAssembler(self.max_payload_bytes), None
             while len(replies) < len(items):
                 item = items[len(replies)]
                 current = item.block_id
@@ -148,10 +148,16 @@ class MigrationRpcs:
                 except StopAsyncIteration:
                     raise DataLossError(f"the source's stream ended after {len(replies)} of {len(items)} "
                                         "blocks") from None
+                first_chunk = first_chunk or time.perf_counter()
                 assembler.add(chunk)
                 if not assembler.done:
                     continue
                 blob = assembler.finish()
+                received = time.perf_counter()
+                # big enough to say something about the link (a paced one is not): its own chunks only,
+                # not the source's export of it nor our import
+                if len(blob) >= 1 << 20 and not rate and received > first_chunk:
+                    self.links.record(source, len(blob) / (received - first_chunk), None, "transfer")
                 meta = import_state(self.host, blob, item.block_id, shape_json, item.content_hash)
                 now = time.perf_counter()
                 if self.metrics is not None:
@@ -160,22 +166,21 @@ class MigrationRpcs:
                 replies.append(worker_pb2.PullBlockReply(
                     block_id=item.block_id, bytes=len(blob), weights_sent=meta["weights"], sessions=len(meta["rows"]),
                     rows=rows, seconds=now - begun))
-                begun, assembler = now, ChunkAssembler(self.max_payload_bytes)
+                begun, assembler, first_chunk = now, ChunkAssembler(self.max_payload_bytes), None
         except asyncio.TimeoutError:
-            stream.cancel()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"pulling {current} from {source}: no payload "
                                 f"within {limit:g} s")
         except grpc.aio.AioRpcError as err:
-            self._drop_source(source)
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                self._drop_source(source)  # a new channel for the next pull
             code = err.code() if err.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"pulling {current} from {source}: {err.code().name}: {err.details()}")
         except (HostError, WireError) as err:
-            stream.cancel()
             await context.abort(grpc.StatusCode[status_name(err)], f"pulling {current}: {err}")
+        finally:
+            stream.cancel()  # a no-op when the stream ended; otherwise the source stops exporting
         seconds = time.perf_counter() - start
         total = sum(r.bytes for r in replies)
-        if total >= 1 << 20 and not rate:  # big enough to say something about the link (a paced one is not)
-            self.links.record(source, total / seconds, None, "transfer")
         log.info("worker %s: pulled %d blocks from %s: %d bytes, %d cache rows%s, %.3f s", self.host.name,
                  len(replies), source, total, sum(r.rows for r in replies),
                  f", {sum(r.weights_sent for r in replies)} with weights" if any(r.weights_sent for r in replies)
