@@ -69,24 +69,25 @@ class MigrationRpcs:
                 yield chunk
                 sent += len(chunk.data)
 
-    async def ExportBlockState(self, request, context):
-        rate = request.max_bytes_per_second if request.max_bytes_per_second > 0 else 0.0
+    async def _export_or_abort(self, blocks, rate: float, context):
+        """``_export``, with a block that cannot be exported ending the call with its status."""
+        rate = rate if rate > 0 else 0.0
         try:
-            async for chunk in self._export([request], rate):
+            async for chunk in self._export(blocks, rate):
                 yield chunk
         except HostError as err:
             await context.abort(grpc.StatusCode[err.code], str(err))
+
+    async def ExportBlockState(self, request, context):
+        async for chunk in self._export_or_abort([request], request.max_bytes_per_second, context):
+            yield chunk
 
     async def ExportBlockStates(self, request, context):
         if not request.blocks or len(request.blocks) > MAX_PULL_BLOCKS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ExportBlockStates takes 1 to {MAX_PULL_BLOCKS} "
                                 f"blocks, not {len(request.blocks)}")
-        rate = request.max_bytes_per_second if request.max_bytes_per_second > 0 else 0.0
-        try:
-            async for chunk in self._export(request.blocks, rate):
-                yield chunk
-        except HostError as err:
-            await context.abort(grpc.StatusCode[err.code], str(err))
+        async for chunk in self._export_or_abort(request.blocks, request.max_bytes_per_second, context):
+            yield chunk
 
     # ------------------------------------------------------------------ the destination
     async def PullBlock(self, request, context):
