@@ -10,13 +10,17 @@ from edgeheads.common.config import DaemonConfig, GrpcSettings, ListenAddress, S
 from edgeheads.common.security import SecuritySettings
 
 
+DEFAULT_POLICY = "resource-aware"
+
+
 class ControllerSettings(Section):
     """The controller: tracks workers by heartbeat and serves placements."""
 
     listen: ListenAddress = "0.0.0.0:50051"
     metrics_listen: ListenAddress | None = "0.0.0.0:9151"
     heartbeat_timeout_seconds: Seconds = 5.0
-    policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = "spread"
+    # the paper's head-level algorithm, which won the testbed (docs/decisions.md, "Default policy")
+    policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = DEFAULT_POLICY
     # re-plan after this many decoded tokens (0: only on membership changes)
     replan_every_tokens: Annotated[int, Field(ge=0)] = 16
     # ... and at least this often in seconds (0: no timer), so a change in load is noticed while idle

@@ -93,7 +93,7 @@ class PlacementEpoch:
 
 
 class ClusterState:
-    def __init__(self, policy: str = "spread", heartbeat_timeout_seconds: float = 5.0,
+    def __init__(self, policy: str = "resource-aware", heartbeat_timeout_seconds: float = 5.0,
                  planning_context_tokens: int = 2048, shuffle_moves: int = 2, shuffle_seed: int = 0,
                  replan_gate: bool = True, smoothing_seconds: float = replan_gate.SMOOTHING_SECONDS,
                  precopy_slowdown: float = replan_gate.PRECOPY_SLOWDOWN) -> None:

@@ -148,6 +148,8 @@ def _generate_remote(args: argparse.Namespace):
             sys.stdout.flush()
 
     try:
+        if cluster is not None:
+            _say_placement(cluster.addresses["controller"])
         with Client(address, config=args.config) as client:
             return client.generate_full(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                         args.seed, args.chat, on_text=show)
@@ -156,6 +158,21 @@ def _generate_remote(args: argparse.Namespace):
     finally:
         if cluster is not None:
             cluster.stop()
+
+
+def _say_placement(controller: str) -> None:
+    """One line on stderr: the policy the local cluster's controller placed the blocks with, and
+    how many each worker holds (`edgeheads status` shows more)."""
+    from edgeheads.headnode.cli_status import gather
+    try:
+        status = gather(controller, None)
+    except CliError as err:
+        print(f"placement: unknown ({err})", file=sys.stderr)
+        return
+    held = status["decisions"][-1]["blocks_per_worker"] if status["decisions"] else {}
+    workers = sorted(w["name"] for w in status["workers"])
+    shares = ", ".join(f"{name} {held.get(name, 0)}" for name in workers)
+    print(f"placement by the {status['policy']} policy, blocks per worker: {shares}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # EDGEHEADS_DTYPE) runs the exact reference unless a test names a format; tests of the default
 # itself unset this (tests/test_dtype_default.py).
 os.environ.setdefault("EDGEHEADS_HEADNODE__DTYPE", "fp32")
+# The controller's default policy is resource-aware, which places blocks by measured speed and may
+# leave a loopback worker empty or move blocks as the machine's load changes. Tests of the
+# distributed machinery (relay hops, recovery, sessions on every worker) need every worker to hold
+# blocks, as `spread` guarantees, so every cluster they start uses it unless a test names a policy;
+# the tests of the default itself unset this (tests/test_policy_default.py, docker compose).
+POLICY_ENV = "EDGEHEADS_CONTROLLER__POLICY"
+os.environ.setdefault(POLICY_ENV, "spread")
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 GATED_MARKERS = ("slow", "system")

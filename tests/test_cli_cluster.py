@@ -13,17 +13,26 @@ import sys
 import psutil
 import pytest
 
+from conftest import POLICY_ENV
 from edgeheads.headnode import Client
 from test_cli_generate import run_cli
 
 pytestmark = pytest.mark.system
 
 
-def test_generate_without_flags_runs_an_embedded_cluster_and_matches_local(smollm2_gguf):
+def test_generate_without_flags_runs_an_embedded_cluster_and_matches_local(smollm2_gguf, monkeypatch):
+    """The README's command, with the controller's default policy (conftest pins spread elsewhere)."""
+    monkeypatch.delenv(POLICY_ENV, raising=False)
     args = ("generate", "What is the capital of France?", "--max-new-tokens", "12", "--json")
     cluster = run_cli(*args, timeout=600)
     assert cluster.returncode == 0, cluster.stderr
     assert "starting a local cluster" in cluster.stderr and "distributing weights" in cluster.stderr
+    placed = re.search(r"placement by the (\S+) policy, blocks per worker: (.*)", cluster.stderr)
+    assert placed and placed.group(1) == "resource-aware", cluster.stderr[-2000:]
+    held = dict(share.rsplit(" ", 1) for share in placed.group(2).split(", "))
+    assert sorted(held) == ["worker-0", "worker-1", "worker-2"]
+    # every block of SmolLM2 (30 layers: 3 KV groups, a projection and an FFN each) is somewhere
+    assert sum(int(n) for n in held.values()) == 30 * 5
     local = run_cli(*args, "--local", timeout=600)
     assert json.loads(cluster.stdout)["token_ids"] == json.loads(local.stdout)["token_ids"]
     assert "Paris" in json.loads(cluster.stdout)["text"]

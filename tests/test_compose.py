@@ -189,6 +189,10 @@ def test_the_cli_and_the_python_client_match_generate_local(compose, local_raw):
     with Client(compose.grpc) as client:
         got = client.generate_full(PROMPT, MAX_NEW_TOKENS, chat=False)
     assert got.token_ids == local_raw["token_ids"] and got.text == local_raw["text"]
+    with grpc.insecure_channel(compose.controller) as channel:  # compose names no policy: the default ran
+        status = controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),
+                                                                    timeout=10)
+    assert status.policy == "resource-aware" and status.epoch >= 1
 
 
 def test_the_openai_package_streaming_and_not(compose, local_raw, require_capability):
@@ -226,7 +230,7 @@ def test_scaling_adds_a_worker_with_its_own_address(compose, local_raw):
     new = [w for w in workers if w.name not in before]
     assert len(new) == 1 and new[0].memory_limit_bytes == SCALABLE_LIMIT
     assert len({w.address for w in workers}) == 4
-    with Client(compose.grpc) as client:  # the placement now spans four workers; the tokens do not change
+    with Client(compose.grpc) as client:  # the controller may now place blocks on it; the tokens do not change
         assert client.generate_full(PROMPT, MAX_NEW_TOKENS, chat=False).token_ids == local_raw["token_ids"]
 
 
