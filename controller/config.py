@@ -10,7 +10,7 @@ from edgeheads.common.config import DaemonConfig, GrpcSettings, ListenAddress, S
 from edgeheads.common.security import SecuritySettings
 
 
-DEFAULT_POLICY = "resource-aware"
+DEFAULT_POLICY = "dynamic-layer"
 
 
 class ControllerSettings(Section):
@@ -19,7 +19,7 @@ class ControllerSettings(Section):
     listen: ListenAddress = "0.0.0.0:50051"
     metrics_listen: ListenAddress | None = "0.0.0.0:9151"
     heartbeat_timeout_seconds: Seconds = 5.0
-    # the paper's head-level algorithm, which won the testbed (docs/decisions.md, "Default policy")
+    # the policy that won the testbed's scripted-load runs (docs/decisions.md, "The default policy")
     policy: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")] = DEFAULT_POLICY
     # re-plan after this many decoded tokens (0: only on membership changes)
     replan_every_tokens: Annotated[int, Field(ge=0)] = 16

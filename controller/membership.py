@@ -12,6 +12,7 @@ from typing import Any
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller import replan_gate
 from edgeheads.controller.calibration import Calibration, messages_on_path, calibrated_problem
+from edgeheads.controller.config import DEFAULT_POLICY
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import (AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, live_problem,
                                        predicted_token_seconds, to_indices)
@@ -93,7 +94,7 @@ class PlacementEpoch:
 
 
 class ClusterState:
-    def __init__(self, policy: str = "resource-aware", heartbeat_timeout_seconds: float = 5.0,
+    def __init__(self, policy: str = DEFAULT_POLICY, heartbeat_timeout_seconds: float = 5.0,
                  planning_context_tokens: int = 2048, shuffle_moves: int = 2, shuffle_seed: int = 0,
                  replan_gate: bool = True, smoothing_seconds: float = replan_gate.SMOOTHING_SECONDS,
                  precopy_slowdown: float = replan_gate.PRECOPY_SLOWDOWN) -> None:
