@@ -32,7 +32,8 @@ os.environ.setdefault("EDGEHEADS_HEADNODE__DTYPE", "fp32")
 # leave a loopback worker empty or move blocks as the machine's load changes. Tests of the
 # distributed machinery (relay hops, recovery, sessions on every worker) need every worker to hold
 # blocks, as `spread` guarantees, so every cluster they start uses it unless a test names a policy;
-# the tests of the default itself unset this (tests/test_policy_default.py, docker compose).
+# the tests of the default itself unset this (the README command in tests/test_cli_cluster.py; compose
+# containers never see it).
 POLICY_ENV = "EDGEHEADS_CONTROLLER__POLICY"
 os.environ.setdefault(POLICY_ENV, "spread")
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
