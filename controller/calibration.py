@@ -16,9 +16,25 @@ against a real cluster it misses three things, and this module learns each from 
 - **What a message costs beyond its bytes.** Serialising, the relay's framing and the wake-ups
   on both ends: ``hop_seconds`` per message, fitted by least squares from windows of measured
   dataflow time against the calibrated model's prediction without it (``fit_hop``). The two
-  messages between the head node and the first and last workers count too.
+  messages between the head node and the first and last workers count too. The wake-ups are
+  where a worker starved of CPU shows: its blocks time as fast as ever once it runs, but each
+  message waits until it does (on the testbed a CPU hog on one board made a round-robin token
+  230 ms slower while that board's block timings barely moved). So a prediction's fit weighs
+  each window by its age, ``exp(-age / HOP_MEMORY_SECONDS)``: it follows conditions that change
+  within a generation. Planning keeps the even fit over every kept window, as it keeps the
+  smoothed rates: one cost for every message cannot say which board the wait is at, and a
+  starved board's wait charged to every link and every block's migration kept a plan from
+  moving the model off that board for 300 tokens.
 - **The head node's own work per token:** the LM head, sampling and streaming, as the head node
   measures it (``ProgressReport.head_seconds``).
+
+A worker that has just received blocks times them slowly for a few seconds (their pages are
+touched for the first time, the caches grow from nothing): on the testbed a board that took
+120 blocks read 0.7 GFLOP/s for a while instead of 2-3, and a plan made on that moved half of
+them away again, only to bring them back one plan later. Its timings are not taken from the moment the controller publishes a placement that moves
+blocks onto it (its report may come before the head node's first step under it does) until
+``HOLD_SECONDS_AFTER_MOVE`` after the head node starts running that placement (``hold``), or
+``HOLD_SECONDS_PENDING`` if it never does; what was known before stands meanwhile.
 
 A calibrated prediction of a placement is the cost model on the calibrated problem plus the
 head node's two messages and its own time (``predict_seconds``).
@@ -43,10 +59,13 @@ REFERENCE_KIND = BlockKind.FFN.value
 HOP_LIMITS_SECONDS = (0.0, 0.05)  # a fitted message cost outside this is clipped
 WINDOW_TOKENS = 8  # decode steps per fitting window
 SETTLE_STEPS = 2  # steps after an epoch change left out of its windows (the switch itself)
-WINDOWS_KEPT = 24  # the hop fit uses this many recent windows
+WINDOWS_KEPT = 24  # the hop fit uses at most this many recent windows ...
+HOP_MEMORY_SECONDS = 10.0  # ... each weighed exp(-age / this)
 HEAD_WEIGHT = 0.2  # EWMA weight of each head node report
 HEADNODE_MESSAGES = 2  # head node -> layer 0 and the last FFN -> head node
 FIT_ROUNDS = 20
+HOLD_SECONDS_AFTER_MOVE = 5.0  # a worker's timings ignored this long after blocks moved onto it
+HOLD_SECONDS_PENDING = 60.0  # ... and while the move is pending, at most this long
 
 
 @dataclass(frozen=True)
@@ -140,12 +159,17 @@ class Window:
     measured_seconds: float
     model_seconds: float
     messages: float
+    at: float = 0.0  # monotonic time it closed
 
 
-def fit_hop(windows: list[Window]) -> float:
-    """The per-message cost minimising the squared error of ``model + messages * hop`` over the windows."""
-    num = sum((w.measured_seconds - w.model_seconds) * w.messages for w in windows)
-    den = sum(w.messages ** 2 for w in windows)
+def fit_hop(windows: list[Window], memory_seconds: float = math.inf) -> float:
+    """The per-message cost minimising the squared error of ``model + messages * hop`` over the
+    windows, each weighed ``exp(-age / memory_seconds)`` (age from the newest window)."""
+    newest = max((w.at for w in windows), default=0.0)
+    weights = [math.exp(-(newest - w.at) / memory_seconds) if memory_seconds > 0 else float(w.at == newest)
+               for w in windows]
+    num = sum(k * (w.measured_seconds - w.model_seconds) * w.messages for k, w in zip(weights, windows))
+    den = sum(k * w.messages ** 2 for k, w in zip(weights, windows))
     if den <= 0:
         return 0.0
     low, high = HOP_LIMITS_SECONDS
@@ -170,15 +194,23 @@ class Calibration:
         self._epoch = -1
         self._steps_in_epoch = 0
         self._pending: list[float] = []
+        self._held_until: dict[str, float] = {}  # worker -> monotonic time its timings count again
+
+    def hold(self, names, seconds: float = HOLD_SECONDS_AFTER_MOVE, now: float | None = None) -> None:
+        """Ignore the timings of workers ``names`` for the next ``seconds`` (instead of any hold
+        before): blocks are moving onto them, or just did."""
+        until = (time.monotonic() if now is None else now) + seconds
+        for name in names:
+            self._held_until[name] = until
 
     def observe_worker(self, name: str, kind_rates: dict[str, float], benchmark_flops: float = 0.0,
                        now: float | None = None) -> None:
         if benchmark_flops > 0:
             self.benchmarks.setdefault(name, benchmark_flops)
+        now = time.monotonic() if now is None else now
         kind_rates = {k: r for k, r in kind_rates.items() if 0 < r < math.inf}
-        if kind_rates:
+        if kind_rates and now >= self._held_until.get(name, -math.inf):
             self.kind_rates[name] = dict(kind_rates)
-            now = time.monotonic() if now is None else now
             weight = 1.0 - math.exp(-max(now - self._seen_at.get(name, -math.inf), 0.0) / self.smoothing_seconds) \
                 if self.smoothing_seconds > 0 else 1.0
             old = self.smoothed_rates.get(name, {})
@@ -196,6 +228,7 @@ class Calibration:
         self._seen_at.pop(name, None)
         self.benchmarks.pop(name, None)
         self.best_ratios.pop(name, None)
+        self._held_until.pop(name, None)
 
     def observe_step(self, epoch: int, tokens: int, dataflow_seconds: float, head_seconds: float,
                      context_tokens: int) -> bool:
@@ -216,22 +249,25 @@ class Calibration:
         self._pending.append(dataflow_seconds)
         return len(self._pending) >= WINDOW_TOKENS
 
-    def close_window(self, model_seconds: float, messages: float) -> None:
+    def close_window(self, model_seconds: float, messages: float, now: float | None = None) -> None:
         """Record the window just completed against the model's time (no message cost) and
         messages; one the model cannot price (``messages`` 0: the placement it ran under is not
         the controller's current one) is dropped."""
         if self._pending and messages > 0:
-            self.windows.append(Window(statistics.median(self._pending), model_seconds, messages))
+            self.windows.append(Window(statistics.median(self._pending), model_seconds, messages,
+                                       time.monotonic() if now is None else now))
         self._pending = []
 
     def view(self, workers: list[str] | None = None, smoothed: bool = False) -> CalibrationView:
-        """What has been learned: from the latest rates (predictions), or from the smoothed ones (planning)."""
+        """What has been learned: from the latest rates and the recent windows (predictions), or
+        from the smoothed rates and every kept window alike (planning)."""
         names = set(self.kind_rates) | set(self.benchmarks) if workers is None else set(workers)
         measured = self.smoothed_rates if smoothed else self.kind_rates
         rates, factors = fit_rates({k: r for k, r in measured.items() if k in names},
                                    {k: b for k, b in self.benchmarks.items() if k in names},
                                    {k: r for k, r in self.best_ratios.items() if k in names})
-        return CalibrationView(rates, factors, fit_hop(list(self.windows)), self.head_seconds, len(self.windows))
+        hop = fit_hop(list(self.windows), math.inf if smoothed else HOP_MEMORY_SECONDS)
+        return CalibrationView(rates, factors, hop, self.head_seconds, len(self.windows))
 
 
 __all__ = ["Calibration", "CalibrationView", "Window", "calibrated_problem", "fit_hop", "fit_rates",

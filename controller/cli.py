@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("controller", help="run the controller daemon")
     p.add_argument("--listen", default=None, help="HOST:PORT to serve on (default 0.0.0.0:50051)")
     p.add_argument("--policy", default=None,
-                   help="placement policy: dynamic-layer (default: layer ranges re-planned as load changes), "
-                        "resource-aware (the paper's head-level algorithm), spread, round-robin, single, or "
+                   help="placement policy: resource-aware (default: the paper's head-level algorithm, "
+                        "re-planned as load changes), dynamic-layer (layer ranges), spread, round-robin, single, or "
                         "another `edgeheads simulate` algorithm such as edgeshard")
     add_config_flags(p)
     p.set_defaults(func=run_controller_command)

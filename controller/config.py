@@ -10,7 +10,7 @@ from edgeheads.common.config import DaemonConfig, GrpcSettings, ListenAddress, S
 from edgeheads.common.security import SecuritySettings
 
 
-DEFAULT_POLICY = "dynamic-layer"
+DEFAULT_POLICY = "resource-aware"
 
 
 class ControllerSettings(Section):

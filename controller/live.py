@@ -76,6 +76,14 @@ def to_names(problem: Problem, placement: Placement) -> dict[BlockId, str]:
     return {b: problem.cluster.names[int(d)] for b, d in zip(problem.blocks, placement.array())}
 
 
+def gained_workers(before: dict[BlockId, str] | None, after: dict[BlockId, str] | None) -> set[str]:
+    """The workers that hold a block in ``after`` that they did not hold in ``before`` (none
+    when either is unknown)."""
+    if not before or not after:
+        return set()
+    return {name for block, name in after.items() if before.get(block) != name}
+
+
 def unmeasured_latency(calibration: CalibrationView | None) -> float:
     """The latency assumed on a link no worker has measured: DEFAULT_LATENCY_SECONDS, or none
     once a per-message cost has been fitted from measurements (it is that cost)."""

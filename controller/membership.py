@@ -11,11 +11,11 @@ from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller import replan_gate
-from edgeheads.controller.calibration import Calibration, messages_on_path, calibrated_problem
+from edgeheads.controller.calibration import HOLD_SECONDS_PENDING, Calibration, messages_on_path, calibrated_problem
 from edgeheads.controller.config import DEFAULT_POLICY
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import (AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, live_problem,
-                                       predicted_token_seconds, to_indices)
+                                       gained_workers, predicted_token_seconds, to_indices)
 from edgeheads.controller.repair import lost_workers, repair
 from edgeheads.controller.shuffle import Shuffle
 from edgeheads.controller.spread import POLICIES, InfeasiblePlacement, Placement, WorkerCapacity
@@ -167,6 +167,9 @@ class ClusterState:
         and (with the step's timings) the windows the cost model's message cost is fitted from."""
         now = time.monotonic() if now is None else now
         if epoch >= 0:
+            if epoch != self.running_epoch:  # the head node switched: the workers that gained blocks settle first
+                self.calibration.hold(gained_workers(self._recent.get(self.running_epoch),
+                                                    self._recent.get(epoch)), now=now)
             self.running_epoch = epoch
         if self.calibration.observe_step(epoch, tokens, dataflow_seconds, head_seconds, context_tokens):
             self._close_calibration_window(epoch)
@@ -379,6 +382,9 @@ class ClusterState:
         return self.current
 
     def _publish(self, current: PlacementEpoch) -> None:
+        # the workers it moves blocks onto: their timings wait until the move has settled
+        self.calibration.hold(gained_workers(self._recent.get(self.running_epoch), current.placement),
+                              HOLD_SECONDS_PENDING)
         self.current = current
         self.version += 1
         if current.placement:

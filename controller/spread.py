@@ -1,7 +1,7 @@
 """The runtime's simple placement policies. ``spread`` spreads every layer's KV-group blocks over
 the workers, keeps proj(l) and ffn(l) together and respects each worker's memory. Pure and
 deterministic; the controller looks policies up by name in POLICIES (its default is an
-algorithm, ``dynamic-layer``: controller/config.py)."""
+algorithm, ``resource-aware``: controller/config.py)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # EDGEHEADS_DTYPE) runs the exact reference unless a test names a format; tests of the default
 # itself unset this (tests/test_dtype_default.py).
 os.environ.setdefault("EDGEHEADS_HEADNODE__DTYPE", "fp32")
-# The controller's default policy is dynamic-layer, which places blocks by measured speed and may
+# The controller's default policy is resource-aware, which places blocks by measured speed and may
 # leave a loopback worker empty or move blocks as the machine's load changes. Tests of the
 # distributed machinery (relay hops, recovery, sessions on every worker) need every worker to hold
 # blocks, as `spread` guarantees, so every cluster they start uses it unless a test names a policy;

@@ -5,6 +5,7 @@ windows the controller builds from the head node's progress, and the worker's pe
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,18 @@ def test_hop_fit_recovers_a_per_message_cost_and_is_clipped():
     assert cal.fit_hop([]) == 0.0
 
 
+def test_hop_fit_follows_conditions_that_change_within_a_generation():
+    # a minute at 0.5 ms per message, then a board starved of CPU: 5 ms per message for 30 s
+    calm = [cal.Window(0.010 + 30 * 0.0005, 0.010, 30, at=float(t)) for t in range(0, 60, 5)]
+    starved = [cal.Window(0.010 + 30 * 0.005, 0.010, 30, at=float(t)) for t in range(60, 90, 5)]
+    assert cal.fit_hop(calm + starved) == pytest.approx(0.002, abs=1e-4)  # every window alike: neither
+    hop = cal.fit_hop(calm + starved, cal.HOP_MEMORY_SECONDS)
+    assert hop == pytest.approx(0.005, rel=0.06)  # the old windows weigh 5% after 30 s
+    # and back, 30 s after the other program stops
+    after = [cal.Window(0.010 + 30 * 0.0005, 0.010, 30, at=float(t)) for t in range(95, 125, 5)]
+    assert cal.fit_hop(starved + after, cal.HOP_MEMORY_SECONDS) == pytest.approx(0.0005, abs=2e-4)
+
+
 def test_prediction_is_the_calibrated_model_plus_the_head_nodes_messages_and_work():
     problem = small_problem()
     placement = to_indices(problem, {b: "w0" for b in problem.blocks})
@@ -112,8 +125,8 @@ def test_windows_skip_the_switch_and_prefill_and_restart_with_each_epoch():
     assert not c.observe_step(1, 16, 0.5, 0.0, 16)  # prefill
     complete = [c.observe_step(1, 1, 0.01, 0.002, 17 + i) for i in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS)]
     assert complete[-1] and not any(complete[:-1])
-    c.close_window(0.008, 2.0)
-    assert c.windows[-1] == cal.Window(0.01, 0.008, 2.0)
+    c.close_window(0.008, 2.0, now=7.0)
+    assert c.windows[-1] == cal.Window(0.01, 0.008, 2.0, at=7.0)
     assert c.context_tokens == 16 + cal.SETTLE_STEPS + cal.WINDOW_TOKENS
     assert c.head_seconds == pytest.approx(0.002)
     # a new epoch: its first steps are its switch, and a half window of the old one is dropped
@@ -237,3 +250,48 @@ def test_while_a_migration_is_pending_predictions_and_windows_are_for_the_epoch_
     state.note_progress(1, epoch=first + 1, dataflow_seconds=base, context_tokens=state.planning_context_tokens)
     assert state.running() == (first + 1, state.current.placement)
     assert state.predict_current() == pytest.approx(pending)
+
+
+def test_the_timings_of_a_worker_that_just_received_blocks_wait_until_they_settle():
+    c = cal.Calibration(smoothing_seconds=0.0)
+    c.observe_worker("w", {"ffn": 4e9}, 1e10, now=0.0)
+    c.hold({"w"}, seconds=5.0, now=10.0)
+    c.observe_worker("w", {"ffn": 0.5e9}, now=11.0)  # first calls on fresh pages: not the board's speed
+    c.observe_worker("x", {"ffn": 2e9}, 1e10, now=11.0)  # another worker is not held
+    view = c.view()
+    assert view.device_rates["w"] == pytest.approx(4e9) and view.device_rates["x"] == pytest.approx(2e9)
+    assert c.view(smoothed=True).device_rates["w"] == pytest.approx(4e9)
+    c.observe_worker("w", {"ffn": 3e9}, now=15.0)  # settled: counted again
+    assert c.view().device_rates["w"] == pytest.approx(3e9)
+
+
+def test_a_placement_that_moves_blocks_holds_the_workers_that_gain_them_until_the_move_settles():
+    state = state_with_timings()
+    first, placement = state.current.epoch, dict(state.current.placement)
+    state.note_progress(1, epoch=first, dataflow_seconds=0.02)
+    before = state.calibration.view().device_rates
+    holder = placement[next(iter(placement))]
+    other = next(w for w in state.workers if w != holder)
+    moved = {b: other if w == holder and b.kind is BlockKind.FFN else w for b, w in placement.items()}
+    slow = {"attn": 1e8, "proj": 2e8, "ffn": 4e8}
+    state._publish(PlacementEpoch(first + 1, moved, dict(state.current.addresses), state.policy))
+    # `other` imports its blocks and may run them before the head node's report of the switch comes
+    state.heartbeat(other, 4 * GiB, 0, 5e10, kind_rates=slow)
+    assert state.calibration.view().device_rates[other] == pytest.approx(before[other])
+    state.note_progress(1, epoch=first + 1, dataflow_seconds=0.02)  # the switch
+    for name in state.workers:
+        state.heartbeat(name, 4 * GiB, 0, 5e10, kind_rates=slow)
+    after = state.calibration.view().device_rates
+    assert after[other] == pytest.approx(before[other])  # held: its slow first calls are not its speed
+    assert all(after[w] == pytest.approx(before[w] / 10) for w in state.workers if w != other)
+    # the hold ends HOLD_SECONDS_AFTER_MOVE after the switch
+    state.calibration.observe_worker(other, slow, now=time.monotonic() + cal.HOLD_SECONDS_AFTER_MOVE + 0.1)
+    assert state.calibration.view().device_rates[other] == pytest.approx(before[other] / 10)
+
+
+def test_predictions_follow_the_recent_message_cost_and_planning_the_long_one():
+    c = cal.Calibration()
+    c.windows.extend([cal.Window(0.010 + 30 * 0.0005, 0.010, 30, at=float(t)) for t in range(0, 60, 5)]
+                     + [cal.Window(0.010 + 30 * 0.005, 0.010, 30, at=float(t)) for t in range(60, 90, 5)])
+    assert c.view().hop_seconds == pytest.approx(0.005, rel=0.06)
+    assert c.view(smoothed=True).hop_seconds == pytest.approx(0.002, abs=1e-4)

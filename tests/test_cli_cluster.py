@@ -28,7 +28,7 @@ def test_generate_without_flags_runs_an_embedded_cluster_and_matches_local(smoll
     assert cluster.returncode == 0, cluster.stderr
     assert "starting a local cluster" in cluster.stderr and "distributing weights" in cluster.stderr
     placed = re.search(r"placement by the (\S+) policy, blocks per worker: (.*)", cluster.stderr)
-    assert placed and placed.group(1) == "dynamic-layer", cluster.stderr[-2000:]
+    assert placed and placed.group(1) == "resource-aware", cluster.stderr[-2000:]
     held = dict(share.rsplit(" ", 1) for share in placed.group(2).split(", "))
     assert sorted(held) == ["worker-0", "worker-1", "worker-2"]
     # every block of SmolLM2 (30 layers: 3 KV groups, a projection and an FFN each) is somewhere

@@ -192,7 +192,7 @@ def test_the_cli_and_the_python_client_match_generate_local(compose, local_raw):
     with grpc.insecure_channel(compose.controller) as channel:  # compose names no policy: the default ran
         status = controller_pb2_grpc.ControllerStub(channel).Status(controller_pb2.ControllerStatusRequest(),
                                                                     timeout=10)
-    assert status.policy == "dynamic-layer" and status.epoch >= 1
+    assert status.policy == "resource-aware" and status.epoch >= 1
 
 
 def test_the_openai_package_streaming_and_not(compose, local_raw, require_capability):

@@ -48,7 +48,7 @@ def test_defaults():
     assert cfg.worker.telemetry_period_seconds == 1.0
     assert cfg.controller.listen == "0.0.0.0:50051"
     assert cfg.controller.heartbeat_timeout_seconds == 5.0
-    assert cfg.controller.policy == "dynamic-layer"
+    assert cfg.controller.policy == "resource-aware"
     assert cfg.headnode.listen == "0.0.0.0:50050"
     assert cfg.headnode.controller == "127.0.0.1:50051"
     assert cfg.headnode.model == "smollm2-135m" and cfg.headnode.dtype == "auto"

@@ -1,13 +1,26 @@
 """What a worker knows about its links to peers: measured passively from block pulls
-and actively by probing at a low duty cycle (an empty Probe for latency, a 1 MiB one
-for bandwidth). Reported with the telemetry."""
+and actively by probing at a low duty cycle (empty Probes for latency, a 1 MiB one
+for bandwidth). Reported with the telemetry.
+
+A reading is the link's, not its ends': a probe to a peer starved of CPU (a busy board, a
+cgroup quota spent) waits until that peer runs, and reads tens of milliseconds on a link of a
+fraction of one. The controller charges a link's latency to every message that crosses it,
+and it learns what a starved worker costs from the worker's own timings and the measured
+dataflow (controller/calibration.py); counting the wait again in the latency multiplied it
+(a 2.0 s prediction for a 0.57 s token). So each report is the least latency and the highest
+bandwidth of the samples of the last ``LINK_WINDOW_SECONDS``, the physical floor and ceiling
+that queueing at either end only hides, and a probe spreads its latency samples over more
+than one scheduler period (``RTT_SAMPLES`` at ``RTT_SPACING_SECONDS``), so that one of them
+finds the peer running.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -20,27 +33,51 @@ log = logging.getLogger(__name__)
 # big enough that a token bucket's burst (tbf's 64 KiB, a switch's buffer) does not inflate the
 # estimate much: 256 KiB read 1.3x a 100 Mbit/s link's rate through a 64 KiB burst
 PROBE_BYTES = 1024 * 1024
+LINK_WINDOW_SECONDS = 120.0  # a report is the best sample this recent (four probes at the default period)
+RTT_SAMPLES = 8  # empty probes per measurement of the latency ...
+RTT_SPACING_SECONDS = 0.025  # ... this far apart: 175 ms, more than a CFS period (100 ms)
 
 
 @dataclass
 class Link:
-    bandwidth_bytes_per_second: float = 0.0
-    latency_seconds: float = 0.0
+    """One peer's samples of the last ``window_seconds`` (time, value) and what they say."""
+
+    window_seconds: float = LINK_WINDOW_SECONDS
     source: str = ""
     measured_at: float = 0.0
+    bandwidths: deque = field(default_factory=deque)
+    latencies: deque = field(default_factory=deque)
+
+    def add(self, bandwidth: float | None, latency: float | None, source: str, now: float) -> None:
+        if bandwidth:
+            self.bandwidths.append((now, bandwidth))
+        if latency:
+            self.latencies.append((now, latency))
+        for samples in (self.bandwidths, self.latencies):  # the newest sample of each stays, however old
+            while len(samples) > 1 and now - samples[0][0] > self.window_seconds:
+                samples.popleft()
+        self.source, self.measured_at = source, now
+
+    @property
+    def bandwidth_bytes_per_second(self) -> float:
+        """The highest bandwidth sampled in the window (0: none yet)."""
+        return max((b for _, b in self.bandwidths), default=0.0)
+
+    @property
+    def latency_seconds(self) -> float:
+        """The least one-way latency sampled in the window (0: none yet)."""
+        return min((lat for _, lat in self.latencies), default=0.0)
 
 
 class LinkTable:
-    def __init__(self) -> None:
+    def __init__(self, window_seconds: float = LINK_WINDOW_SECONDS) -> None:
+        self.window_seconds = window_seconds
         self.links: dict[str, Link] = {}
 
-    def record(self, peer: str, bandwidth: float | None, latency: float | None, source: str) -> None:
-        link = self.links.setdefault(peer, Link())
-        if bandwidth:
-            link.bandwidth_bytes_per_second = bandwidth
-        if latency:
-            link.latency_seconds = latency
-        link.source, link.measured_at = source, time.time()
+    def record(self, peer: str, bandwidth: float | None, latency: float | None, source: str,
+               now: float | None = None) -> None:
+        link = self.links.setdefault(peer, Link(self.window_seconds))
+        link.add(bandwidth, latency, source, time.time() if now is None else now)
 
     def reports(self) -> list[controller_pb2.LinkReport]:
         return [controller_pb2.LinkReport(peer=p, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
@@ -54,7 +91,9 @@ async def probe(address: str, grpc_settings: GrpcSettings) -> tuple[float, float
         stub = worker_pb2_grpc.WorkerStub(channel)
         await stub.Probe(worker_pb2.ProbeRequest(), timeout=10)  # connect
         rtts = []
-        for _ in range(3):
+        for i in range(RTT_SAMPLES):
+            if i:
+                await asyncio.sleep(RTT_SPACING_SECONDS)
             start = time.perf_counter()
             await stub.Probe(worker_pb2.ProbeRequest(), timeout=10)
             rtts.append(time.perf_counter() - start)
