@@ -10,6 +10,11 @@ its veth is shaped to --rate-mbit, once per queue discipline in --queues:
 - ``relay-first``: htb with two classes, relay frames (to or from the workers' relay port)
   at priority 0, everything else (the pre-copy's pulls) borrowing what they leave, as the
   testbed shapes its links (deploy/testbed/testbed_net.py) and docs/boards.md shows for boards.
+Workers pace the pre-copy as PRECOPY_LINK_FRACTION says per queue: at 0.9 of the measured link
+behind ``fifo`` (the default, for a board with one queue), not at all behind ``relay-first``, as
+docs/boards.md says to configure boards that run deploy/relay-first.sh: the qdisc already
+serves relay frames first, and pacing under the measured rate only kept the copy under 0.9 of
+the link (0.79-0.81 of it, against 0.90-0.92 unpaced, at the same median slowdown).
 The model is spread over both workers; while it decodes, --blocks FFN blocks (and their
 layers' attention blocks, with every session's K/V cache) move from worker a to worker b.
 
@@ -50,6 +55,7 @@ NAMESPACES = {"a": f"{SUBNET}.2", "b": f"{SUBNET}.3"}
 RELAY_PORT = 50062
 RELAY_FIRST = Path(__file__).resolve().parents[1] / "deploy" / "relay-first.sh"
 QUEUES = ("fifo", "relay-first")
+PRECOPY_LINK_FRACTION = {"fifo": 0.9, "relay-first": 0.0}  # the workers' worker.precopy_link_fraction
 
 
 def sh(*args: str, check: bool = True) -> None:
@@ -102,12 +108,13 @@ def teardown_network() -> None:
     sh("ip", "link", "del", BRIDGE, check=False)
 
 
-def spawn(tmp: Path, name: str, args: list[str], namespace: str | None = None) -> subprocess.Popen:
+def spawn(tmp: Path, name: str, args: list[str], namespace: str | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     log = open(tmp / f"{name}.log", "wb")
     return subprocess.Popen([*prefix, sys.executable, "-m", "edgeheads.headnode.cli", *args, "--ready-file",
                              str(tmp / f"{name}.ready")], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
 
 
 def wait_ready(tmp: Path, name: str, proc: subprocess.Popen, timeout: float = 120) -> str:
@@ -167,7 +174,8 @@ def run_once(args, parts, prompt_ids, queue: str):
         for name, ip in NAMESPACES.items():
             proc = spawn(tmp, name, ["worker", "--listen", f"{ip}:50061", "--controller", controller_address,
                                      "--name", name, "--threads", "1", "--relay-port", str(RELAY_PORT)],
-                         namespace=f"eh-{name}")
+                         namespace=f"eh-{name}",
+                         env={"EDGEHEADS_WORKER__PRECOPY_LINK_FRACTION": str(PRECOPY_LINK_FRACTION[queue])})
             procs.append(proc)
             addresses[name] = wait_ready(tmp, name, proc)
         placement = spread(parts.shape, [WorkerCapacity(n, 1 << 40) for n in NAMESPACES], 2048)
@@ -221,7 +229,7 @@ def main() -> None:
         busy = marks["busy_bytes"] / report.precopy_seconds / link
         print(f"\n[{queue}] model {args.model}; {len(report.moves)} blocks moved a -> b "
               f"({report.weights_skipped} without weights); link {args.rate_mbit} Mbit/s between two network "
-              f"namespaces")
+              f"namespaces; pre-copy paced at {PRECOPY_LINK_FRACTION[queue]:g} of the measured link (0: unpaced)")
         print(f"pre-copy: {report.precopy_bytes / 1e6:.1f} MB in {report.precopy_seconds:.2f} s = "
               f"{rate * 8 / 1e6:.1f} Mbit/s, {rate / link:.3f} of the link rate (target >= 0.9); a's link was "
               f"{busy:.3f} busy over the pre-copy, relay frames included")

@@ -12,6 +12,9 @@
 # what they leave. Without it a pre-copy fills the link's one queue and every activation of
 # every token waits behind it: decoding slowed 4.7x at the median during a pre-copy over
 # 100 Mbit/s, against 1.25x with this (benchmarks/migration_netns.py, docs/boards.md).
+# Set worker.precopy_link_fraction to 0 on such a board: the qdisc orders the queue, and pacing
+# under the measured rate only slows the pre-copy. Each class may send 64 KiB at once, one
+# GSO/TSO segment, so that a segment does not wait for the bucket to fill.
 # Needs Linux tc with the htb qdisc (iproute2). Not persistent: run it at boot (a systemd
 # ExecStartPre, or the network manager's up hook).
 set -eu
@@ -41,10 +44,10 @@ esac
 
 [ -n "$print" ] || tc qdisc del dev "$dev" root 2>/dev/null || true  # start from the default
 $print tc qdisc add dev "$dev" root handle 1: htb default 20
-$print tc class add dev "$dev" parent 1: classid 1:1 htb rate "$rate" ceil "$rate"
+$print tc class add dev "$dev" parent 1: classid 1:1 htb rate "$rate" ceil "$rate" burst 64k cburst 64k
 # relay frames: the whole rate, served first; the rest: 8 kbit/s guaranteed, borrowing what is left
-$print tc class add dev "$dev" parent 1:1 classid 1:10 htb rate "$rate" ceil "$rate" prio 0
-$print tc class add dev "$dev" parent 1:1 classid 1:20 htb rate 8kbit ceil "$rate" prio 1
+$print tc class add dev "$dev" parent 1:1 classid 1:10 htb rate "$rate" ceil "$rate" burst 64k cburst 64k prio 0
+$print tc class add dev "$dev" parent 1:1 classid 1:20 htb rate 8kbit ceil "$rate" burst 64k cburst 64k prio 1
 for field in sport dport; do
     $print tc filter add dev "$dev" parent 1: protocol ip prio 1 u32 match ip "$field" "$port" 0xffff flowid 1:10
 done

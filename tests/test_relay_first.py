@@ -67,6 +67,9 @@ def test_relay_port_traffic_and_the_rest_take_their_own_classes(require_capabili
         run("ip", "netns", "exec", a, "sh", str(SCRIPT), f"{tag}-0", "50mbit", str(PORT))
         before = class_bytes(a, f"{tag}-0")
         assert {"1:1", "1:10", "1:20"} <= set(before)
+        # every class may send one 64 KiB GSO segment at once (htb's default here is 1600 bytes)
+        shown = run("ip", "netns", "exec", a, "tc", "class", "show", "dev", f"{tag}-0").stdout.splitlines()
+        assert len(shown) == 3 and all("burst 64Kb cburst 64Kb" in line for line in shown), shown
         sender = ("import socket, sys, time\n"
                   "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                   "s.sendto(b'arp', ('10.81.0.2', 9)); time.sleep(0.3)\n"  # the neighbour known first
