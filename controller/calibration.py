@@ -23,8 +23,9 @@ against a real cluster it misses three things, and this module learns each from 
   each window by its age, ``exp(-age / HOP_MEMORY_SECONDS)``: it follows conditions that change
   within a generation. Planning keeps the even fit over every kept window, as it keeps the
   smoothed rates: one cost for every message cannot say which board the wait is at, and a
-  starved board's wait charged to every link and every block's migration kept a plan from
-  moving the model off that board for 300 tokens.
+  starved board's wait charged to every link kept a plan from moving the model off that board
+  for 300 tokens. It is a cost per message: a migration, one stream per source, pays the link's
+  own latency per block, not this (``Cluster.migration_latency_seconds``).
 - **The head node's own work per token:** the LM head, sampling and streaming, as the head node
   measures it (``ProgressReport.head_seconds``).
 
@@ -129,8 +130,12 @@ def calibrated_problem(problem: Problem, view: CalibrationView, hop_seconds: flo
     rates = np.array([view.device_rates.get(name, 0.0) for name in cluster.names])
     available = np.where(rates > 0, rates, cluster.available_flops_per_second)
     factors = np.array([view.kind_factors.get(b.kind.value, 1.0) for b in problem.blocks])
+    # the message cost is per message: a migration, one stream per source, pays the link's own latency
+    migration_latency = cluster.latency_seconds if cluster.migration_latency_seconds is None \
+        else cluster.migration_latency_seconds
     cluster = dataclasses.replace(cluster, available_flops_per_second=available,
-                                  latency_seconds=cluster.latency_seconds + hop)
+                                  latency_seconds=cluster.latency_seconds + hop,
+                                  migration_latency_seconds=migration_latency)
     return dataclasses.replace(problem, cluster=cluster, flops=problem.flops * factors)
 
 

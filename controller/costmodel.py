@@ -202,7 +202,7 @@ def memory_violations(problem: Problem, placement: Placement) -> tuple[MemoryVio
 
 def migration_seconds_to_all(problem: Problem, block: int, source: int) -> np.ndarray:
     """(n,) seconds to migrate ``block`` from ``source`` to every device (0 to itself), eq. (2)."""
-    row = problem.link_latency_seconds[source] + problem.migration_bytes[block] * problem.inverse_bandwidth[source]
+    row = problem.migration_latency_seconds[source] + problem.migration_bytes[block] * problem.inverse_bandwidth[source]
     row = row.copy()
     row[source] = 0.0
     return row
@@ -218,7 +218,7 @@ def migrations(problem: Problem, previous: Placement | None, placement: Placemen
     for b, (src, dst) in enumerate(zip(previous.device_of_block, placement.device_of_block)):
         if src != dst:
             seconds = float(
-                problem.link_latency_seconds[src, dst] + problem.migration_bytes[b] * problem.inverse_bandwidth[src, dst]
+                problem.migration_latency_seconds[src, dst] + problem.migration_bytes[b] * problem.inverse_bandwidth[src, dst]
             )
             moves.append(Migration(b, src, dst, seconds))
     return tuple(moves)

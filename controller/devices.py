@@ -35,6 +35,10 @@ class Cluster:
     available_flops_per_second: np.ndarray  # (n,)
     bandwidth_bytes_per_second: np.ndarray  # (n, n)
     latency_seconds: np.ndarray  # (n, n)
+    migration_latency_seconds: np.ndarray | None = None
+    """(n, n) the latency a migration pays per block, when it is not ``latency_seconds``: a
+    calibrated cluster adds the measured per-message cost to every link's latency, which a
+    migration, one stream from each source, does not pay per block (controller/calibration.py)."""
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -45,8 +49,8 @@ class Cluster:
         for attr in ("memory_bytes", "peak_flops_per_second", "available_flops_per_second"):
             if getattr(self, attr).shape != (n,):
                 raise ValueError(f"{attr} must have shape ({n},)")
-        for attr in ("bandwidth_bytes_per_second", "latency_seconds"):
-            if getattr(self, attr).shape != (n, n):
+        for attr in ("bandwidth_bytes_per_second", "latency_seconds", "migration_latency_seconds"):
+            if getattr(self, attr) is not None and getattr(self, attr).shape != (n, n):
                 raise ValueError(f"{attr} must have shape ({n}, {n})")
         off = ~np.eye(n, dtype=bool)
         if np.any(self.bandwidth_bytes_per_second[off] <= 0):

@@ -47,7 +47,7 @@ def objective_with_migration(state: SearchState, prev: np.ndarray) -> float:
     pr = state.problem
     moved = np.flatnonzero(state.assign != prev)
     src, dst = prev[moved], state.assign[moved]
-    migration = pr.link_latency_seconds[src, dst] + pr.migration_bytes[moved] * pr.inverse_bandwidth[src, dst]
+    migration = pr.migration_latency_seconds[src, dst] + pr.migration_bytes[moved] * pr.inverse_bandwidth[src, dst]
     return pr.horizon_tokens * state.total_seconds() + float(migration.sum())
 
 

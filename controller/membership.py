@@ -345,7 +345,7 @@ class ClusterState:
         if self.replan_gate and getattr(self._policy, "uses_gate", False):
             now = time.monotonic()
             extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), self.decode_rate(now),
-                                     self.precopy_slowdown)
+                                     self.precopy_slowdown, ages_seconds=self.telemetry.ages_seconds(now))
         policy = self._policy
         seeded, self._seeded = self._seeded, False
         if seeded or lost_workers(self.current.placement, self.workers):

@@ -155,6 +155,16 @@ class Problem:
         return lat
 
     @cached_property
+    def migration_latency_seconds(self) -> np.ndarray:
+        """Latency a block's migration pays on each link, with a zero diagonal, (n, n): the link's
+        latency unless the cluster says otherwise (``Cluster.migration_latency_seconds``)."""
+        if self.cluster.migration_latency_seconds is None:
+            return self.link_latency_seconds
+        lat = self.cluster.migration_latency_seconds.copy()
+        np.fill_diagonal(lat, 0.0)
+        return lat
+
+    @cached_property
     def inverse_bandwidth(self) -> np.ndarray:
         """Seconds per byte on each link, zero on the diagonal, (n, n)."""
         inv = 1.0 / np.where(np.eye(self.n_devices, dtype=bool), 1.0, self.cluster.bandwidth_bytes_per_second)

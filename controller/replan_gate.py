@@ -200,6 +200,11 @@ class PersistenceTracker:
     def all(self, now: float | None = None) -> dict[str, float]:
         return {name: self.persistence(name, now) for name in self.runs}
 
+    def ages(self, now: float | None = None) -> dict[str, float]:
+        """How long each device's current conditions have lasted so far."""
+        at = self.now if now is None else now
+        return {name: max(at - run.started, 0.0) for name, run in self.runs.items()}
+
 
 def _same_way(run: _Run, value: np.ndarray, fraction: float = CHANGE_FRACTION) -> bool:
     """Whether ``value`` moved from the run's reference the way the change that began the run

@@ -12,6 +12,8 @@ import pytest
 
 from edgeheads.common.spec import SMOLLM2_135M, BlockKind
 from edgeheads.controller import calibration as cal
+from edgeheads.controller import costmodel
+from edgeheads.controller.algorithms import make_algorithm
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import LiveWorker, live_problem, predicted_token_seconds, to_indices
 from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord
@@ -80,6 +82,41 @@ def test_calibrated_problem_scales_each_kind_replaces_known_rates_and_adds_the_m
     assert np.allclose(out.cluster.latency_seconds, problem.cluster.latency_seconds + 0.002)
     assert cal.calibrated_problem(problem, view, hop_seconds=0.0).cluster.latency_seconds[0, 1] == \
         problem.cluster.latency_seconds[0, 1]
+
+
+def test_a_migration_does_not_pay_the_message_cost_per_block_but_a_token_still_pays_it_per_message():
+    problem = small_problem()
+    view = cal.CalibrationView(hop_seconds=0.05)  # a starved board's wake-ups, fitted from the dataflow
+    out = cal.calibrated_problem(problem, view)
+    on_w0 = to_indices(problem, {b: "w0" for b in problem.blocks})
+    on_w1 = to_indices(problem, {b: "w1" for b in problem.blocks})
+    plain, calibrated = costmodel.migrations(problem, on_w0, on_w1), costmodel.migrations(out, on_w0, on_w1)
+    assert len(calibrated) == problem.n_blocks
+    assert sum(m.seconds for m in calibrated) == pytest.approx(sum(m.seconds for m in plain))
+    # split across workers, a token still crosses links and pays the cost on each message
+    split = to_indices(problem, {b: ("w1" if b.kind is BlockKind.FFN else "w0") for b in problem.blocks})
+    assert token_latency_seconds(out, split) > token_latency_seconds(problem, split) + 0.05 * SMOLLM2_135M.n_layers
+    # calibrating a calibrated problem again keeps the links' own latency for migrations
+    twice = cal.calibrated_problem(out, view)
+    assert np.allclose(twice.migration_latency_seconds, problem.link_latency_seconds)
+
+
+def test_the_planner_moves_the_model_off_a_starved_worker_when_the_move_pays_in_its_own_bytes():
+    """On the testbed a hog left the board holding every block at ~0.7 s a token while the planner,
+    charging a fitted 50 ms message cost to each of 150 block moves (7.5 s), kept them there for
+    135 tokens. A move is one stream: what it costs is its bytes."""
+    problem = cal.calibrated_problem(
+        live_problem(SMOLLM2_135M, [LiveWorker("w0", 4 * GiB, 3e8), LiveWorker("w1", 4 * GiB, 2e9)], 64,
+                     bandwidth_bytes_per_second=1.25e8),
+        cal.CalibrationView(hop_seconds=0.05))
+    on_w0 = to_indices(problem, {b: "w0" for b in problem.blocks})
+    on_w1 = to_indices(problem, {b: "w1" for b in problem.blocks})
+    gain = problem.horizon_tokens * (token_latency_seconds(problem, on_w0) - token_latency_seconds(problem, on_w1))
+    transfer = sum(m.seconds for m in costmodel.migrations(problem, on_w0, on_w1))
+    assert transfer < gain < transfer + 0.05 * problem.n_blocks  # pays in bytes, not with 50 ms a block
+    decision = make_algorithm("resource-aware").place(problem, on_w0)
+    assert token_latency_seconds(problem, decision) < token_latency_seconds(problem, on_w0) / 5
+    assert len(costmodel.migrations(problem, on_w0, decision)) > problem.n_blocks // 2
 
 
 def test_messages_on_path_counts_the_head_nodes_two_and_grows_with_the_hops_a_placement_makes():

@@ -289,3 +289,30 @@ def test_load_that_flips_back_is_not_a_ramp_even_with_settle():
     for now, value in flips:
         tracker.observe_one("w", np.array([value]), now)
     assert list(tracker.runs["w"].completed) == [20.0, 1.0, 1.0, 1.0]
+
+
+def test_the_planning_horizon_is_how_long_every_workers_conditions_have_lasted():
+    from edgeheads.controller.live import INTERVAL_TOKENS, MAX_HORIZON_TOKENS, LiveGate, planning_horizon_tokens
+
+    gate = LiveGate({"a": 30.0, "b": 30.0}, tokens_per_second=5.0, ages_seconds={"a": 10.0, "b": 4.0})
+    assert planning_horizon_tokens(gate, ["a", "b"]) == 20  # the least: b's 4 s at 5 tokens/s
+    assert planning_horizon_tokens(gate, ["a", "new"]) == INTERVAL_TOKENS  # no age yet: the interval
+    assert planning_horizon_tokens(LiveGate({}, 5.0, ages_seconds={"a": 1.0}), ["a"]) == INTERVAL_TOKENS
+    assert planning_horizon_tokens(LiveGate({}, 5.0, ages_seconds={"a": 1e6}), ["a"]) == MAX_HORIZON_TOKENS
+    assert planning_horizon_tokens(LiveGate({}, ages_seconds={"a": 10.0}), ["a"]) == INTERVAL_TOKENS  # no rate
+    assert planning_horizon_tokens(None, ["a"]) == INTERVAL_TOKENS
+
+
+def test_ages_are_how_long_each_devices_current_run_has_lasted():
+    tracker = replan_gate.PersistenceTracker(prior=5.0)
+    tracker.observe({"a": np.array([1.0, 1.0, 1.0]), "b": np.array([1.0, 1.0, 1.0])}, 0.0)
+    tracker.observe({"a": np.array([0.2, 1.0, 1.0]), "b": np.array([1.0, 1.0, 1.0])}, 6.0)
+    assert tracker.ages(10.0) == {"a": 4.0, "b": 10.0}
+
+
+def test_live_a_slowdown_that_pays_back_only_after_the_interval_still_moves(clock):
+    """Moving off a board 4x slower pays within the 40 tokens its slowdown has lasted, not
+    within one 16-token interval: a plan weighed over the interval alone never proposed it."""
+    state, moved = live_run(clock, lambda t: 5e9 if t >= 10 else 2e10)
+    assert moved > 0 and "pays" in state._policy.last_gate.reason
+    assert state._policy.last_gate.persistence_tokens > 16
