@@ -12,7 +12,9 @@ against a real cluster it misses three things, and this module learns each from 
   that has not run anything yet gets its start-up benchmark scaled by how far the benchmark
   was from the truth on the workers that have: the least of their best ratios (a loaded
   worker's slowness is its own, not the idle one's; an untimed board is not assumed faster
-  than the evidence allows).
+  than the evidence allows). A prediction of one placement then sets each timed worker's
+  ``u_k`` so that the work the placement gives it costs its measured time (``match_work``):
+  a CPU hog slows a board's short attention calls far more than its FFN.
 - **What a message costs beyond its bytes.** Serialising, the relay's framing and the wake-ups
   on both ends: ``hop_seconds`` per message, fitted by least squares from windows of measured
   dataflow time against the calibrated model's prediction without it (``fit_hop``). The two
@@ -61,7 +63,7 @@ HOP_LIMITS_SECONDS = (0.0, 0.05)  # a fitted message cost outside this is clippe
 WINDOW_TOKENS = 8  # decode steps per fitting window
 SETTLE_STEPS = 2  # steps after an epoch change left out of its windows (the switch itself)
 WINDOWS_KEPT = 24  # the hop fit uses at most this many recent windows ...
-HOP_MEMORY_SECONDS = 10.0  # ... each weighed exp(-age / this)
+HOP_MEMORY_SECONDS = 4.0  # ... each weighed exp(-age / this)
 HEAD_WEIGHT = 0.2  # EWMA weight of each head node report
 HEADNODE_MESSAGES = 2  # head node -> layer 0 and the last FFN -> head node
 FIT_ROUNDS = 20
@@ -87,14 +89,21 @@ class CalibrationView:
 
 
 def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, float],
-              best_ratios: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+              best_ratios: dict[str, float] | None = None,
+              work: dict[str, dict[str, float]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """(device rates, kind factors) from measured decode FLOP/s per worker and kind.
 
     Least squares in log space of ``seconds_per_flop[k, c] = g_c * u_k`` with ``g_ffn = 1``
     (alternating means; the model is exact when every worker runs the same kernels at its own
     speed). Workers without measurements and with a benchmark get that benchmark times the
     least measured/benchmark ratio: of each worker's best one (``best_ratios``, the best seen
-    before, or the one measured now if that is higher)."""
+    before, or the one measured now if that is higher).
+
+    With ``work`` (FLOPs per token of each kind on each worker, for the placement to price:
+    ``work_on_workers``), a measured worker's rate is then set so that the time of its work at
+    its measured rates comes out exact (``match_work``): a board that a CPU hog starves does
+    not slow every kind alike, and one rate per board fitted evenly over the kinds missed the
+    time of a board doing mostly attention by 2x either way."""
     observed = {(k, c): math.log(1.0 / r) for k, rates in kind_rates.items() for c, r in rates.items()
                 if 0 < r < math.inf}
     workers = sorted({k for k, _ in observed})
@@ -119,7 +128,34 @@ def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, flo
         for k, bench in benchmarks.items():
             if k not in rates and bench > 0:
                 rates[k] = bench * efficiency
-    return rates, {c: math.exp(g) for c, g in log_g.items()}
+    factors = {c: math.exp(g) for c, g in log_g.items()}
+    if work:
+        rates = match_work(rates, factors, kind_rates, work)
+    return rates, factors
+
+
+def match_work(rates: dict[str, float], factors: dict[str, float], kind_rates: dict[str, dict[str, float]],
+               work: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``rates`` with each worker that has measured kinds in ``work`` at the rate that prices that
+    work (of the measured kinds) at its measured time: sum F_c / r_c = sum F_c g_c / rate."""
+    out = dict(rates)
+    for k, flops in work.items():
+        measured = kind_rates.get(k, {})
+        kinds = [c for c, f in flops.items() if f > 0 and 0 < measured.get(c, 0) < math.inf and c in factors]
+        seconds = sum(flops[c] / measured[c] for c in kinds)
+        scaled = sum(flops[c] * factors[c] for c in kinds)
+        if seconds > 0 and scaled > 0:
+            out[k] = scaled / seconds
+    return out
+
+
+def work_on_workers(problem: Problem, placement: Placement) -> dict[str, dict[str, float]]:
+    """FLOPs per decoded token of each block kind on each device of ``problem`` under ``placement``."""
+    out: dict[str, dict[str, float]] = {}
+    for block, device, flops in zip(problem.blocks, placement.array(), problem.flops):
+        kinds = out.setdefault(problem.cluster.names[int(device)], {})
+        kinds[block.kind.value] = kinds.get(block.kind.value, 0.0) + float(flops)
+    return out
 
 
 def calibrated_problem(problem: Problem, view: CalibrationView, hop_seconds: float | None = None) -> Problem:
@@ -263,17 +299,19 @@ class Calibration:
                                        time.monotonic() if now is None else now))
         self._pending = []
 
-    def view(self, workers: list[str] | None = None, smoothed: bool = False) -> CalibrationView:
+    def view(self, workers: list[str] | None = None, smoothed: bool = False,
+             work: dict[str, dict[str, float]] | None = None) -> CalibrationView:
         """What has been learned: from the latest rates and the recent windows (predictions), or
-        from the smoothed rates and every kept window alike (planning)."""
+        from the smoothed rates and every kept window alike (planning); with ``work``, the
+        workers' rates fitted to price that work (``fit_rates``)."""
         names = set(self.kind_rates) | set(self.benchmarks) if workers is None else set(workers)
         measured = self.smoothed_rates if smoothed else self.kind_rates
         rates, factors = fit_rates({k: r for k, r in measured.items() if k in names},
                                    {k: b for k, b in self.benchmarks.items() if k in names},
-                                   {k: r for k, r in self.best_ratios.items() if k in names})
+                                   {k: r for k, r in self.best_ratios.items() if k in names}, work)
         hop = fit_hop(list(self.windows), math.inf if smoothed else HOP_MEMORY_SECONDS)
         return CalibrationView(rates, factors, hop, self.head_seconds, len(self.windows))
 
 
 __all__ = ["Calibration", "CalibrationView", "Window", "calibrated_problem", "fit_hop", "fit_rates",
-           "messages_on_path", "predict_seconds"]
+           "match_work", "messages_on_path", "predict_seconds", "work_on_workers"]

@@ -21,7 +21,8 @@ import numpy as np
 
 from edgeheads.controller import replan_gate
 from edgeheads.controller.algorithms import make_algorithm
-from edgeheads.controller.calibration import CalibrationView, calibrated_problem, predict_seconds
+from edgeheads.controller.calibration import (Calibration, CalibrationView, calibrated_problem, predict_seconds,
+                                              work_on_workers)
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Cluster, Device, Infeasible, ModelDemand, Placement, Problem
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity
@@ -95,19 +96,30 @@ def unmeasured_latency(calibration: CalibrationView | None) -> float:
 
 
 def predicted_token_seconds(shape: ModelShape, workers: list[LiveWorker], placement: dict[BlockId, str],
-                            context_tokens: int, calibration: CalibrationView | None = None) -> float | None:
+                            context_tokens: int, calibration: CalibrationView | Calibration | None = None
+                            ) -> float | None:
     """The cost model's per-token latency of ``placement`` (None if it names unknown workers);
-    with a calibration, as the head node's client will see it (controller/calibration.py).
-    None too while no worker is known (a controller that took over a placement, before its
-    workers registered again)."""
+    with a calibration, as the head node's client will see it (controller/calibration.py): a
+    ``Calibration`` is asked for a view of ``workers`` fitted to the work ``placement`` gives
+    them, and the plain model is used while it has measured nothing. None too while no worker
+    is known (a controller that took over a placement, before its workers registered again)."""
     if not workers:
         return None
+    if isinstance(calibration, Calibration):
+        learned = calibration
+        calibration = learned.view([w.name for w in workers])
+        calibration = calibration if calibration.calibrated else None
+    else:
+        learned = None
     problem = live_problem(shape, workers, context_tokens, latency_seconds=unmeasured_latency(calibration))
     indices = to_indices(problem, placement)
     if indices is None:
         return None
-    return token_latency_seconds(problem, indices) if calibration is None else predict_seconds(
-        problem, indices, calibration)
+    if calibration is None:
+        return token_latency_seconds(problem, indices)
+    if learned is not None:
+        calibration = learned.view([w.name for w in workers], work=work_on_workers(problem, indices))
+    return predict_seconds(problem, indices, calibration)
 
 
 class LiveTelemetry:

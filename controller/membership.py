@@ -11,7 +11,8 @@ from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller import replan_gate
-from edgeheads.controller.calibration import HOLD_SECONDS_PENDING, Calibration, messages_on_path, calibrated_problem
+from edgeheads.controller.calibration import (HOLD_SECONDS_PENDING, Calibration, calibrated_problem, messages_on_path,
+                                              work_on_workers)
 from edgeheads.controller.config import DEFAULT_POLICY
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import (AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, live_problem,
@@ -196,9 +197,15 @@ class ClusterState:
         if indices is None:
             self.calibration.close_window(0.0, 0.0)
             return
-        calibrated = calibrated_problem(problem, self.calibration.view(), hop_seconds=0.0)
+        view = self.calibration.view(work=work_on_workers(problem, indices))
+        calibrated = calibrated_problem(problem, view, hop_seconds=0.0)
         base = token_latency_seconds(calibrated, indices)
-        self.calibration.close_window(base, messages_on_path(calibrated, indices, base))
+        messages = messages_on_path(calibrated, indices, base)
+        self.calibration.close_window(base, messages)
+        if self.calibration.windows:
+            log.debug("calibration window of epoch %d: measured %.1f ms, model %.1f ms before the message cost, "
+                      "%.1f messages; worker rates %s", epoch, 1e3 * self.calibration.windows[-1].measured_seconds,
+                      1e3 * base, messages, {k: round(r / 1e9, 2) for k, r in view.device_rates.items()})
 
     def running(self) -> tuple[int, Placement]:
         """The epoch the head node runs (its latest step's) and its placement; the newest epoch
@@ -214,9 +221,8 @@ class ClusterState:
         _, placement = self.running()
         if self.shape is None or not placement:
             return None
-        view = self.calibration.view(list(self.workers))
         return predicted_token_seconds(self.shape, self.live_workers(smoothed=False), placement,
-                                       self._context(), view if view.calibrated else None)
+                                       self._context(), self.calibration)
 
     def _context(self) -> int:
         """The context to predict at: the head node's latest, else the planning context."""
@@ -402,8 +408,7 @@ class ClusterState:
         view = self.calibration.view(list(self.workers))
         if self.calibration.context_tokens:
             context = self._context()
-        predicted = (predicted_token_seconds(self.shape, live, placement, context, view if view.calibrated else None)
-                     if self.shape else None)
+        predicted = predicted_token_seconds(self.shape, live, placement, context, self.calibration) if self.shape else None
         predicted = None if predicted is None else float(predicted)
         decision = PlanDecision(self.current.epoch, time.time(), reason, self.policy, moved, per_worker, predicted,
                                 view.calibrated)

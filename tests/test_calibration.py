@@ -59,6 +59,45 @@ def test_best_ratios_are_kept_as_workers_report_not_as_views_are_asked_for():
     assert c.best_ratios == {"a": pytest.approx(0.5)}
 
 
+def test_with_the_work_to_price_a_worker_is_timed_at_its_own_kinds_rates():
+    # a and b run every kind alike; c is starved by another program, and its attention (short
+    # calls) suffers 10x where its FFN suffers 2x: one rate per worker cannot say both
+    measured = {"a": {"attn": 1e9, "ffn": 4e9}, "b": {"attn": 1e9, "ffn": 4e9}, "c": {"attn": 1e8, "ffn": 2e9}}
+    work = {"c": {"attn": 9e6, "ffn": 1e6}, "a": {"ffn": 2e6}}  # c does mostly attention
+    truth = 9e6 / 1e8 + 1e6 / 2e9
+
+    def seconds_of_c(rates, factors):
+        return sum(f * factors[k] / rates["c"] for k, f in work["c"].items())
+
+    even = cal.fit_rates(measured, {})
+    assert abs(seconds_of_c(*even) / truth - 1) > 0.3  # the even fit misses c's time badly
+    rates, factors = cal.fit_rates(measured, {}, work=work)
+    assert factors == pytest.approx(even[1])
+    assert seconds_of_c(rates, factors) == pytest.approx(truth, rel=1e-9)
+    assert rates["a"] == pytest.approx(4e9) and rates["b"] == pytest.approx(even[0]["b"])
+    # a kind a worker never timed is left out of the match; no measured kind leaves its rate alone
+    rates, _ = cal.fit_rates(measured, {}, work={"a": {"attn": 1e6, "proj": 5e6}, "b": {"proj": 1e6}})
+    assert rates["a"] == pytest.approx(1e6 * factors["attn"] / (1e6 / 1e9))
+    assert rates["b"] == pytest.approx(even[0]["b"])
+
+
+def test_a_prediction_prices_each_workers_blocks_at_the_rates_it_timed_for_their_kinds():
+    state = state_with_timings()
+    state.heartbeat("w2", 4 * GiB, 0, 5e10, kind_rates={"attn": 1e8, "proj": 1e9, "ffn": 2e9})
+    placement = {b: "w2" for b in state.current.placement}
+    live = state.live_workers(smoothed=False)
+    context = state.planning_context_tokens
+    problem = live_problem(SMOLLM2_135M, live, context, latency_seconds=0.0)
+    timed = {"attn": 1e8, "proj": 1e9, "ffn": 2e9}
+    compute = sum(float(f) / timed[b.kind.value] for b, f in zip(problem.blocks, problem.flops))
+    # nothing fitted yet but the rates: no message cost, no head node time (and one worker: no messages)
+    assert state.calibration.view().windows == 0 and state.calibration.head_seconds == 0
+    predicted = predicted_token_seconds(SMOLLM2_135M, live, placement, context, state.calibration)
+    assert predicted == pytest.approx(compute, rel=1e-9)
+    even = predicted_token_seconds(SMOLLM2_135M, live, placement, context, state.calibration.view())
+    assert abs(even / predicted - 1) > 0.15
+
+
 def test_rate_fit_without_measurements_knows_nothing():
     assert cal.fit_rates({}, {"a": 1e10}) == ({}, {})
     assert not cal.CalibrationView().calibrated
