@@ -38,6 +38,18 @@ def test_a_report_is_the_least_latency_and_highest_bandwidth_of_the_window():
     assert table.links["other:1"].latency_seconds == pytest.approx(0.002)
 
 
+def test_a_hog_of_minutes_does_not_wipe_out_the_links_good_readings():
+    # probes every 30 s; the peer is starved from 60 s to 330 s (a 4.5-minute hog): each probe in
+    # that time answers late. The reading stays the link's own throughout and after.
+    table = links.LinkTable()
+    for t in range(0, 420, 30):
+        starved = 60 <= t < 330
+        table.record("peer:1", 3.0e6 if starved else 1.2e7, 0.008 if starved else 0.0004, "probe", now=float(t))
+        link = table.links["peer:1"]
+        assert link.latency_seconds == pytest.approx(0.0004), t
+        assert link.bandwidth_bytes_per_second == pytest.approx(1.2e7), t
+
+
 class StarvedPeer(worker_pb2_grpc.WorkerServicer):
     """Answers its first ``late`` empty probes after ``delay`` seconds (a board whose CPU is taken
     for a while), then at once."""

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 # big enough that a token bucket's burst (tbf's 64 KiB, a switch's buffer) does not inflate the
 # estimate much: 256 KiB read 1.3x a 100 Mbit/s link's rate through a 64 KiB burst
 PROBE_BYTES = 1024 * 1024
-LINK_WINDOW_SECONDS = 120.0  # a report is the best sample this recent (four probes at the default period)
+# a report is the best sample this recent (twenty probes at the default period). Longer than
+# most hogs: with 120 s, a hog of four minutes on a board left only samples it had delayed, and
+# the controller charged 7 ms more to each message of a round-robin token, during the hog and
+# for up to a probe period after it. The cost: a link that really got slower (Wi-Fi) is read
+# at its old rate for up to this long, while the fitted message cost takes up what it can.
+LINK_WINDOW_SECONDS = 600.0
 RTT_SAMPLES = 8  # empty probes per measurement of the latency ...
 RTT_SPACING_SECONDS = 0.025  # ... this far apart: 175 ms, more than a CFS period (100 ms)
 
