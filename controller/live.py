@@ -13,6 +13,7 @@ and the run lengths of what each worker reports, in seconds; an ``AlgorithmPolic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ import numpy as np
 
 from edgeheads.controller import replan_gate
 from edgeheads.controller.algorithms import make_algorithm
-from edgeheads.controller.calibration import (Calibration, CalibrationView, calibrated_problem, predict_seconds,
-                                              work_on_workers)
+from edgeheads.controller.calibration import (Calibration, CalibrationView, calibrated_problem, match_work,
+                                              predict_seconds, work_on_workers)
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Cluster, Device, Infeasible, ModelDemand, Placement, Problem
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity
@@ -117,8 +118,9 @@ def predicted_token_seconds(shape: ModelShape, workers: list[LiveWorker], placem
         return None
     if calibration is None:
         return token_latency_seconds(problem, indices)
-    if learned is not None:
-        calibration = learned.view([w.name for w in workers], work=work_on_workers(problem, indices))
+    if learned is not None:  # the same fit, its rates matched to this placement's work (no second fit)
+        calibration = dataclasses.replace(calibration, device_rates=match_work(
+            calibration.device_rates, calibration.kind_factors, learned.kind_rates, work_on_workers(problem, indices)))
     return predict_seconds(problem, indices, calibration)
 
 
