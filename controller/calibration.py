@@ -10,9 +10,9 @@ against a real cluster it misses three things, and this module learns each from 
   is than one of an FFN (small matrices, the K/V cache, per-call overhead), the same on every
   worker; ``u_k`` is the worker's own speed, under its load and quota as it is now. A worker
   that has not run anything yet gets its start-up benchmark scaled by how far the benchmark
-  was from the truth on the workers that have: the least of their best ratios (a loaded
-  worker's slowness is its own, not the idle one's; an untimed board is not assumed faster
-  than the evidence allows). A prediction of one placement then sets each timed worker's
+  was from the truth on the workers that have, each over its own CPU share (a loaded worker's
+  slowness is its own, not the idle one's), the least of them (an untimed board is not
+  assumed faster than the evidence allows), and by the CPU share it has itself. A prediction of one placement then sets each timed worker's
   ``u_k`` so that the work the placement gives it costs its measured time (``match_work``):
   a CPU hog slows a board's short attention calls far more than its FFN.
 - **What a message costs beyond its bytes.** Serialising, the relay's framing and the wake-ups
@@ -89,15 +89,19 @@ class CalibrationView:
 
 
 def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, float],
-              best_ratios: dict[str, float] | None = None,
-              work: dict[str, dict[str, float]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+              efficiencies: dict[str, float] | None = None,
+              work: dict[str, dict[str, float]] | None = None,
+              available: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """(device rates, kind factors) from measured decode FLOP/s per worker and kind.
 
     Least squares in log space of ``seconds_per_flop[k, c] = g_c * u_k`` with ``g_ffn = 1``
     (alternating means; the model is exact when every worker runs the same kernels at its own
     speed). Workers without measurements and with a benchmark get that benchmark times the
-    least measured/benchmark ratio: of each worker's best one (``best_ratios``, the best seen
-    before, or the one measured now if that is higher).
+    least efficiency of the timed workers, times the share of its CPU it can have now
+    (``available``, default 1: the others on a busy board slow what it would run). A timed
+    worker's efficiency is its rate over its benchmark and over its own CPU share
+    (``efficiencies``, kept by ``Calibration``; else its rate over its benchmark): a board that
+    other programs slow is not held against an idle one.
 
     With ``work`` (FLOPs per token of each kind on each worker, for the placement to price:
     ``work_on_workers``), a measured worker's rate is then set so that the time of its work at
@@ -117,17 +121,15 @@ def fit_rates(kind_rates: dict[str, dict[str, float]], benchmarks: dict[str, flo
             log_g = {c: g - shift for c, g in log_g.items()}
         log_u = {k: statistics.fmean(v - log_g[c] for (kk, c), v in observed.items() if kk == k) for k in workers}
     rates = {k: math.exp(-u) for k, u in log_u.items()}
-    ratios = [rates[k] / benchmarks[k] for k in workers if benchmarks.get(k, 0) > 0]
-    if best_ratios:
-        ratios = [max(best_ratios.get(k, 0.0), rates[k] / benchmarks[k]) for k in workers if benchmarks.get(k, 0) > 0]
-        ratios += [r for k, r in best_ratios.items() if k in benchmarks and k not in workers]
+    ratios = [(efficiencies or {}).get(k, rates[k] / benchmarks[k]) for k in workers if benchmarks.get(k, 0) > 0]
+    ratios += [r for k, r in (efficiencies or {}).items() if k in benchmarks and k not in workers]
     if ratios:
-        # the least ratio: a board nobody has timed is not assumed faster than the slowest
-        # evidence says (a lightly used board under a CPU quota times faster than its share)
+        # the least efficiency: a board nobody has timed is not assumed faster than the slowest
+        # evidence says
         efficiency = min(ratios)
         for k, bench in benchmarks.items():
             if k not in rates and bench > 0:
-                rates[k] = bench * efficiency
+                rates[k] = bench * efficiency * (available or {}).get(k, 1.0)
     factors = {c: math.exp(g) for c, g in log_g.items()}
     if work:
         rates = match_work(rates, factors, kind_rates, work)
@@ -227,8 +229,11 @@ class Calibration:
         # plan does not follow load that comes and goes within a few seconds
         self.smoothed_rates: dict[str, dict[str, float]] = {}
         self._seen_at: dict[str, float] = {}
+        self._share_seen_at: dict[str, float] = {}
         self.benchmarks: dict[str, float] = {}
-        self.best_ratios: dict[str, float] = {}  # per worker: the highest measured/benchmark rate seen
+        # per timed worker: its smoothed rate over its benchmark and its CPU share (fit_rates)
+        self.efficiencies: dict[str, float] = {}
+        self.available: dict[str, float] = {}  # per worker: its CPU share now, over smoothing_seconds
         self.head_seconds = 0.0
         self.windows: deque[Window] = deque(maxlen=WINDOWS_KEPT)
         self.context_tokens = 0
@@ -245,10 +250,17 @@ class Calibration:
             self._held_until[name] = until
 
     def observe_worker(self, name: str, kind_rates: dict[str, float], benchmark_flops: float = 0.0,
-                       now: float | None = None) -> None:
+                       now: float | None = None, available_fraction: float = 0.0) -> None:
         if benchmark_flops > 0:
             self.benchmarks.setdefault(name, benchmark_flops)
         now = time.monotonic() if now is None else now
+        if 0 < available_fraction <= 1:
+            last = self._share_seen_at.get(name)
+            weight = 1.0 if last is None or self.smoothing_seconds <= 0 else \
+                1.0 - math.exp(-max(now - last, 0.0) / self.smoothing_seconds)
+            old = self.available.get(name, available_fraction)
+            self.available[name] = old + weight * (available_fraction - old)
+            self._share_seen_at[name] = now
         kind_rates = {k: r for k, r in kind_rates.items() if 0 < r < math.inf}
         if kind_rates and now >= self._held_until.get(name, -math.inf):
             self.kind_rates[name] = dict(kind_rates)
@@ -258,17 +270,20 @@ class Calibration:
             self.smoothed_rates[name] = {k: old[k] + weight * (r - old[k]) if k in old else r
                                          for k, r in kind_rates.items()}
             self._seen_at[name] = now
-            if self.benchmarks.get(name, 0) > 0:  # how far the benchmark is from the truth, at best (fit_rates)
+            if self.benchmarks.get(name, 0) > 0:  # how far the benchmark is from the truth (fit_rates)
                 fitted, _ = fit_rates(self.smoothed_rates, self.benchmarks)
                 if name in fitted:
-                    self.best_ratios[name] = max(self.best_ratios.get(name, 0.0), fitted[name] / self.benchmarks[name])
+                    share = self.available.get(name, 1.0)
+                    self.efficiencies[name] = fitted[name] / (self.benchmarks[name] * share)
 
     def forget(self, name: str) -> None:
         self.kind_rates.pop(name, None)
         self.smoothed_rates.pop(name, None)
         self._seen_at.pop(name, None)
         self.benchmarks.pop(name, None)
-        self.best_ratios.pop(name, None)
+        self.efficiencies.pop(name, None)
+        self.available.pop(name, None)
+        self._share_seen_at.pop(name, None)
         self._held_until.pop(name, None)
 
     def observe_step(self, epoch: int, tokens: int, dataflow_seconds: float, head_seconds: float,
@@ -308,7 +323,8 @@ class Calibration:
         measured = self.smoothed_rates if smoothed else self.kind_rates
         rates, factors = fit_rates({k: r for k, r in measured.items() if k in names},
                                    {k: b for k, b in self.benchmarks.items() if k in names},
-                                   {k: r for k, r in self.best_ratios.items() if k in names}, work)
+                                   {k: r for k, r in self.efficiencies.items() if k in names}, work,
+                                   {k: a for k, a in self.available.items() if k in names})
         hop = fit_hop(list(self.windows), math.inf if smoothed else HOP_MEMORY_SECONDS)
         return CalibrationView(rates, factors, hop, self.head_seconds, len(self.windows))
 

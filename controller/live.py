@@ -245,6 +245,8 @@ class AlgorithmPolicy:
             if chosen is not decision:
                 log.info("kept the placement: moving would not pay (%s)", self.last_gate.reason)
                 decision = chosen
+            elif self.last_gate.transfer_seconds > 0:
+                log.info("moving: %s", self.last_gate.reason)
         return to_names(problem, decision)
 
 

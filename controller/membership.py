@@ -48,6 +48,7 @@ class WorkerRecord:
     memory_limit_bytes: int = 0  # the ceiling it runs under (0: not reported)
     memory_limit_source: str = ""  # "cgroup", "config" or "host"
     kind_rates: dict[str, float] = field(default_factory=dict)  # block kind -> decode FLOP/s as timed
+    cpu_available_fraction: float = 0.0  # share of its CPU allowance it can have now (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,11 @@ class ClusterState:
         record.memory_used_bytes = memory_used_bytes
         if compute_flops:
             record.compute_flops = compute_flops
-        self.telemetry.observe(name, record.compute_flops, memory_available_bytes, record.links, record.last_seen)
-        self.calibration.observe_worker(name, record.kind_rates)
+        # a board that has run nothing has only its start-up benchmark: as busy as it is now
+        share = record.cpu_available_fraction if not record.kind_rates and record.cpu_available_fraction > 0 else 1.0
+        self.telemetry.observe(name, record.compute_flops * share, memory_available_bytes, record.links,
+                               record.last_seen)
+        self.calibration.observe_worker(name, record.kind_rates, available_fraction=record.cpu_available_fraction)
         return True
 
     def note_progress(self, tokens: int, now: float | None = None, epoch: int = -1, dataflow_seconds: float = 0.0,

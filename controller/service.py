@@ -117,6 +117,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                                 memory_limit_source=report.memory_limit_source,
                                 temperature_celsius=report.temperature_celsius, throttling=report.throttling,
                                 kind_rates={k.kind: k.flops_per_second for k in report.kind_rates},
+                                cpu_available_fraction=report.cpu_available_fraction,
                                 links={link.peer: (link.bandwidth_bytes_per_second, link.latency_seconds)
                                        for link in report.links})
                 if not self.state.heartbeat(report.name, report.memory_available_bytes, report.memory_used_bytes,

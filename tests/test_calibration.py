@@ -34,13 +34,13 @@ def test_rate_fit_recovers_kind_factors_and_worker_speeds_and_scales_unmeasured_
     assert rates["c"] == pytest.approx(20e9 / 5)
 
 
-def test_an_unmeasured_worker_is_scaled_by_the_best_ratio_not_by_a_loaded_workers():
+def test_an_unmeasured_worker_is_scaled_by_the_least_efficiency_not_by_a_loaded_workers_load():
     idle = {"a": {"ffn": 4e9}}
     assert cal.fit_rates(idle, {"a": 8e9, "b": 8e9})[0]["b"] == pytest.approx(4e9)
-    loaded = {"a": {"ffn": 1e9}}  # a is busy with another program now: b is not
-    rates, _ = cal.fit_rates(loaded, {"a": 8e9, "b": 8e9}, {"a": 0.5})
+    loaded = {"a": {"ffn": 1e9}}  # a has a quarter of its CPU now: b is not slowed by that
+    rates, _ = cal.fit_rates(loaded, {"a": 8e9, "b": 8e9}, {"a": 1e9 / (8e9 * 0.25)})
     assert rates["a"] == pytest.approx(1e9) and rates["b"] == pytest.approx(4e9)
-    # two timed workers, ratios 0.5 and 0.25: an untimed one gets the least
+    # two timed workers, efficiencies 0.5 and 0.25: an untimed one gets the least
     rates, _ = cal.fit_rates({"a": {"ffn": 4e9}, "b": {"ffn": 2e9}}, {"a": 8e9, "b": 8e9, "c": 8e9})
     assert rates["c"] == pytest.approx(2e9)
     # bad readings are ignored, not fatal
@@ -48,15 +48,21 @@ def test_an_unmeasured_worker_is_scaled_by_the_best_ratio_not_by_a_loaded_worker
     assert rates == {"a": pytest.approx(1e9)} and factors == {"attn": pytest.approx(1.0)}
 
 
-def test_best_ratios_are_kept_as_workers_report_not_as_views_are_asked_for():
+def test_efficiencies_are_taken_over_each_workers_cpu_share_not_at_their_best():
     c = cal.Calibration(smoothing_seconds=0.0)
-    c.observe_worker("a", {"ffn": 4e9}, 8e9, now=0.0)
-    c.observe_worker("b", {}, 8e9, now=0.0)
-    assert c.best_ratios == {"a": pytest.approx(0.5)}
-    c.observe_worker("a", {"ffn": 1e9}, now=1.0)  # a gets busy: b is still scaled by a's best
+    c.observe_worker("a", {"ffn": 4e9}, 8e9, now=0.0, available_fraction=1.0)
+    c.observe_worker("b", {}, 8e9, now=0.0, available_fraction=1.0)
+    assert c.efficiencies == {"a": pytest.approx(0.5)}
+    # a gets busy with another program that takes 3/4 of it: b is still priced at a's efficiency
+    c.observe_worker("a", {"ffn": 1e9}, now=1.0, available_fraction=0.25)
     for _ in range(3):
         assert c.view().device_rates["b"] == pytest.approx(4e9)
-    assert c.best_ratios == {"a": pytest.approx(0.5)}
+    # a slower reading that its share does not explain lowers the estimate: the best reading
+    # ever seen is not what an untimed board is priced at (the old rule, 4 GFLOP/s, overrated
+    # the testbed's Pis 2-3x)
+    c.observe_worker("a", {"ffn": 2e9}, now=2.0, available_fraction=1.0)
+    assert c.efficiencies == {"a": pytest.approx(0.25)}
+    assert c.view().device_rates["b"] == pytest.approx(2e9)
 
 
 def test_with_the_work_to_price_a_worker_is_timed_at_its_own_kinds_rates():

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc, worker_pb2_grpc
 from edgeheads.worker import telemetry
+from edgeheads.worker.cpu_share import CpuShare
 from edgeheads.worker.host import BlockHost
 from edgeheads.worker.idle_sessions import sweep_idle_sessions
 from edgeheads.worker.links import probe_loop
@@ -33,11 +34,15 @@ RETRY_MAX_SECONDS = 5.0
 
 
 def telemetry_report(host: BlockHost, service: WorkerService, compute: telemetry.ComputeEstimate,
-                     kinds: telemetry.KindRates | None = None) -> controller_pb2.TelemetryReport:
+                     kinds: telemetry.KindRates | None = None,
+                     share: CpuShare | None = None) -> controller_pb2.TelemetryReport:
     used = host.memory_used_bytes()
     cpu, load = telemetry.cpu_readings()
     throttled = telemetry.throttled()
-    flops = compute.update(host.flops_done, host.compute_seconds)
+    if share is not None:  # the calls from now on are charged at its quota (worker/cpu_share.py)
+        share.sample()
+        host.cores = share.allowed
+    flops = compute.update(host.flops_done, host.charged_seconds)
     ceiling = telemetry.memory_limit(host.memory_limit_bytes)
     if service.metrics is not None:
         service.metrics.compute_flops.set(flops)
@@ -50,7 +55,8 @@ def telemetry_report(host: BlockHost, service: WorkerService, compute: telemetry
         links=service.links.reports(),
         memory_limit_bytes=ceiling.bytes, memory_limit_source=ceiling.source,
         kind_rates=[controller_pb2.KindRate(kind=k, flops_per_second=r)
-                    for k, r in sorted((kinds.update(host.kind_work) if kinds is not None else {}).items())])
+                    for k, r in sorted((kinds.update(host.kind_work) if kinds is not None else {}).items())],
+        cpu_available_fraction=share.fraction if share is not None else 0.0)
 
 
 async def _register_and_report(host: BlockHost, service: WorkerService, settings: WorkerSettings,
@@ -60,6 +66,8 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
     controller that restarts gets every worker back within about RETRY_MAX_SECONDS)."""
     backoff = RETRY_FIRST_SECONDS
     kinds = telemetry.KindRates()  # one per process: a reconnect goes on from the rates it had
+    share = CpuShare()
+    host.cores = share.allowed
     while True:
         try:
             async with open_channel(settings.controller, grpc_settings) as ch:
@@ -77,7 +85,7 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
 
                 async def reports():
                     while True:
-                        yield telemetry_report(host, service, compute, kinds)
+                        yield telemetry_report(host, service, compute, kinds, share)
                         await asyncio.sleep(period)
                 await stub.Telemetry(reports())
         except grpc.aio.AioRpcError as err:

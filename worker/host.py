@@ -21,6 +21,7 @@ from edgeheads.worker.blocks.factory import make_block
 from edgeheads.worker.kernel_probe import select_kernels
 from edgeheads.worker.kernels import UnrunnableFormat, check_runnable, formats_in
 from edgeheads.worker.cache_guard import cache_shortfall
+from edgeheads.worker.cpu_share import effective_seconds
 from edgeheads.worker.executor import FUSED_NAMES, CallUnit, pack_attention_weights, plan_units
 from edgeheads.common.spec import BlockId, BlockKind, ModelShape
 from edgeheads.common.wire import DataLossError, WireError, blob_to_weights, sha256_hex
@@ -91,6 +92,10 @@ class BlockHost:
         self.block_hash: dict[BlockId, str] = {}
         self.compute_seconds = 0.0
         self.flops_done = 0.0
+        # the cores its CPU quota allows (worker/cpu_share.py; the daemon reads it at every
+        # report): block timings are charged max(wall, thread CPU / cores); None: wall time
+        self.cores: float | None = None
+        self.charged_seconds = 0.0  # calls as charged, cumulative (ComputeEstimate)
         # decode work by block kind ("attn", "proj", "ffn"): [FLOPs, seconds], cumulative;
         # what the controller's cost model is calibrated from (controller/calibration.py)
         self.kind_work: dict[str, list[float]] = {}
@@ -291,7 +296,7 @@ class BlockHost:
         blocks, returns = compiled.blocks, compiled.returns
         values = dict(inputs) if self.device.type == "cpu" else {k: v.to(self.device) for k, v in inputs.items()}
         touched: list[AttentionBlock] = []
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         timed: list[tuple[CallUnit, float]] = []  # decode calls only: prefill runs at another rate
         try:
             with torch.inference_mode():
@@ -317,7 +322,8 @@ class BlockHost:
                         block.drop_session(session)
             raise HostError("RESOURCE_EXHAUSTED" if isinstance(err, torch.OutOfMemoryError) else "INVALID_ARGUMENT",
                             str(err)) from None
-        self.compute_seconds += time.perf_counter() - start
+        wall = time.perf_counter() - start
+        self.compute_seconds += wall
         self.touch(session)  # a call longer than the TTL must not leave its session looking idle
         first = next(iter(values.values()), None)
         tokens = first.shape[1] if first is not None and first.dim() == 3 else 1
@@ -325,7 +331,9 @@ class BlockHost:
         # the call's own overhead between the units (lookups, the cache guard) is the blocks'
         # cost too: each unit carries a share in proportion to its time
         spent = sum(seconds for _, seconds in timed)
-        scale = (time.perf_counter() - start) / spent if spent > 0 else 1.0
+        charged = wall if self.cores is None else effective_seconds(wall, time.thread_time() - cpu_start, self.cores)
+        scale = charged / spent if spent > 0 else 1.0
+        self.charged_seconds += charged
         for unit, seconds in timed:
             members = unit.group.blocks if unit.group is not None else [unit.block]
             work = self.kind_work.setdefault(members[0].block_id.kind.value, [0.0, 0.0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -101,13 +102,19 @@ class Testbed(LocalCluster):
 
     def _command(self, name: str, args: list[str]) -> list[str]:
         command = super()._command(name, args)
-        return ["ip", "netns", "exec", self.endpoints[name].namespace, *command] if name in self.endpoints else command
+        if name not in self.endpoints:
+            return command
+        # nsenter enters the board's network namespace only: `ip netns exec` also remounts /sys,
+        # which hides /sys/fs/cgroup, and the worker reads its CPU quota there (worker/cpu_share.py)
+        if shutil.which("nsenter"):
+            return ["nsenter", f"--net=/run/netns/{self.endpoints[name].namespace}", *command]
+        return ["ip", "netns", "exec", self.endpoints[name].namespace, *command]
 
     def _spawn(self, name: str, args: list[str], show_stderr: bool = False, append: bool = False,
                tie_to_parent: bool = True) -> None:
         super()._spawn(name, args, show_stderr, append, tie_to_parent)
         if name in self.groups:
-            self.groups[name].add(self.procs[name].pid)  # `ip netns exec` execs the worker in this process
+            self.groups[name].add(self.procs[name].pid)  # nsenter (or `ip netns exec`) execs the worker in this process
 
     def stop(self, timeout_seconds: float = 10) -> None:
         for hog in self.hogs.values():

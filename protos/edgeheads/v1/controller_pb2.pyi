@@ -139,7 +139,7 @@ class RegisterReply(_message.Message):
     def __init__(self, name: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetryReport(_message.Message):
-    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links", "memory_limit_bytes", "memory_limit_source", "kind_rates")
+    __slots__ = ("name", "memory_available_bytes", "memory_used_bytes", "compute_flops", "cpu_percent", "load_1m", "temperature_celsius", "throttling", "links", "memory_limit_bytes", "memory_limit_source", "kind_rates", "cpu_available_fraction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class TelemetryReport(_message.Message):
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     KIND_RATES_FIELD_NUMBER: _ClassVar[int]
+    CPU_AVAILABLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_available_bytes: int
     memory_used_bytes: int
@@ -164,7 +165,8 @@ class TelemetryReport(_message.Message):
     memory_limit_bytes: int
     memory_limit_source: str
     kind_rates: _containers.RepeatedCompositeFieldContainer[KindRate]
-    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ..., kind_rates: _Optional[_Iterable[_Union[KindRate, _Mapping]]] = ...) -> None: ...
+    cpu_available_fraction: float
+    def __init__(self, name: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., temperature_celsius: _Optional[float] = ..., throttling: _Optional[_Union[Throttling, str]] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., memory_limit_bytes: _Optional[int] = ..., memory_limit_source: _Optional[str] = ..., kind_rates: _Optional[_Iterable[_Union[KindRate, _Mapping]]] = ..., cpu_available_fraction: _Optional[float] = ...) -> None: ...
 
 class KindRate(_message.Message):
     __slots__ = ("kind", "flops_per_second")
