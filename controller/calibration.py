@@ -63,6 +63,7 @@ HOP_LIMITS_SECONDS = (0.0, 0.05)  # a fitted message cost outside this is clippe
 WINDOW_TOKENS = 8  # decode steps per fitting window
 SETTLE_STEPS = 2  # steps after an epoch change left out of its windows (the switch itself)
 WINDOWS_KEPT = 24  # the hop fit uses at most this many recent windows ...
+MEASURED_WINDOWS = 3  # the measured time of a placement: the median of its last this many windows
 HOP_MEMORY_SECONDS = 4.0  # ... each weighed exp(-age / this)
 HEAD_WEIGHT = 0.2  # EWMA weight of each head node report
 HEADNODE_MESSAGES = 2  # head node -> layer 0 and the last FFN -> head node
@@ -203,6 +204,7 @@ class Window:
     model_seconds: float
     messages: float
     at: float = 0.0  # monotonic time it closed
+    epoch: int = -1  # the placement epoch it ran under
 
 
 def fit_hop(windows: list[Window], memory_seconds: float = math.inf) -> float:
@@ -311,8 +313,14 @@ class Calibration:
         the controller's current one) is dropped."""
         if self._pending and messages > 0:
             self.windows.append(Window(statistics.median(self._pending), model_seconds, messages,
-                                       time.monotonic() if now is None else now))
+                                       time.monotonic() if now is None else now, self._epoch))
         self._pending = []
+
+    def measured_seconds(self, epoch: int, windows: int = MEASURED_WINDOWS) -> float | None:
+        """The dataflow time per token measured under ``epoch`` lately: the median of its last
+        ``windows`` windows (each a median of WINDOW_TOKENS steps); None before one closed."""
+        own = [w.measured_seconds for w in self.windows if w.epoch == epoch][-windows:]
+        return statistics.median(own) if own else None
 
     def view(self, workers: list[str] | None = None, smoothed: bool = False,
              work: dict[str, dict[str, float]] | None = None) -> CalibrationView:

@@ -182,6 +182,9 @@ class LiveGate:
     precopy_slowdown: float = replan_gate.PRECOPY_SLOWDOWN
     prior_seconds: float = replan_gate.PRIOR_SECONDS
     ages_seconds: dict[str, float] = field(default_factory=dict)  # how long each worker's conditions have lasted
+    # the dataflow time per token measured on the placement in use (0: not measured yet): the
+    # gain of a move is at most what the proposal is predicted to save on that (replan_gate.gate)
+    measured_seconds: float = 0.0
 
 
 def planning_horizon_tokens(gate: LiveGate | None, names, interval_tokens: int = INTERVAL_TOKENS) -> int:
@@ -231,8 +234,9 @@ class AlgorithmPolicy:
         if isinstance(decision, Infeasible):
             raise InfeasiblePlacement(decision.reason)
         if before is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s over %d tokens: staying %.2f ms/token, its proposal %.2f ms/token (%s)",
+            log.debug("%s over %d tokens: staying %.2f ms/token (measured %.2f), its proposal %.2f ms/token (%s)",
                       self.name, problem.horizon_tokens, 1e3 * token_latency_seconds(problem, before),
+                      1e3 * (gate.measured_seconds if gate is not None else 0.0),
                       1e3 * token_latency_seconds(problem, decision),
                       "calibrated" if calibrated else "uncalibrated")
             log.debug("planned on: FLOP/s %s, memory %s, bandwidth %s, latency %s; %s",
@@ -263,4 +267,5 @@ def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: 
     broken = repair is not None and replan_gate.infeasible_reason(problem, previous) is not None
     repaired = repair(problem, previous) if broken else None
     return replan_gate.choose(problem, previous, proposed, persistence, slowdown,
-                              default_persistence=gate.prior_seconds * rate, repaired=repaired)
+                              default_persistence=gate.prior_seconds * rate, repaired=repaired,
+                              measured_before=gate.measured_seconds or None)

@@ -11,8 +11,8 @@ from typing import Any
 
 from edgeheads.controller.algorithms import ALGORITHMS
 from edgeheads.controller import replan_gate
-from edgeheads.controller.calibration import (HOLD_SECONDS_PENDING, Calibration, calibrated_problem, messages_on_path,
-                                              work_on_workers)
+from edgeheads.controller.calibration import (HEADNODE_MESSAGES, HOLD_SECONDS_PENDING, Calibration, calibrated_problem,
+                                              messages_on_path, work_on_workers)
 from edgeheads.controller.config import DEFAULT_POLICY
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import (AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, live_problem,
@@ -354,8 +354,12 @@ class ClusterState:
             extra["calibration"] = self.calibration.view(list(self.workers), smoothed=bool(self.replan_gate))
         if self.replan_gate and getattr(self._policy, "uses_gate", False):
             now = time.monotonic()
+            measured = self.calibration.measured_seconds(self.current.epoch)
+            if measured and "calibration" in extra:  # in the model's terms: less the head node's two messages
+                measured = max(measured - HEADNODE_MESSAGES * extra["calibration"].hop_seconds, 1e-6)
             extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), self.decode_rate(now),
-                                     self.precopy_slowdown, ages_seconds=self.telemetry.ages_seconds(now))
+                                     self.precopy_slowdown, ages_seconds=self.telemetry.ages_seconds(now),
+                                     measured_seconds=measured or 0.0)
         policy = self._policy
         seeded, self._seeded = self._seeded, False
         if seeded or lost_workers(self.current.placement, self.workers):

@@ -259,11 +259,13 @@ def infeasible_reason(problem: Problem, previous: Placement | None) -> str | Non
 
 def gate(problem: Problem, previous: Placement | None, proposed: Placement, persistence: Mapping[int, float],
          precopy_slowdown: float = math.inf, tokens_left: float | None = None,
-         default_persistence: float = PRIOR_TOKENS) -> GateDecision:
+         default_persistence: float = PRIOR_TOKENS, measured_before: float | None = None) -> GateDecision:
     """Adopt ``proposed`` or keep ``previous`` (see the module docstring).
 
     ``persistence`` maps device index -> expected tokens its conditions last (a device not in
-    it gets ``default_persistence``); ``problem`` holds the planner's (smoothed) view."""
+    it gets ``default_persistence``); ``problem`` holds the planner's (smoothed) view.
+    ``measured_before``: what ``previous`` measured per token, in the model's terms (the live
+    controller's dataflow time); the gain is then at most that less the proposal's prediction."""
     reason = infeasible_reason(problem, previous)
     if reason is not None:
         return GateDecision(True, reason)
@@ -272,7 +274,10 @@ def gate(problem: Problem, previous: Placement | None, proposed: Placement, pers
     if not moves:
         return GateDecision(True, "nothing moves")
     before = costmodel.token_latency_seconds(problem, previous)
-    gain = before - costmodel.token_latency_seconds(problem, proposed)
+    after = costmodel.token_latency_seconds(problem, proposed)
+    gain = before - after
+    if measured_before is not None and measured_before > 0:
+        gain = min(gain, measured_before - after)
     touched = {m.source for m in moves} | {m.destination for m in moves}
     lasts = min(persistence.get(d, default_persistence) for d in touched)
     if tokens_left is not None:
@@ -288,12 +293,12 @@ def gate(problem: Problem, previous: Placement | None, proposed: Placement, pers
 
 def choose(problem: Problem, previous: Placement | None, proposed: Placement, persistence: Mapping[int, float],
            precopy_slowdown: float = math.inf, tokens_left: float | None = None,
-           default_persistence: float = PRIOR_TOKENS, repaired: Placement | None = None
-           ) -> tuple[Placement, GateDecision]:
+           default_persistence: float = PRIOR_TOKENS, repaired: Placement | None = None,
+           measured_before: float | None = None) -> tuple[Placement, GateDecision]:
     """The placement to adopt: ``proposed`` if the gate lets it through, else ``previous``, or
     ``repaired`` (a feasible repair of an infeasible ``previous``) when given."""
     args = (persistence, precopy_slowdown, tokens_left, default_persistence)
-    verdict = gate(problem, previous, proposed, *args)
+    verdict = gate(problem, previous, proposed, *args, measured_before=measured_before)
     if verdict.adopt and repaired is not None and infeasible_reason(problem, previous) is not None \
             and infeasible_reason(problem, repaired) is None:
         against = gate(problem, repaired, proposed, *args)

@@ -208,7 +208,7 @@ def test_windows_skip_the_switch_and_prefill_and_restart_with_each_epoch():
     complete = [c.observe_step(1, 1, 0.01, 0.002, 17 + i) for i in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS)]
     assert complete[-1] and not any(complete[:-1])
     c.close_window(0.008, 2.0, now=7.0)
-    assert c.windows[-1] == cal.Window(0.01, 0.008, 2.0, at=7.0)
+    assert c.windows[-1] == cal.Window(0.01, 0.008, 2.0, at=7.0, epoch=1)
     assert c.context_tokens == 16 + cal.SETTLE_STEPS + cal.WINDOW_TOKENS
     assert c.head_seconds == pytest.approx(0.002)
     # a new epoch: its first steps are its switch, and a half window of the old one is dropped
@@ -235,6 +235,20 @@ def state_with_timings() -> ClusterState:
     for i in range(3):
         state.heartbeat(f"w{i}", 4 * GiB, 0, 5e10, kind_rates={"attn": 1e9, "proj": 2e9, "ffn": 4e9})
     return state
+
+
+def test_a_placements_measured_time_is_the_median_of_its_own_latest_windows():
+    c = cal.Calibration()
+    assert c.measured_seconds(1) is None
+    for epoch, seconds in ((1, [0.01, 0.05, 0.02, 0.03, 0.04]), (2, [0.2])):
+        for t in seconds:
+            for _ in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS if not c._pending and c._epoch != epoch else
+                           cal.WINDOW_TOKENS):
+                c.observe_step(epoch, 1, t, 0.0, 20)
+            c.close_window(0.01, 3.0)
+    assert [w.epoch for w in c.windows] == [1, 1, 1, 1, 1, 2]
+    assert c.measured_seconds(1) == pytest.approx(0.03)  # the last three: 0.02, 0.03, 0.04
+    assert c.measured_seconds(2) == pytest.approx(0.2) and c.measured_seconds(3) is None
 
 
 def test_windows_of_a_placement_the_controller_no_longer_has_are_dropped():

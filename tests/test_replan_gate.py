@@ -117,6 +117,27 @@ def test_precopy_costs_the_slowed_down_part_of_the_transfer():
     assert verdict.adopt == (verdict.gain_seconds_per_token * useful > verdict.cost_seconds)
 
 
+def test_the_gain_is_at_most_what_the_proposal_saves_on_the_measured_time():
+    problem = gate_problem()
+    staying = costmodel.token_latency_seconds(problem, ON_A)  # 30 ms predicted
+    after = costmodel.token_latency_seconds(problem, ON_B)  # 3 ms predicted
+    lasting = {0: 100, 1: 100}
+    assert gate(problem, ON_A, ON_B, lasting).adopt
+    # the model overrates the time of what runs: it measures 3.5 ms, the proposal saves 0.5 ms
+    # by the model's own account of it, not 27 ms
+    measured = gate(problem, ON_A, ON_B, lasting, measured_before=after + 0.0005)
+    assert measured.gain_seconds_per_token == pytest.approx(0.0005)
+    assert not measured.adopt
+    # a placement measured slower than predicted keeps the model's gain (never more)
+    slow = gate(problem, ON_A, ON_B, lasting, measured_before=2 * staying)
+    assert slow.adopt and slow.gain_seconds_per_token == pytest.approx(staying - after)
+    # measured slower than the proposal is predicted: no gain at all
+    assert not gate(problem, ON_A, ON_B, lasting, measured_before=after * 0.5).adopt
+    # choose keeps the placement in use then
+    assert replan_gate.choose(problem, ON_A, ON_B, lasting, measured_before=after)[0] is ON_A
+    assert replan_gate.choose(problem, ON_A, ON_B, lasting, measured_before=staying)[0] is ON_B
+
+
 def test_an_infeasible_previous_placement_is_always_replaced():
     tight = gate_problem(memory_a=2e5)  # a holds 3e5 B of blocks in 2e5 B
     verdict = gate(tight, ON_A, ON_B, {0: 0.0, 1: 0.0})
