@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from edgeheads.controller import calibration as cal
 from edgeheads.headnode.slicing import slice_checkpoint
 from edgeheads.worker import cpu_share
-from edgeheads.worker.cpu_share import CpuShare, available_cores, effective_seconds
+from edgeheads.worker.cpu_share import CpuShare, available_cores, charge_cores, effective_seconds
 from test_executor_fused import host_with, step
 from tiny_configs import TINY_CONFIGS
 
@@ -27,6 +27,27 @@ def test_a_call_is_charged_its_cpu_time_over_the_cores_it_can_have_never_less_th
     assert effective_seconds(0.0011, 0.001, 0.125) == pytest.approx(0.008)
     assert effective_seconds(0.0011, 0.001, 4.0) == pytest.approx(0.0011)  # one thread: one core at most
     assert effective_seconds(0.02, 0.001, 0.5) == pytest.approx(0.02)  # it waited longer than that
+
+
+def test_calls_are_charged_at_the_quota_as_often_as_the_quota_ran_out():
+    assert charge_cores(0.25, 1.0) == pytest.approx(0.25)  # every period throttled: 4 s per CPU second
+    assert charge_cores(0.25, 0.0) == pytest.approx(1.0)  # never: the calls cost what they took
+    assert charge_cores(0.25, 0.5) == pytest.approx(1 / 2.5)
+    assert charge_cores(2.0, 1.0) == pytest.approx(1.0)  # one thread never waits on a 2-core quota
+
+
+def test_the_throttled_share_is_read_from_the_groups_cpu_stat(tmp_path):
+    proc = fake_group(tmp_path, [os.getpid()])
+    stat = tmp_path / "board" / "cpu.stat"
+    stat.write_text("usage_usec 1\nnr_periods 100\nnr_throttled 10\nthrottled_usec 5\n")
+    share = CpuShare(proc, tmp_path)
+    assert share.charge == pytest.approx(1.0)  # nothing to compare with yet
+    stat.write_text("usage_usec 1\nnr_periods 300\nnr_throttled 110\nthrottled_usec 5\n")
+    share.sample()
+    assert share.throttled_share == pytest.approx(0.5) and share.charge == pytest.approx(1 / 2.5)
+    stat.unlink()  # unreadable: charged as it ran
+    share.sample()
+    assert share.charge == pytest.approx(1.0)
 
 
 def test_the_cores_left_are_the_quota_less_the_others_but_at_least_a_fair_share():

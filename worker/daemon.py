@@ -39,9 +39,9 @@ def telemetry_report(host: BlockHost, service: WorkerService, compute: telemetry
     used = host.memory_used_bytes()
     cpu, load = telemetry.cpu_readings()
     throttled = telemetry.throttled()
-    if share is not None:  # the calls from now on are charged at its quota (worker/cpu_share.py)
+    if share is not None:  # the calls from now on are charged as its quota made them wait (cpu_share.py)
         share.sample()
-        host.cores = share.allowed
+        host.cores = share.charge
     flops = compute.update(host.flops_done, host.charged_seconds)
     ceiling = telemetry.memory_limit(host.memory_limit_bytes)
     if service.metrics is not None:
@@ -67,7 +67,7 @@ async def _register_and_report(host: BlockHost, service: WorkerService, settings
     backoff = RETRY_FIRST_SECONDS
     kinds = telemetry.KindRates()  # one per process: a reconnect goes on from the rates it had
     share = CpuShare()
-    host.cores = share.allowed
+    host.cores = share.charge
     while True:
         try:
             async with open_channel(settings.controller, grpc_settings) as ch:
