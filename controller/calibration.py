@@ -12,9 +12,9 @@ against a real cluster it misses three things, and this module learns each from 
   that has not run anything yet gets its start-up benchmark scaled by how far the benchmark
   was from the truth on the workers that have, each over its own CPU share (a loaded worker's
   slowness is its own, not the idle one's), the least of them (an untimed board is not
-  assumed faster than the evidence allows), and by the CPU share it has itself. A prediction of one placement then sets each timed worker's
-  ``u_k`` so that the work the placement gives it costs its measured time (``match_work``):
-  a CPU hog slows a board's short attention calls far more than its FFN.
+  assumed faster than the evidence allows), and by the CPU share it has itself. A prediction
+  of one placement then sets each timed worker's ``u_k`` so that the work the placement gives
+  it costs its measured time (``match_work``): a CPU hog slows a board's short attention calls far more than its FFN.
 - **What a message costs beyond its bytes.** Serialising, the relay's framing and the wake-ups
   on both ends: ``hop_seconds`` per message, fitted by least squares from windows of measured
   dataflow time against the calibrated model's prediction without it (``fit_hop``). The two
@@ -57,6 +57,7 @@ import numpy as np
 from edgeheads.common.spec import BlockKind
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Placement, Problem
+from edgeheads.controller.replan_gate import ewma, ewma_weight
 
 REFERENCE_KIND = BlockKind.FFN.value
 HOP_LIMITS_SECONDS = (0.0, 0.05)  # a fitted message cost outside this is clipped
@@ -257,11 +258,8 @@ class Calibration:
             self.benchmarks.setdefault(name, benchmark_flops)
         now = time.monotonic() if now is None else now
         if 0 < available_fraction <= 1:
-            last = self._share_seen_at.get(name)
-            weight = 1.0 if last is None or self.smoothing_seconds <= 0 else \
-                1.0 - math.exp(-max(now - last, 0.0) / self.smoothing_seconds)
-            old = self.available.get(name, available_fraction)
-            self.available[name] = old + weight * (available_fraction - old)
+            weight = ewma_weight(now - self._share_seen_at.get(name, -math.inf), self.smoothing_seconds)
+            self.available[name] = ewma(self.available.get(name), available_fraction, weight)
             self._share_seen_at[name] = now
         kind_rates = {k: r for k, r in kind_rates.items() if 0 < r < math.inf}
         if kind_rates and now >= self._held_until.get(name, -math.inf):

@@ -17,9 +17,8 @@ that did not costs one; the group's ``cpu.stat`` counts both kinds of period, so
 Charging at the quota alone took every board for saturated: on the testbed it put predictions
 16-30% above the measured token times, on every policy. ``cores`` is at most one: a decode call
 runs on one thread here (a multi-threaded kernel's wall time is below its CPU time, and the
-wall time wins). Other
-programs on the board are not charged here: they run between the worker's instructions, so
-their share shows in the wall time of its calls. Charging at the cores left after them, read
+wall time wins). Other programs on the board are not charged here: they run between the
+worker's instructions, so their share shows in the wall time of its calls. Charging at the cores left after them, read
 once a second, was wrong whenever the load changed within that second: under load that
 flipped every few tokens the Orin's idle calls were charged as if loaded, and predictions
 came out 2-3x high.
@@ -132,6 +131,11 @@ class CpuShare:
         self.sample()
 
     @property
+    def limited(self) -> bool:
+        """Whether a quota below the machine's cores binds the worker."""
+        return self.allowed < (os.cpu_count() or 1)
+
+    @property
     def fraction(self) -> float:
         """The cores it can have over the cores it is allowed (1: nobody else is busy)."""
         return min(1.0, self.cores / self.allowed) if self.allowed > 0 else 1.0
@@ -145,11 +149,10 @@ class CpuShare:
         except OSError:
             self.directory, self.version = None, 0
         self.allowed = quota_cores(self.directory, self.version) or float(os.cpu_count() or 1)
-        others = self._group_use(elapsed) if self.directory is not None and self.allowed < (os.cpu_count() or 1) \
-            else self._machine_use(elapsed)
+        others = self._group_use(elapsed) if self.directory is not None and self.limited else self._machine_use(elapsed)
         if others is not None:
             self.cores = available_cores(self.allowed, others)
-        counts = throttle_counts(self.directory) if self.allowed < (os.cpu_count() or 1) else None
+        counts = throttle_counts(self.directory) if self.limited else None
         if counts is not None and self._throttle is not None and counts[0] > self._throttle[0]:
             self.throttled_share = (counts[1] - self._throttle[1]) / (counts[0] - self._throttle[0])
         elif counts is None:
@@ -160,8 +163,7 @@ class CpuShare:
     @property
     def charge(self) -> float:
         """The cores to charge block calls at until the next sample (``charge_cores``)."""
-        return charge_cores(self.allowed, self.throttled_share) if self.allowed < (os.cpu_count() or 1) else \
-            float(os.cpu_count() or 1)
+        return charge_cores(self.allowed, self.throttled_share)  # 1 without a quota: the wall time
 
     def _group_use(self, elapsed: float) -> dict[int, float] | None:
         try:
@@ -174,18 +176,14 @@ class CpuShare:
             if pid == self.pid:
                 continue
             try:
-                times = psutil.Process(pid).cpu_times()
+                process = psutil.Process(pid)
+                times = process.cpu_times()
+                # started (or joined the group) since the last reading: its use over its life
+                span = elapsed if pid in self._cpu else min(elapsed, time.time() - process.create_time())
             except (psutil.Error, OSError):
                 continue
             seen[pid] = times.user + times.system
-            if pid in self._cpu:
-                used[pid] = max(0.0, seen[pid] - self._cpu[pid]) / max(elapsed, 1e-3)
-            else:  # started (or joined the group) since the last reading: its use over its life
-                try:
-                    age = time.time() - psutil.Process(pid).create_time()
-                except (psutil.Error, OSError):
-                    continue
-                used[pid] = seen[pid] / max(min(elapsed, age), 1e-3)
+            used[pid] = max(0.0, seen[pid] - self._cpu.get(pid, 0.0)) / max(span, 1e-3)
         self._cpu = seen
         return used
 
