@@ -2,7 +2,7 @@
 
     sudo python benchmarks/testbed_policies.py [--profile deploy/testbed/profiles/edge-events.yaml ...]
         [--policies edgeshard,dynamic-layer,spread,round-robin,resource-aware] [--tokens 512]
-        [--dtype q4] [--warmup 32] [--out out]
+        [--dtype q4] [--warmup 32] [--repeat 1] [--out out]
 
 Each policy gets a fresh testbed (deploy/testbed/testbed.py: one namespaced, shaped,
 CPU-quota'd worker per board) and one greedy generation of --tokens tokens, with the profile's
@@ -72,7 +72,8 @@ def plot(records: list[dict], out: Path, name: str) -> Path | None:
             ax.axvline(e["token"], color="crimson", lw=0.8, ls="--")
         ax.set_ylabel("ms/token")
         ax.set_yscale("log")
-        ax.set_title(f"{r['policy']}: {r['decode_seconds']:.1f} s, {r['migrations']} migrations", fontsize=9)
+        ax.set_title(f"{r['policy']}{' (round %d)' % r['round'] if r.get('round') else ''}: "
+                     f"{r['decode_seconds']:.1f} s, {r['migrations']} migrations", fontsize=9)
     axes[-1, 0].set_xlabel("token (dashed: " + ", ".join(f"{e['kind']} {e['device']} @{e['token']}"
                                                            for e in records[0]["events"]) + ")")
     fig.tight_layout()
@@ -115,15 +116,26 @@ def plot_fidelity(records: list[dict], out: Path) -> Path | None:
 
 
 def report(records: list[dict]) -> None:
-    base = next((r for r in records if r["policy"] == STATIC), records[0])
+    """The table; each run against the static plan of its own round, and with several rounds
+    (--repeat) each policy's total over them against the static plan's."""
+    rounds = sorted({r.get("round", 0) for r in records})
     print(f"profile {records[0]['profile']}")
-    print(f"{'policy':16} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'time / static':>13} {'plans':>6} "
+    print(f"{'policy':16} {'round':>5} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'time / static':>13} {'plans':>6} "
           f"{'migr.':>6} {'MiB moved':>9} same tokens")
     for r in records:
+        same_round = [x for x in records if x.get("round", 0) == r.get("round", 0)]
+        base = next((x for x in same_round if x["policy"] == STATIC), same_round[0])
         same = r["token_ids"] == records[0]["token_ids"]
-        print(f"{r['policy']:16} {r['tokens']:6d} {r['decode_seconds']:8.1f} {r['tokens_per_second'] or 0:7.2f} "
-              f"{r['decode_seconds'] / base['decode_seconds']:13.2f} {r['replans']:6d} {r['migrations'] or 0:6d} "
-              f"{(r['migrated_bytes'] or 0) / 2**20:9.1f} {'yes' if same else 'NO'}")
+        print(f"{r['policy']:16} {r.get('round', 0):5d} {r['tokens']:6d} {r['decode_seconds']:8.1f} "
+              f"{r['tokens_per_second'] or 0:7.2f} {r['decode_seconds'] / base['decode_seconds']:13.2f} "
+              f"{r['replans']:6d} {r['migrations'] or 0:6d} {(r['migrated_bytes'] or 0) / 2**20:9.1f} "
+              f"{'yes' if same else 'NO'}")
+    totals: dict[str, float] = {}
+    for r in records:
+        totals[r["policy"]] = totals.get(r["policy"], 0.0) + r["decode_seconds"]
+    if len(rounds) > 1 and STATIC in totals:
+        print(f"over {len(rounds)} rounds: " + ", ".join(
+            f"{policy} {seconds:.1f} s ({seconds / totals[STATIC]:.2f} of static)" for policy, seconds in totals.items()))
 
 
 def report_fidelity(records: list[dict]) -> None:
@@ -154,6 +166,8 @@ def main() -> int:
     p.add_argument("--dtype", default="q4")
     p.add_argument("--prompt", default="Write a long story about a robot who learns to paint.")
     p.add_argument("--warmup", type=int, default=32, help="tokens of the warm-up generation (0: none)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the policies this many times over, interleaved; the totals are compared too")
     p.add_argument("--out", default="out")
     args = p.parse_args()
     if os.geteuid() != 0 or not testbed_cgroup.available():
@@ -166,8 +180,11 @@ def main() -> int:
     for path in args.profile or [str(REPO / "deploy" / "testbed" / "profiles" / "edge-events.yaml")]:
         profile = load_profile(path)
         tokens = args.tokens or profile.scenario.new_tokens
-        records = [run_policy(profile, policy, tokens, args.prompt, args.dtype, args.warmup, out)
-                   for policy in args.policies.split(",")]
+        records = []
+        for round_ in range(args.repeat):  # interleaved: a slow spell of the machine hits every policy
+            for policy in args.policies.split(","):
+                records.append({**run_policy(profile, policy, tokens, args.prompt, args.dtype, args.warmup, out),
+                                "round": round_})
         name = profile.scenario.name
         (out / f"testbed-policies-{name}.json").write_text(json.dumps(records, indent=1))
         report(records)

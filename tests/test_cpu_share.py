@@ -4,6 +4,7 @@ its CPU share (controller/calibration.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -48,6 +49,50 @@ def test_the_throttled_share_is_read_from_the_groups_cpu_stat(tmp_path):
     stat.unlink()  # unreadable: charged as it ran
     share.sample()
     assert share.charge == pytest.approx(1.0)
+
+
+def test_the_throttled_share_covers_only_the_last_window(tmp_path):
+    proc = fake_group(tmp_path, [os.getpid()])
+    stat = tmp_path / "board" / "cpu.stat"
+    w = cpu_share.THROTTLE_WINDOW_SECONDS
+
+    def read(now, periods, throttled):
+        stat.write_text(f"nr_periods {periods}\nnr_throttled {throttled}\n")
+        return share.sample_throttle(now * w)
+
+    stat.write_text("nr_periods 0\nnr_throttled 0\n")
+    share = CpuShare(proc, tmp_path)
+    read(0.0, 100, 0)
+    assert read(0.4, 200, 100) == pytest.approx(charge_cores(0.25, 0.5))  # a hog came at 0.2 w
+    read(0.8, 300, 100)  # and left at 0.4 w
+    read(1.2, 400, 100)
+    assert share.throttled_share == pytest.approx(100 / 300)  # the reading at 0 is the base
+    # by 1.6 w the hog is more than a window behind: calls cost what they take again
+    assert read(1.6, 500, 100) == pytest.approx(1.0) and share.throttled_share == 0.0
+    read(4.0, 500, 100)  # the group did not run: nothing was throttled
+    assert share.throttled_share == 0.0
+    read(4.2, 10, 10)  # counters from another group: a fresh start, no negative share
+    assert share.throttled_share == 0.0
+    assert read(4.4, 20, 20) == pytest.approx(0.25)
+
+
+def test_the_daemons_watch_applies_the_charge_as_the_throttling_changes(tmp_path):
+    proc = fake_group(tmp_path, [os.getpid()])
+    stat = tmp_path / "board" / "cpu.stat"
+    stat.write_text("nr_periods 0\nnr_throttled 0\n")
+    share = CpuShare(proc, tmp_path)
+    applied: list[float] = []
+
+    async def main():
+        watch = asyncio.create_task(share.watch_throttle(applied.append, every=0.01))
+        await asyncio.sleep(0.03)  # idle: nothing throttled yet
+        for periods in range(1, 30):  # every period throttled
+            stat.write_text(f"nr_periods {periods}\nnr_throttled {periods}\n")
+            await asyncio.sleep(0.01)
+        watch.cancel()
+
+    asyncio.run(main())
+    assert applied and applied[0] == pytest.approx(1.0) and applied[-1] == pytest.approx(0.25)
 
 
 def test_the_cores_left_are_the_quota_less_the_others_but_at_least_a_fair_share():
@@ -129,14 +174,18 @@ def test_a_worker_with_an_eighth_of_a_core_charges_its_blocks_eight_times_their_
     x = torch.randn(1, 1, parts.shape.hidden_size)
     for host in hosts.values():
         step(host, "s", 0, torch.randn(1, 4, parts.shape.hidden_size), blocks)  # prefill: not timed
-        cpu, charged = time.thread_time(), host.charged_seconds
+        cpu, charged, wall = time.thread_time(), host.charged_seconds, host.compute_seconds
         for position in range(4, 24):
             step(host, "s", position, x, blocks)
         host.cpu_spent, host.decode_charged = time.thread_time() - cpu, host.charged_seconds - charged
+        host.decode_wall = host.compute_seconds - wall
     full, eighth = hosts[None], hosts[0.125]
+    assert full.decode_charged == pytest.approx(full.decode_wall)  # no quota: the calls cost what they took
+    # an eighth of a core: each call's CPU time 8 times over, far more than it took even on a
+    # machine busy enough to double a call's wall time (the CPU time does not grow with that)
+    assert 3 * eighth.decode_wall < eighth.decode_charged <= 8 * eighth.cpu_spent + 1e-6
     timed = {c: sum(s for _, s in host.kind_work.values()) for c, host in hosts.items()}
-    assert timed[0.125] > 4 * timed[None]  # on a full machine the same calls time as they ran
-    assert 4 * full.decode_charged < eighth.decode_charged <= 8 * eighth.cpu_spent + 1e-6
+    assert timed[0.125] > 3 * eighth.decode_wall  # the kinds' timings carry the charge
     # the FLOPs are the same: only the seconds they cost differ
     assert {k: w[0] for k, w in eighth.kind_work.items()} == {k: w[0] for k, w in full.kind_work.items()}
 

@@ -31,6 +31,27 @@ BASE = {"name": "t", "model": {"name": "smollm2-135m"}, "prompt_tokens": 8, "new
                              "latency_seconds": 0.0}]}}
 
 
+def test_a_stretch_is_predicted_from_the_reports_that_describe_it():
+    """The fidelity record of a stretch: the median gap between its tokens beside the
+    predictions polled over its second half, each a report period later (a report speaks for
+    the period before it); a stretch cut short by a switch falls back to those within it."""
+    import testbed
+
+    run = testbed.Run()
+    run.arrivals = [0.1 * i for i in range(40)]  # a token every 100 ms
+    run.epochs = [1] * 30 + [2] * 10
+    run.fired = [{"token": 20}]  # a hog from token 20: two stretches of epoch 1
+    lag = testbed.REPORT_LAG_SECONDS
+    # epoch 1's prediction: 100 ms until the reports on the hog arrive, 300 ms after; epoch 2's: 50 ms
+    run.predictions = [(t / 20, 1, 0.1 if t / 20 < 2.0 + lag else 0.3) for t in range(0, 100)] + \
+                      [(3.0 + t / 20, 2, 0.05) for t in range(0, 40)]
+    rows = {row["first_token"]: row for row in testbed.fidelity(run)}
+    assert rows[0]["predicted_token_seconds"] == pytest.approx(0.1)  # not the hog's, though polled after it
+    assert rows[20]["predicted_token_seconds"] == pytest.approx(0.3)  # its reports came a second late
+    assert rows[0]["measured_token_seconds"] == pytest.approx(0.1)
+    assert rows[30]["predicted_token_seconds"] == pytest.approx(0.05)
+
+
 def test_a_profile_is_a_scenario_with_events():
     """Compute relative to the fastest device, memory limits, directed link rates, and events from
     both the scenario's scripted load and the testbed's own list, in token order."""

@@ -61,13 +61,11 @@ def telemetry_report(host: BlockHost, service: WorkerService, compute: telemetry
 
 async def _register_and_report(host: BlockHost, service: WorkerService, settings: WorkerSettings,
                                grpc_settings: GrpcSettings, address: str, compute: telemetry.ComputeEstimate,
-                               registered: asyncio.Event) -> None:
+                               registered: asyncio.Event, share: CpuShare) -> None:
     """Register, then stream telemetry every period; reconnect with backoff on failure (a
     controller that restarts gets every worker back within about RETRY_MAX_SECONDS)."""
     backoff = RETRY_FIRST_SECONDS
     kinds = telemetry.KindRates()  # one per process: a reconnect goes on from the rates it had
-    share = CpuShare()
-    host.cores = share.charge
     while True:
         try:
             async with open_channel(settings.controller, grpc_settings) as ch:
@@ -131,10 +129,13 @@ async def run_worker(settings: WorkerSettings, grpc_settings: GrpcSettings, read
              ceiling.bytes / (1 << 20), ceiling.source)
     registered = asyncio.Event()
     compute = telemetry.ComputeEstimate(flops)
+    share = CpuShare()
+    host.cores = share.charge
     task = asyncio.create_task(_register_and_report(
         host, service, settings, grpc_settings, settings.advertise_address(int(bound.rsplit(':', 1)[1])), compute,
-        registered))
-    loops = []
+        registered, share))
+    # block calls are charged at the quota's recent throttling (worker/cpu_share.py)
+    loops = [asyncio.create_task(share.watch_throttle(lambda cores: setattr(host, "cores", cores)))]
     if settings.link_probe_seconds:
         loops.append(asyncio.create_task(probe_loop(service.links, service.relay.peer_addresses,
                                                     grpc_settings, settings.link_probe_seconds)))

@@ -42,6 +42,9 @@ SETTLE_TOKENS = 2  # tokens after a placement change left out of its measured me
 TELEMETRY_WAIT_SECONDS = 2.5  # two telemetry periods: the timings of a warm-up reach the controller
 PREDICTION_POLL_SECONDS = 0.25  # how often a run records the controller's current prediction
 MIN_SEGMENT_TOKENS = 8  # a placement under one set of conditions measured over fewer is left out
+# A worker's report tells the controller how its blocks ran over the telemetry period before it
+# (1 s by default), so a prediction made at time t speaks for conditions up to this long before t
+REPORT_LAG_SECONDS = 1.0
 RELAY_FIRST_PRECOPY_SLOWDOWN = 1.25  # median token time during a pre-copy with relay frames first (docs/placement.md)
 # A board left a tenth of a core by a hog (edge-hog) can go more than the default 5 s between
 # telemetry reports: its decode steps take over a second each and run on the loop that sends
@@ -253,6 +256,8 @@ def generate(bed: Testbed, prompt: str, tokens: int, chat: bool | None = False, 
                     thread = threading.Thread(target=fire, args=(pending.pop(0), len(run.token_ids)), daemon=True)
                     thread.start()
                     threads.append(thread)
+            # the reports on the last tokens reach the controller after them (fidelity)
+            time.sleep(REPORT_LAG_SECONDS + PREDICTION_POLL_SECONDS)
         finally:
             done.set()
             for thread in threads:
@@ -276,10 +281,12 @@ def fidelity(run: Run) -> list[dict]:
     measure: the median gap between its tokens (the first SETTLE_TOKENS after a cut left out)
     beside the controller's predicted token time for that placement.
 
-    ``predicted_token_seconds`` is the controller's prediction as it stood during the stretch's
-    second half (the median of those polled): by then it has the workers' timings under the
-    stretch's conditions, which is what the cost model composes; it was never fitted to the
-    stretch's token times except through the one per-message cost it fits over every window.
+    ``predicted_token_seconds`` is the controller's prediction for the stretch's second half
+    (the median of those polled from its middle to its end, each REPORT_LAG_SECONDS later: a
+    report speaks for the telemetry period before it; those polled within the stretch if none
+    was): it composes the workers' timings under the stretch's conditions; it was never fitted
+    to the stretch's token times except through the one per-message cost it fits over every
+    window.
     ``decision_token_seconds`` is the prediction made when the placement was chosen, with its
     ``basis``: "decision" (calibrated from earlier measurements), "warm-up" (the placement the
     warm-up ran on, predicted after it) or "uncalibrated" (before anything was measured)."""
@@ -294,7 +301,10 @@ def fidelity(run: Run) -> list[dict]:
             continue
         measured = statistics.median(gaps)
         middle = run.arrivals[first] + (run.arrivals[end - 1] - run.arrivals[first]) / 2
-        polled = [p for t, e, p in run.predictions if e == epoch and middle <= t <= run.arrivals[end - 1]]
+        last = run.arrivals[end - 1]
+        polled = [p for t, e, p in run.predictions
+                  if e == epoch and middle + REPORT_LAG_SECONDS <= t <= last + REPORT_LAG_SECONDS] or \
+                 [p for t, e, p in run.predictions if e == epoch and middle <= t <= last]
         guess = statistics.median(polled) if polled else None
         at_decision, basis = decided.get(epoch, (None, None))
         out.append({"epoch": epoch, "first_token": first, "tokens": len(gaps), "measured_token_seconds": measured,
