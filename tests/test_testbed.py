@@ -33,23 +33,28 @@ BASE = {"name": "t", "model": {"name": "smollm2-135m"}, "prompt_tokens": 8, "new
 
 def test_a_stretch_is_predicted_from_the_reports_that_describe_it():
     """The fidelity record of a stretch: the median gap between its tokens beside the
-    predictions polled over its second half, each a report period later (a report speaks for
-    the period before it); a stretch cut short by a switch falls back to those within it."""
+    predictions polled over its second half, but not before a report period into it (a report
+    speaks for the period before it) and, but for the run's last stretch, not after it."""
     import testbed
 
-    run = testbed.Run()
-    run.arrivals = [0.1 * i for i in range(40)]  # a token every 100 ms
-    run.epochs = [1] * 30 + [2] * 10
-    run.fired = [{"token": 20}]  # a hog from token 20: two stretches of epoch 1
     lag = testbed.REPORT_LAG_SECONDS
-    # epoch 1's prediction: 100 ms until the reports on the hog arrive, 300 ms after; epoch 2's: 50 ms
-    run.predictions = [(t / 20, 1, 0.1 if t / 20 < 2.0 + lag else 0.3) for t in range(0, 100)] + \
-                      [(3.0 + t / 20, 2, 0.05) for t in range(0, 40)]
+    run = testbed.Run()
+    run.arrivals = [lag / 10 * i for i in range(80)]  # ten tokens a report period
+    run.epochs = [1] * 60 + [2] * 20
+    run.fired = [{"token": 30}]  # a hog from token 30: two stretches of epoch 1
+    # what the controller predicts: from the warm-up before the run (200 ms) until a report on
+    # the run arrives; from the first report after the hog began, which mixes in the hog (300 ms)
+    def epoch_1(t):
+        return 0.2 if t < lag else 0.1 if t < 3.1 * lag else 0.3
+    polls = [i * lag / 40 for i in range(400)]
+    run.predictions = [(t, 1, epoch_1(t)) for t in polls if t < 6 * lag] + \
+                      [(t, 2, 0.05 if t < 7 * lag else 0.5) for t in polls if t >= 6 * lag]
     rows = {row["first_token"]: row for row in testbed.fidelity(run)}
-    assert rows[0]["predicted_token_seconds"] == pytest.approx(0.1)  # not the hog's, though polled after it
-    assert rows[20]["predicted_token_seconds"] == pytest.approx(0.3)  # its reports came a second late
-    assert rows[0]["measured_token_seconds"] == pytest.approx(0.1)
-    assert rows[30]["predicted_token_seconds"] == pytest.approx(0.05)
+    assert rows[0]["measured_token_seconds"] == pytest.approx(lag / 10)
+    assert rows[0]["predicted_token_seconds"] == pytest.approx(0.1)  # not the reports on the hog
+    assert rows[30]["predicted_token_seconds"] == pytest.approx(0.3)
+    # the last stretch: up to a period after its last token, as the run keeps polling
+    assert rows[60]["predicted_token_seconds"] == pytest.approx(0.5)
 
 
 def test_a_profile_is_a_scenario_with_events():

@@ -281,12 +281,14 @@ def fidelity(run: Run) -> list[dict]:
     measure: the median gap between its tokens (the first SETTLE_TOKENS after a cut left out)
     beside the controller's predicted token time for that placement.
 
-    ``predicted_token_seconds`` is the controller's prediction for the stretch's second half
-    (the median of those polled from its middle to its end, each REPORT_LAG_SECONDS later: a
-    report speaks for the telemetry period before it; those polled within the stretch if none
-    was): it composes the workers' timings under the stretch's conditions; it was never fitted
-    to the stretch's token times except through the one per-message cost it fits over every
-    window.
+    ``predicted_token_seconds`` is the controller's prediction for the stretch's second half:
+    the median of those polled from its middle, but not before REPORT_LAG_SECONDS into it (a
+    report speaks for the telemetry period before it, so earlier ones describe the stretch
+    before), to its end (later ones mix in the next stretch's conditions; the last stretch of
+    the run takes those up to REPORT_LAG_SECONDS after it); all from its middle on when that
+    leaves none. It composes the workers' timings under the stretch's conditions; it was
+    never fitted to the stretch's token times except through the one per-message cost it fits
+    over every window.
     ``decision_token_seconds`` is the prediction made when the placement was chosen, with its
     ``basis``: "decision" (calibrated from earlier measurements), "warm-up" (the placement the
     warm-up ran on, predicted after it) or "uncalibrated" (before anything was measured)."""
@@ -301,9 +303,9 @@ def fidelity(run: Run) -> list[dict]:
             continue
         measured = statistics.median(gaps)
         middle = run.arrivals[first] + (run.arrivals[end - 1] - run.arrivals[first]) / 2
-        last = run.arrivals[end - 1]
-        polled = [p for t, e, p in run.predictions
-                  if e == epoch and middle + REPORT_LAG_SECONDS <= t <= last + REPORT_LAG_SECONDS] or \
+        last = run.arrivals[end - 1] + (REPORT_LAG_SECONDS if end == len(run.arrivals) else 0.0)
+        settled = max(middle, run.arrivals[first] + REPORT_LAG_SECONDS)
+        polled = [p for t, e, p in run.predictions if e == epoch and settled <= t <= last] or \
                  [p for t, e, p in run.predictions if e == epoch and middle <= t <= last]
         guess = statistics.median(polled) if polled else None
         at_decision, basis = decided.get(epoch, (None, None))
@@ -323,7 +325,8 @@ def summary(run: Run, profile: Profile, policy: str) -> dict:
             "migrations": run.status.get("migrations"), "migrated_bytes": run.status.get("migrated_bytes"),
             "replans": len(run.decisions), "events": run.fired, "fidelity": fidelity(run),
             "token_ids": run.token_ids, "arrivals": run.arrivals, "epochs": run.epochs, "decisions": run.decisions,
-            "warmup": run.warmup, "calibration": run.calibration}
+            "warmup": run.warmup, "calibration": run.calibration,
+            "predictions": [list(p) for p in run.predictions]}
 
 
 def plot(record: dict, path: Path) -> Path | None:
