@@ -55,6 +55,15 @@ def test_a_stretch_is_predicted_from_the_reports_that_describe_it():
     assert rows[30]["predicted_token_seconds"] == pytest.approx(0.3)
     # the last stretch: up to a period after its last token, as the run keeps polling
     assert rows[60]["predicted_token_seconds"] == pytest.approx(0.5)
+    # a stretch whose tokens slow down five-fold after 30: its second half is measured over the
+    # tokens its predictions speak for, its whole over all
+    drift = testbed.Run()
+    drift.arrivals = [lag / 10 * i for i in range(30)] + [2.9 * lag + lag / 2 * i for i in range(1, 11)]
+    drift.epochs = [1] * 40
+    drift.predictions = [(t, 1, 0.5) for t in polls]
+    (row,) = testbed.fidelity(drift)
+    assert row["measured_token_seconds"] == pytest.approx(lag / 2) and row["measured_tokens"] == 10
+    assert row["stretch_token_seconds"] == pytest.approx(lag / 10) and row["tokens"] == 38
 
 
 def test_a_profile_is_a_scenario_with_events():

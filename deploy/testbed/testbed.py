@@ -285,10 +285,15 @@ def fidelity(run: Run) -> list[dict]:
     the median of those polled from its middle, but not before REPORT_LAG_SECONDS into it (a
     report speaks for the telemetry period before it, so earlier ones describe the stretch
     before), to its end (later ones mix in the next stretch's conditions; the last stretch of
-    the run takes those up to REPORT_LAG_SECONDS after it); all from its middle on when that
-    leaves none. It composes the workers' timings under the stretch's conditions; it was
-    never fitted to the stretch's token times except through the one per-message cost it fits
-    over every window.
+    the run takes those up to REPORT_LAG_SECONDS after it). ``measured_token_seconds`` is
+    the median gap over the tokens those predictions speak for, from REPORT_LAG_SECONDS
+    before the first of them (``measured_tokens`` of them): under a hog a board's speed
+    drifts, by 2.5x over one 400-token stretch on the testbed. When that leaves too few,
+    both are taken over the whole stretch (predictions from its middle on).
+    ``stretch_token_seconds`` is the median over the whole stretch, which the prediction at
+    decision is compared with. The predictions compose the workers' timings under the
+    stretch's conditions; they were never fitted to the stretch's token times except through
+    the one per-message cost fitted over every window.
     ``decision_token_seconds`` is the prediction made when the placement was chosen, with its
     ``basis``: "decision" (calibrated from earlier measurements), "warm-up" (the placement the
     warm-up ran on, predicted after it) or "uncalibrated" (before anything was measured)."""
@@ -298,20 +303,26 @@ def fidelity(run: Run) -> list[dict]:
         decided[run.warmup["epoch"]] = (run.warmup["predicted_token_seconds"], "warm-up")
     out = []
     for epoch, first, end in segments(run):
-        gaps = [run.arrivals[i] - run.arrivals[i - 1] for i in range(max(first + SETTLE_TOKENS, 1), end)]
+        indices = range(max(first + SETTLE_TOKENS, 1), end)
+        gaps = [run.arrivals[i] - run.arrivals[i - 1] for i in indices]
         if len(gaps) < MIN_SEGMENT_TOKENS:
             continue
-        measured = statistics.median(gaps)
         middle = run.arrivals[first] + (run.arrivals[end - 1] - run.arrivals[first]) / 2
         last = run.arrivals[end - 1] + (REPORT_LAG_SECONDS if end == len(run.arrivals) else 0.0)
         settled = max(middle, run.arrivals[first] + REPORT_LAG_SECONDS)
-        polled = [p for t, e, p in run.predictions if e == epoch and settled <= t <= last] or \
-                 [p for t, e, p in run.predictions if e == epoch and middle <= t <= last]
+        polled = [p for t, e, p in run.predictions if e == epoch and settled <= t <= last]
+        # the tokens those predictions speak for: from a report period before the first of them
+        spoken = [g for i, g in zip(indices, gaps) if run.arrivals[i] >= settled - REPORT_LAG_SECONDS]
+        if not polled or len(spoken) < MIN_SEGMENT_TOKENS:
+            polled = [p for t, e, p in run.predictions if e == epoch and middle <= t <= last]
+            spoken = gaps
+        measured = statistics.median(spoken)
         guess = statistics.median(polled) if polled else None
         at_decision, basis = decided.get(epoch, (None, None))
         out.append({"epoch": epoch, "first_token": first, "tokens": len(gaps), "measured_token_seconds": measured,
-                    "predicted_token_seconds": guess,
+                    "measured_tokens": len(spoken), "predicted_token_seconds": guess,
                     "predicted_over_measured": guess / measured if guess and measured > 0 else None,
+                    "stretch_token_seconds": statistics.median(gaps),
                     "decision_token_seconds": at_decision, "basis": basis})
     return out
 
