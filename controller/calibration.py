@@ -320,6 +320,12 @@ class Calibration:
         own = [w.measured_seconds for w in self.windows if w.epoch == epoch][-windows:]
         return statistics.median(own) if own else None
 
+    def settling(self, epoch: int) -> bool:
+        """Whether ``epoch`` runs (the head node's latest steps were under it) but no window of
+        it has closed yet, and one should soon: fewer than two windows' steps have run."""
+        return (epoch == self._epoch and self.measured_seconds(epoch) is None
+                and self._steps_in_epoch < SETTLE_STEPS + 2 * WINDOW_TOKENS)
+
     def view(self, workers: list[str] | None = None, smoothed: bool = False,
              work: dict[str, dict[str, float]] | None = None) -> CalibrationView:
         """What has been learned: from the latest rates and the recent windows (predictions), or

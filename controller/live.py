@@ -185,6 +185,9 @@ class LiveGate:
     # the dataflow time per token measured on the placement in use (0: not measured yet): the
     # gain of a move is at most what the proposal is predicted to save on that (replan_gate.gate)
     measured_seconds: float = 0.0
+    # the placement in use runs while tokens decode but no window of it was measured yet: it is
+    # kept unless it no longer fits (replan_gate, "Measured first")
+    settling: bool = False
 
 
 def planning_horizon_tokens(gate: LiveGate | None, names, interval_tokens: int = INTERVAL_TOKENS) -> int:
@@ -268,4 +271,4 @@ def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: 
     repaired = repair(problem, previous) if broken else None
     return replan_gate.choose(problem, previous, proposed, persistence, slowdown,
                               default_persistence=gate.prior_seconds * rate, repaired=repaired,
-                              measured_before=gate.measured_seconds or None)
+                              measured_before=gate.measured_seconds or None, settling=gate.settling)

@@ -357,9 +357,11 @@ class ClusterState:
             measured = self.calibration.measured_seconds(self.current.epoch)
             if measured and "calibration" in extra:  # in the model's terms: less the head node's two messages
                 measured = max(measured - HEADNODE_MESSAGES * extra["calibration"].hop_seconds, 1e-6)
-            extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), self.decode_rate(now),
+            rate = self.decode_rate(now)
+            extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), rate,
                                      self.precopy_slowdown, ages_seconds=self.telemetry.ages_seconds(now),
-                                     measured_seconds=measured or 0.0)
+                                     measured_seconds=measured or 0.0,
+                                     settling=rate > 0 and self.calibration.settling(self.current.epoch))
         policy = self._policy
         seeded, self._seeded = self._seeded, False
         if seeded or lost_workers(self.current.placement, self.workers):

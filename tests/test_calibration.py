@@ -251,6 +251,23 @@ def test_a_placements_measured_time_is_the_median_of_its_own_latest_windows():
     assert c.measured_seconds(2) == pytest.approx(0.2) and c.measured_seconds(3) is None
 
 
+def test_a_placement_settles_until_its_first_window_or_two_windows_of_steps():
+    c = cal.Calibration()
+    assert not c.settling(1)  # nothing runs it yet (a pending move is not held by this)
+    c.observe_step(1, 1, 0.01, 0.0, 20)
+    assert c.settling(1) and not c.settling(2)
+    for _ in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS - 1):
+        c.observe_step(1, 1, 0.01, 0.0, 20)
+    c.close_window(0.01, 3.0)
+    assert not c.settling(1)  # measured
+    for _ in range(cal.SETTLE_STEPS + 2 * cal.WINDOW_TOKENS - 1):
+        c.observe_step(2, 1, 0.01, 0.0, 20)
+        c.close_window(0.01, 0.0)  # a placement the model cannot price: no window
+    assert c.settling(2)
+    c.observe_step(2, 1, 0.01, 0.0, 20)
+    assert not c.settling(2)  # two windows' steps and still none: it is not held any longer
+
+
 def test_windows_of_a_placement_the_controller_no_longer_has_are_dropped():
     c = cal.Calibration()
     for _ in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS):

@@ -138,6 +138,18 @@ def test_the_gain_is_at_most_what_the_proposal_saves_on_the_measured_time():
     assert replan_gate.choose(problem, ON_A, ON_B, lasting, measured_before=staying)[0] is ON_B
 
 
+def test_a_placement_not_yet_measured_is_kept_unless_it_no_longer_fits():
+    problem = gate_problem()
+    lasting = {0: 100, 1: 100}
+    assert gate(problem, ON_A, ON_B, lasting).adopt  # pays on the model's figures
+    verdict = gate(problem, ON_A, ON_B, lasting, settling=True)
+    assert not verdict.adopt and "not been measured" in verdict.reason
+    assert replan_gate.choose(problem, ON_A, ON_B, lasting, settling=True)[0] is ON_A
+    assert gate(problem, ON_A, ON_A, lasting, settling=True).adopt  # nothing moves: nothing to hold
+    tight = gate_problem(memory_a=2e5)
+    assert gate(tight, ON_A, ON_B, lasting, settling=True).adopt  # no longer fits: moved at once
+
+
 def test_an_infeasible_previous_placement_is_always_replaced():
     tight = gate_problem(memory_a=2e5)  # a holds 3e5 B of blocks in 2e5 B
     verdict = gate(tight, ON_A, ON_B, {0: 0.0, 1: 0.0})
