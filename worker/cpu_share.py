@@ -13,7 +13,7 @@ So a block call is charged ``max(wall, cpu / cores)``: the CPU time the calling 
 it, stretched as the quota stretched it, and never less than it took (``effective_seconds``).
 A CPU second in a period that ran out of quota costs ``period / quota`` seconds, one in a period
 that did not costs one; the group's ``cpu.stat`` counts both kinds of period, so ``cores`` is
-``1 / (1 + (1/quota - 1) x throttled share)`` over the last report (``charge_cores``).
+``1 / (1 + (1/quota - 1) x throttled share)`` over the last quarter second (``charge_cores``).
 Charging at the quota alone took every board for saturated: on the testbed it put predictions
 16-30% above the measured token times, on every policy. ``cores`` is at most one: a decode call
 runs on one thread here (a multi-threaded kernel's wall time is below its CPU time, and the
