@@ -264,11 +264,9 @@ class Calibration:
         kind_rates = {k: r for k, r in kind_rates.items() if 0 < r < math.inf}
         if kind_rates and now >= self._held_until.get(name, -math.inf):
             self.kind_rates[name] = dict(kind_rates)
-            weight = 1.0 - math.exp(-max(now - self._seen_at.get(name, -math.inf), 0.0) / self.smoothing_seconds) \
-                if self.smoothing_seconds > 0 else 1.0
+            weight = ewma_weight(now - self._seen_at.get(name, -math.inf), self.smoothing_seconds)
             old = self.smoothed_rates.get(name, {})
-            self.smoothed_rates[name] = {k: old[k] + weight * (r - old[k]) if k in old else r
-                                         for k, r in kind_rates.items()}
+            self.smoothed_rates[name] = {k: ewma(old.get(k), r, weight) for k, r in kind_rates.items()}
             self._seen_at[name] = now
             if self.benchmarks.get(name, 0) > 0:  # how far the benchmark is from the truth (fit_rates)
                 fitted, _ = fit_rates(self.smoothed_rates, self.benchmarks)
