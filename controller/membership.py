@@ -352,6 +352,8 @@ class ClusterState:
         if getattr(self._policy, "uses_compute", False):
             extra["live"] = self.live_workers()
             extra["calibration"] = self.calibration.view(list(self.workers), smoothed=bool(self.replan_gate))
+            if self.calibration.context_tokens:  # latency where decoding is; memory at the planning context
+                extra["decode_context"] = self._context()
         if self.replan_gate and getattr(self._policy, "uses_gate", False):
             now = time.monotonic()
             measured = self.calibration.measured_seconds(self.current.epoch)

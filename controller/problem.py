@@ -104,15 +104,18 @@ class Problem:
         interval_tokens: int = 1,
         horizon_tokens: int = 0,
         headnode: int | None = None,
+        memory_context_tokens: int = 0,
     ) -> "Problem":
         """The problem for the interval whose first decoded token sees ``context_tokens``
         tokens in the cache: memory is taken at the interval's last token (the most it
-        will need) and compute likewise."""
+        will need) and compute likewise. ``memory_context_tokens``, when more, is the
+        context memory must hold instead (a plan that must fit the longest generation
+        while it prices the tokens decoding now)."""
         end = context_tokens + interval_tokens - 1
         return cls(
             cluster=cluster,
             blocks=demand.blocks,
-            memory_bytes=demand.memory_bytes(end),
+            memory_bytes=demand.memory_bytes(max(end, memory_context_tokens)),
             migration_bytes=demand.memory_bytes(max(context_tokens - 1, 0)),
             flops=demand.flops(end),
             output_bytes=demand.output_bytes,

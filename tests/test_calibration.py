@@ -408,3 +408,40 @@ def test_predictions_follow_the_recent_message_cost_and_planning_the_long_one():
                      + [cal.Window(0.010 + 30 * 0.005, 0.010, 30, at=float(t)) for t in range(60, 90, 5)])
     assert c.view().hop_seconds == pytest.approx(0.005, rel=0.06)
     assert c.view(smoothed=True).hop_seconds == pytest.approx(0.002, abs=1e-4)
+
+
+def test_a_plan_prices_the_context_decoding_has_reached_and_fits_memory_for_the_planning_context():
+    state = state_with_timings()
+    planning = state.planning_context_tokens
+    assert "decode_context" not in state.plan_inputs().extra  # nothing decoded yet: all at the planning context
+    for _ in range(3):
+        state.note_progress(1, epoch=state.current.epoch, dataflow_seconds=0.02, context_tokens=100)
+    inputs = state.plan_inputs()
+    assert inputs.context_tokens == planning and inputs.extra["decode_context"] == 100
+
+    seen = []
+
+    class Recording:  # the algorithm's view of the interval, kept as it is
+        def place(self, problem, before):
+            seen.append(problem)
+            return before
+
+    policy = state._policy
+    original, policy.algorithm = policy.algorithm, Recording()
+    try:
+        state.replan("test")
+    finally:
+        policy.algorithm = original
+    live = state.live_workers()
+    at_decode = live_problem(SMOLLM2_135M, live, 100)
+    at_planning = live_problem(SMOLLM2_135M, live, planning)
+    problem = seen[-1]
+    factors = np.array([state.calibration.view().kind_factors[b.kind.value] for b in problem.blocks])
+    assert problem.flops == pytest.approx(at_decode.flops * factors)  # calibrated: scaled by kind
+    assert not np.allclose(at_decode.flops, at_planning.flops)
+    assert problem.memory_bytes == pytest.approx(at_planning.memory_bytes)
+    assert problem.migration_bytes == pytest.approx(at_decode.migration_bytes)
+    assert problem.migration_bytes.sum() < at_planning.migration_bytes.sum()
+    # a context past the planning one is not priced beyond what memory is planned for
+    capped = live_problem(SMOLLM2_135M, live, planning, decode_context_tokens=10 * planning)
+    assert capped.flops == pytest.approx(at_planning.flops)
