@@ -196,6 +196,8 @@ class LiveGate:
     # the placement in use runs while tokens decode but no window of it was measured yet: it is
     # kept unless it no longer fits (replan_gate, "Measured first")
     settling: bool = False
+    # a gain under this fraction of the placement in use's time is within the model's error
+    min_gain_fraction: float = replan_gate.MIN_LIVE_GAIN_FRACTION
 
 
 def planning_horizon_tokens(gate: LiveGate | None, names, interval_tokens: int = INTERVAL_TOKENS) -> int:
@@ -289,4 +291,5 @@ def gate_live(problem: Problem, previous: Placement, proposed: Placement, gate: 
     repaired = repair(problem, previous) if broken else None
     return replan_gate.choose(problem, previous, proposed, persistence, slowdown,
                               default_persistence=gate.prior_seconds * rate, repaired=repaired,
-                              measured_before=gate.measured_seconds or None, settling=gate.settling)
+                              measured_before=gate.measured_seconds or None, settling=gate.settling,
+                              min_gain_fraction=gate.min_gain_fraction)

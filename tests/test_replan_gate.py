@@ -349,3 +349,27 @@ def test_live_a_slowdown_that_pays_back_only_after_the_interval_still_moves(cloc
     state, moved = live_run(clock, lambda t: 5e9 if t >= 10 else 2e10)
     assert moved > 0 and "pays" in state._policy.last_gate.reason
     assert state._policy.last_gate.persistence_tokens > 16
+
+
+def test_live_a_gain_within_the_models_error_does_not_move_anything():
+    problem = gate_problem()
+    staying = costmodel.token_latency_seconds(problem, ON_A)
+    after = costmodel.token_latency_seconds(problem, ON_B)
+    lasting = {0: 1e6, 1: 1e6}  # conditions that last: the migration is paid many times over
+    fraction = replan_gate.MIN_LIVE_GAIN_FRACTION
+    # measured just above the proposal: a small gain that pays by the model's figures alone
+    small = after / (1 - fraction) * 0.95
+    assert gate(problem, ON_A, ON_B, lasting, measured_before=small).adopt
+    verdict = gate(problem, ON_A, ON_B, lasting, measured_before=small, min_gain_fraction=fraction)
+    assert not verdict.adopt and "within the model's error" in verdict.reason
+    assert replan_gate.choose(problem, ON_A, ON_B, lasting, measured_before=small,
+                              min_gain_fraction=fraction)[0] is ON_A
+    # a gain above the fraction of what runs is a move
+    large = after / (1 - fraction) * 1.05
+    assert gate(problem, ON_A, ON_B, lasting, measured_before=large, min_gain_fraction=fraction).adopt
+    # not measured: the fraction is of the model's time for the placement in use
+    assert (staying - after) > fraction * staying
+    assert gate(problem, ON_A, ON_B, lasting, min_gain_fraction=fraction).adopt
+    assert not gate(problem, ON_A, ON_B, lasting, min_gain_fraction=(staying - after) / staying * 1.01).adopt
+    # a placement that no longer fits moves whatever the gain
+    assert gate(gate_problem(memory_a=2e5), ON_A, ON_B, {0: 0.0, 1: 0.0}, min_gain_fraction=0.99).adopt
