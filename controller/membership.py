@@ -363,7 +363,9 @@ class ClusterState:
             extra["gate"] = LiveGate(self.telemetry.persistence_seconds(now), rate,
                                      self.precopy_slowdown, ages_seconds=self.telemetry.ages_seconds(now),
                                      measured_seconds=measured or 0.0,
-                                     settling=rate > 0 and self.calibration.settling(self.current.epoch))
+                                     settling=rate > 0 and self.calibration.settling(self.current.epoch),
+                                     measured_messages=max((w.messages for w in self.calibration.windows),
+                                                           default=0.0))
         policy = self._policy
         seeded, self._seeded = self._seeded, False
         if seeded or lost_workers(self.current.placement, self.workers):
