@@ -445,3 +445,14 @@ def test_a_plan_prices_the_context_decoding_has_reached_and_fits_memory_for_the_
     # a context past the planning one is not priced beyond what memory is planned for
     capped = live_problem(SMOLLM2_135M, live, planning, decode_context_tokens=10 * planning)
     assert capped.flops == pytest.approx(at_planning.flops)
+
+
+def test_the_gate_knows_the_most_messages_any_measured_placement_sent():
+    state = state_with_timings()
+    assert state.plan_inputs().extra["gate"].measured_messages == 0  # nothing measured yet
+    base = state.predict_current()
+    for _ in range(cal.SETTLE_STEPS + cal.WINDOW_TOKENS):
+        state.note_progress(1, epoch=state.current.epoch, dataflow_seconds=base, context_tokens=50)
+    messages = [w.messages for w in state.calibration.windows]
+    assert len(messages) == 1 and messages[0] >= 2
+    assert state.plan_inputs().extra["gate"].measured_messages == pytest.approx(messages[0])
