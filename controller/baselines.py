@@ -21,7 +21,7 @@ import numpy as np
 from edgeheads.controller import costmodel
 from edgeheads.controller.incremental import SearchState
 from edgeheads.controller.problem import Decision, Infeasible, Placement, Problem
-from edgeheads.controller.resource_aware import ResourceAware, ResourceAwareConfig
+from edgeheads.controller.resource_aware import ResourceAware, ResourceAwareConfig, jumps
 
 
 from edgeheads.controller.sharding import by_compute as _by_compute
@@ -153,10 +153,19 @@ class DynamicLayer:
                 break
         new = Placement.of(state.assign)
         if previous is not None and prev_dev is not None:
-            if costmodel.objective_seconds(problem, new, previous) >= costmodel.objective_seconds(problem, stay, previous) * (
-                1 - self.hysteresis_fraction
-            ):
+            # a warm start also weighs resource-aware's jumps (the whole model on one device, the
+            # layer chain), both whole layers: one layer moved at a time adds two messages, and
+            # with a costly message no single step pays (on the testbed it kept the model on a
+            # hogged board for 400 tokens)
+            best, best_objective = new, costmodel.objective_seconds(problem, new, previous)
+            for jump in jumps(problem):
+                candidate = Placement.of(jump)
+                objective = costmodel.objective_seconds(problem, candidate, previous)
+                if objective < best_objective * (1 - 1e-12):
+                    best, best_objective = candidate, objective
+            if best_objective >= costmodel.objective_seconds(problem, stay, previous) * (1 - self.hysteresis_fraction):
                 return stay
+            return best
         return new
 
     @staticmethod

@@ -360,7 +360,7 @@ class ResourceAware:
         state = SearchState(problem, builder.assign)
         improve(state, order, prev, builder.frozen.copy(), budget, self.config)
         best, best_objective = state.assign, objective_with_migration(state, prev)
-        for jump in _jumps(problem):
+        for jump in jumps(problem):
             objective = objective_with_migration(SearchState(problem, jump), prev)
             if objective < best_objective * (1 - 1e-12):
                 best, best_objective = jump, objective
@@ -369,7 +369,7 @@ class ResourceAware:
         return _checked(problem, builder.assign)
 
 
-def _jumps(problem: Problem) -> list[np.ndarray]:
+def jumps(problem: Problem) -> list[np.ndarray]:
     """Placements a warm start compares beside its local search: everything on one device, for
     each device that holds it, and the contiguous layer-shard plan."""
     total = float(problem.memory_bytes.sum())

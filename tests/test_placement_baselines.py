@@ -90,3 +90,20 @@ def test_resource_aware_no_worse_than_the_layer_chain_it_starts_from():
         chain = layer_chain(pr)
         placement = ResourceAware().place(pr, None)
         assert costmodel.token_latency_seconds(pr, placement) <= costmodel.token_latency_seconds(pr, chain) * (1 + 1e-9)
+
+
+def test_dynamic_layer_jumps_off_a_slow_device_when_no_single_layer_move_pays():
+    from edgeheads.controller.live import LiveWorker, live_problem
+
+    # "a" holds the whole model and is slow now; "b" is 20x faster; every message costs 40 ms
+    workers = [LiveWorker("a", 4 << 30, 5e8), LiveWorker("b", 4 << 30, 1e10)]
+    pr = live_problem(SMOLLM2_135M, workers, 128, latency_seconds=0.04, horizon_tokens=400)
+    on_a = Placement.of(np.zeros(pr.n_blocks, dtype=np.int64))
+    on_b = Placement.of(np.ones(pr.n_blocks, dtype=np.int64))
+    # one layer onto b: its two new messages cost more than the layer's compute saves
+    one = on_a.array().copy()
+    one[pr.layout.layer_of_block == 3] = 1
+    assert costmodel.token_latency_seconds(pr, Placement.of(one)) > costmodel.token_latency_seconds(pr, on_a)
+    # the whole model on b pays its migration many times over the horizon
+    assert costmodel.objective_seconds(pr, on_b, on_a) < costmodel.objective_seconds(pr, on_a, on_a) / 2
+    assert DynamicLayer().place(pr, on_a).device_of_block == on_b.device_of_block
