@@ -287,13 +287,15 @@ def within_measured(problem: Problem, previous: Placement, proposed: Placement, 
     """``proposed``, unless it sends more messages per token than ``measured_messages`` (the most
     any measured placement sent): then the best placement of the whole model on one device that
     fits (two messages, the head node's), or ``previous`` when none does or it is already best.
+    A ``previous`` that no longer fits is never kept this way: the proposal stands.
 
     The message cost is fitted from what ran. Fitted on one-board placements (two messages a
     token), it says nothing of a placement that sends sixty: on the testbed every move from the
     whole model on one board to one that sent an attention group per layer to another board was
     predicted 20-50% faster and measured 3-9x slower (the calls it splits into each pay a fixed
     cost on a CPU that is slow or shared, which the per-FLOP rates do not carry over)."""
-    if messages_on_path(problem, proposed) <= measured_messages + 1e-6:
+    if replan_gate.infeasible_reason(problem, previous) is not None \
+            or messages_on_path(problem, proposed) <= measured_messages + 1e-6:
         return proposed
     best, best_seconds = previous, token_latency_seconds(problem, previous)
     for device in range(problem.n_devices):

@@ -400,3 +400,10 @@ def test_live_a_proposal_sending_more_messages_than_any_measured_placement_becom
     # already on the best single board: it stays
     on_fast = Placement.of(np.full(problem.n_blocks, names.index("fast")))
     assert within_measured(problem, on_fast, split, measured_messages=2.0) is on_fast
+    # the placement in use no longer fits (its board lost memory) and no single board holds the
+    # model: the split stands, it is not traded for the placement that does not fit
+    cramped = [LiveWorker("fast", 1 << 20, 4e10), LiveWorker("slow", 1 << 20, 1e9),
+               LiveWorker("tiny", 1 << 20, 1e11)]
+    tight = live_problem(SMOLLM2_135M, cramped, 128, latency_seconds=1e-3)
+    assert replan_gate.infeasible_reason(tight, on_slow) is not None
+    assert within_measured(tight, on_slow, split, measured_messages=2.0) is split
