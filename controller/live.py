@@ -24,8 +24,9 @@ from edgeheads.controller import replan_gate
 from edgeheads.controller.algorithms import make_algorithm
 from edgeheads.controller.calibration import (Calibration, CalibrationView, calibrated_problem, match_work,
                                               messages_on_path, predict_seconds, work_on_workers)
-from edgeheads.controller.costmodel import memory_violations, token_latency_seconds
+from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.problem import Cluster, Device, Infeasible, ModelDemand, Placement, Problem
+from edgeheads.controller.resource_aware import whole_model_placements
 from edgeheads.controller.spread import InfeasiblePlacement, WorkerCapacity
 from edgeheads.common.spec import BlockId, ModelShape
 
@@ -70,13 +71,11 @@ def live_problem(shape: ModelShape, workers: list[LiveWorker], context_tokens: i
                 if lat > 0:
                     latency[i, j] = latency[j, i] = lat
     cluster = Cluster.from_devices(devices, bandwidth, latency)
-    demand = ModelDemand.from_shape(shape)
-    if decode_context_tokens > 0:
-        return Problem.build(demand, cluster, min(decode_context_tokens, max(1, context_tokens)), interval_tokens,
-                             horizon_tokens=horizon_tokens or interval_tokens,
-                             memory_context_tokens=max(1, context_tokens) + interval_tokens - 1)
-    return Problem.build(demand, cluster, max(1, context_tokens), interval_tokens,
-                         horizon_tokens=horizon_tokens or interval_tokens)
+    planning = max(1, context_tokens)
+    decoding = min(decode_context_tokens, planning) if decode_context_tokens > 0 else planning
+    return Problem.build(ModelDemand.from_shape(shape), cluster, decoding, interval_tokens,
+                         horizon_tokens=horizon_tokens or interval_tokens,
+                         memory_context_tokens=planning + interval_tokens - 1)
 
 
 def to_indices(problem: Problem, placement: dict[BlockId, str]) -> Placement | None:
@@ -294,18 +293,19 @@ def within_measured(problem: Problem, previous: Placement, proposed: Placement, 
     whole model on one board to one that sent an attention group per layer to another board was
     predicted 20-50% faster and measured 3-9x slower (the calls it splits into each pay a fixed
     cost on a CPU that is slow or shared, which the per-FLOP rates do not carry over)."""
-    if replan_gate.infeasible_reason(problem, previous) is not None \
-            or messages_on_path(problem, proposed) <= measured_messages + 1e-6:
+    if replan_gate.infeasible_reason(problem, previous) is not None:
+        return proposed
+    messages = messages_on_path(problem, proposed)
+    if messages <= measured_messages + 1e-6:
         return proposed
     best, best_seconds = previous, token_latency_seconds(problem, previous)
-    for device in range(problem.n_devices):
-        whole = Placement.of(np.full(problem.n_blocks, device))
-        if not memory_violations(problem, whole):
-            seconds = token_latency_seconds(problem, whole)
-            if seconds < best_seconds:
-                best, best_seconds = whole, seconds
+    for assign in whole_model_placements(problem):
+        whole = Placement.of(assign)
+        seconds = token_latency_seconds(problem, whole)
+        if seconds < best_seconds:
+            best, best_seconds = whole, seconds
     log.info("the proposal sends %.0f messages a token, more than any measured placement (%.0f): %s instead",
-             messages_on_path(problem, proposed), measured_messages,
+             messages, measured_messages,
              "keeping the placement" if best is previous else "the whole model on one worker")
     return best
 

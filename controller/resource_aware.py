@@ -369,12 +369,17 @@ class ResourceAware:
         return _checked(problem, builder.assign)
 
 
+def whole_model_placements(problem: Problem) -> list[np.ndarray]:
+    """Everything on one device, for each device that holds it."""
+    total = float(problem.memory_bytes.sum())
+    return [np.full(problem.n_blocks, d, dtype=np.int64) for d in range(problem.n_devices)
+            if total <= problem.memory_limit_bytes[d]]
+
+
 def jumps(problem: Problem) -> list[np.ndarray]:
     """Placements a warm start compares beside its local search: everything on one device, for
     each device that holds it, and the contiguous layer-shard plan."""
-    total = float(problem.memory_bytes.sum())
-    out = [np.full(problem.n_blocks, d, dtype=np.int64) for d in range(problem.n_devices)
-           if total <= problem.memory_limit_bytes[d]]
+    out = whole_model_placements(problem)
     chain = layer_chain(problem)
     if chain is not None:
         out.append(chain.array())
