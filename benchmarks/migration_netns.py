@@ -1,7 +1,7 @@
 """Live migration over a 100 Mbit/s link between two network namespaces (needs root).
 
     sudo python benchmarks/migration_netns.py [--model smollm2-135m] [--rate-mbit 100] [--blocks 6]
-                                              [--queues fifo,relay-first]
+                                              [--queues fifo,relay-first] [--repeat 1]
 
 Two workers run in their own network namespaces (eh-a, eh-b), joined by a bridge in
 the root namespace where this script acts as the head node. Each namespace's side of
@@ -19,8 +19,11 @@ The model is spread over both workers; while it decodes, --blocks FFN blocks (an
 layers' attention blocks, with every session's K/V cache) move from worker a to worker b.
 
 It prints, per queue discipline, against baselines from the same run:
-- migration throughput: pre-copy bytes / pre-copy time, as a fraction of the link rate, and
-  how busy a's link was over the pre-copy (its relay frames included, from tc's counters);
+- migration throughput: pre-copy bytes / pre-copy time, as a fraction of the link rate and of
+  what one TCP flow alone carries over the same shaped link (measured just before the workers
+  start: TCP/IP headers take 4.4% of a 1500-byte frame, so a lone flow's payload reaches about
+  0.956 of the rate); and, from tc's own byte counters over the pre-copy, the share of a's link
+  its relay frames took and the share left idle;
 - the decode slowdown: the median and slowest step during the migration against the median
   token time before it, and how long the epoch switch held steps back;
 - whether every token matches the in-process engine.
@@ -37,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +57,8 @@ from edgeheads.common.spec import BlockKind
 BRIDGE, SUBNET = "eh-br0", "10.77.0"
 NAMESPACES = {"a": f"{SUBNET}.2", "b": f"{SUBNET}.3"}
 RELAY_PORT = 50062
+LONE_FLOW_PORT = 50070  # not the relay port: a lone bulk flow goes in the class the pre-copy uses
+LONE_FLOW_BYTES = 12 << 20
 RELAY_FIRST = Path(__file__).resolve().parents[1] / "deploy" / "relay-first.sh"
 QUEUES = ("fifo", "relay-first")
 PRECOPY_LINK_FRACTION = {"fifo": 0.9, "relay-first": 0.0}  # the workers' worker.precopy_link_fraction
@@ -90,15 +96,86 @@ def shape(ns: str, dev: str, rate_mbit: int, queue: str) -> None:
         sh("ip", "netns", "exec", ns, "sh", str(RELAY_FIRST), dev, f"{rate_mbit}mbit", str(RELAY_PORT))
 
 
-def sent_bytes(name: str) -> int:
-    """Bytes the namespace has sent through its veth: what the root-side end received."""
-    return int(Path(f"/sys/class/net/eh-{name}-h/statistics/rx_bytes").read_text())
+def tc_sent(name: str) -> tuple[int, int]:
+    """(all bytes, relay frames' bytes) the shaper of namespace ``name`` has sent, by tc's own
+    counters: a frame's length on the wire, headers of every segment included (the veth's
+    rx_bytes counts a GSO packet's headers once, and reads 4-5% low). Relay bytes are 0 behind
+    ``fifo``, which has no class for them."""
+    def sent(kind: str) -> dict[str, int]:
+        """Sent bytes per qdisc or class, keyed by its first line ("qdisc htb 1: root ...")."""
+        out = subprocess.run(["ip", "netns", "exec", f"eh-{name}", "tc", "-s", kind, "show", "dev", f"eh-{name}-n"],
+                             capture_output=True, text=True, check=True).stdout
+        counts, head = {}, ""
+        for line in out.splitlines():
+            words = line.split()
+            if words[:1] == [kind]:
+                head = line
+            elif words[:1] == ["Sent"] and head:
+                counts[head] = int(words[1])
+        return counts
+    root = next(v for k, v in sent("qdisc").items() if " root " in k)
+    relay = sum(v for k, v in sent("class").items() if k.split()[:3] == ["class", "htb", "1:10"])
+    return root, relay
 
 
-def bytes_between(series: list[tuple[float, int]], start: float, end: float) -> float:
-    """Bytes sent from ``start`` to ``end`` (seconds), interpolated in a (time, counter) series."""
-    times, counts = zip(*series)
+class TcSampler(threading.Thread):
+    """tc_sent("a") every ``interval`` seconds while it runs, as (seconds since ``origin``, all, relay)."""
+
+    def __init__(self, origin: float, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.origin, self.interval = origin, interval
+        self.series: list[tuple[float, int, int]] = []
+        self.stopped = threading.Event()
+
+    def sample(self) -> None:
+        self.series.append((time.perf_counter() - self.origin, *tc_sent("a")))
+
+    def run(self) -> None:
+        self.sample()
+        while not self.stopped.wait(self.interval):
+            self.sample()
+        self.sample()
+
+
+def between(series: list[tuple[float, int, int]], start: float, end: float, column: int) -> float:
+    """Bytes counted from ``start`` to ``end`` (seconds), interpolated in a sampled counter."""
+    times, counts = [r[0] for r in series], [r[column] for r in series]
     return float(np.interp(end, times, counts) - np.interp(start, times, counts))
+
+
+LONE_RECEIVER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+conn, _ = server.accept()
+got, first, last = 0, None, None
+while data := conn.recv(1 << 20):
+    now = time.perf_counter()
+    first, last, got = first or now, now, got + len(data)
+print(got, last - first, flush=True)
+"""
+LONE_SENDER = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as conn:
+    conn.sendall(bytes(int(sys.argv[3])))
+"""
+
+
+def lone_flow_rate() -> float:
+    """Payload bytes/s of one TCP flow a -> b over the shaped link with nothing else on it:
+    what the link carries (iperf's figure), the ceiling for a pre-copy."""
+    receiver = subprocess.Popen(["ip", "netns", "exec", "eh-b", sys.executable, "-c", LONE_RECEIVER,
+                                 NAMESPACES["b"], str(LONE_FLOW_PORT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "netns", "exec", "eh-a", sys.executable, "-c", LONE_SENDER, NAMESPACES["b"],
+                        str(LONE_FLOW_PORT), str(LONE_FLOW_BYTES)], check=True, timeout=60)
+        got, seconds = receiver.stdout.readline().split()
+        receiver.wait(10)
+    finally:
+        receiver.kill()
+    # the first recv ends the first packet's time, so one segment is not timed: count it out
+    return (int(got) - 1448) / float(seconds)
 
 
 def teardown_network() -> None:
@@ -134,11 +211,12 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
     await executor.apply_placement(1, placement, addresses, progress=True)
     new = {**placement, **{b: "b" for b in moves}}
     steps: list[tuple[float, float]] = []  # (start, seconds) of each decode step
-    sent: list[tuple[float, int]] = [(0.0, sent_bytes("a"))]  # (time, bytes a has sent) after each step
     out: list[int] = []
     token = [int(torch.argmax(await executor.step("s", prompt_ids)))]
     out += token
     origin = time.perf_counter()
+    sampler = TcSampler(origin)  # a's link, by tc's counters, until the switch is over
+    sampler.start()
     task = None
     marks: dict[str, float] = {}
     done_after = None
@@ -150,23 +228,28 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
         t0 = time.perf_counter()
         token = [int(torch.argmax(await executor.step("s", token)))]
         steps.append((t0 - origin, time.perf_counter() - t0))
-        sent.append((time.perf_counter() - origin, sent_bytes("a")))
         out += token
         if task is not None and task.done() and done_after is None:
             done_after = len(out)
             marks["end"] = time.perf_counter() - origin
     report = task.result()
+    sampler.stopped.set()
+    sampler.join()
     await executor.close()
-    marks["busy_bytes"] = bytes_between(sent, marks["start"], marks["start"] + report.precopy_seconds)
+    window = (marks["start"], marks["start"] + report.precopy_seconds)
+    marks["wire_bytes"] = between(sampler.series, *window, column=1)
+    marks["relay_bytes"] = between(sampler.series, *window, column=2)
+    marks["tc"] = sampler.series
     return out, steps, marks, report
 
 
 def run_once(args, parts, prompt_ids, queue: str):
-    """One migration under one queue discipline: (tokens, steps, marks, report)."""
+    """One migration under one queue discipline: (lone flow's bytes/s, tokens, steps, marks, report)."""
     tmp = Path(tempfile.mkdtemp(prefix="edgeheads-netns-"))
     procs: list[subprocess.Popen] = []
     setup_network(args.rate_mbit, queue)
     try:
+        lone = lone_flow_rate()
         controller = spawn(tmp, "controller", ["controller", "--listen", f"{SUBNET}.1:0"])
         procs.append(controller)
         controller_address = wait_ready(tmp, "controller", controller)
@@ -182,7 +265,7 @@ def run_once(args, parts, prompt_ids, queue: str):
         ffn_on_a = [b for b, w in sorted(placement.items()) if b.kind is BlockKind.FFN and w == "a"][:args.blocks]
         layers = {b.layer for b in ffn_on_a}
         moves = [b for b, w in placement.items() if w == "a" and b.layer in layers]
-        return asyncio.run(decode_with_migration(
+        return lone, *asyncio.run(decode_with_migration(
             parts, addresses, placement, moves, prompt_ids, args.tokens_before, args.tokens_after))
     finally:
         for proc in procs:
@@ -203,6 +286,7 @@ def main() -> None:
     ap.add_argument("--tokens-before", type=int, default=24)
     ap.add_argument("--tokens-after", type=int, default=16)
     ap.add_argument("--queues", default=",".join(QUEUES), help=f"queue disciplines to run, of {', '.join(QUEUES)}")
+    ap.add_argument("--repeat", type=int, default=1, help="migrations per queue discipline, each on a fresh network")
     args = ap.parse_args()
     queues = args.queues.split(",")
     if not queues or any(q not in QUEUES for q in queues):
@@ -216,56 +300,86 @@ def main() -> None:
     link = args.rate_mbit * 1e6 / 8
     rows = []
     for queue in queues:
-        out, steps, marks, report = run_once(args, parts, prompt_ids, queue)
-        engine = BlockEngine(parts)
-        ref, token = [], prompt_ids
-        for _ in range(len(out)):
-            token = [int(torch.argmax(engine.forward("s", token)))]
-            ref += token
-        before = [s for t, s in steps if t < marks["start"]]
-        during = [s for t, s in steps if marks["start"] <= t < marks["end"]]
-        token_time = statistics.median(before)
-        rate = report.precopy_bytes / report.precopy_seconds
-        busy = marks["busy_bytes"] / report.precopy_seconds / link
-        print(f"\n[{queue}] model {args.model}; {len(report.moves)} blocks moved a -> b "
-              f"({report.weights_skipped} without weights); link {args.rate_mbit} Mbit/s between two network "
-              f"namespaces; pre-copy paced at {PRECOPY_LINK_FRACTION[queue]:g} of the measured link (0: unpaced)")
-        print(f"pre-copy: {report.precopy_bytes / 1e6:.1f} MB in {report.precopy_seconds:.2f} s = "
-              f"{rate * 8 / 1e6:.1f} Mbit/s, {rate / link:.3f} of the link rate (target >= 0.9); a's link was "
-              f"{busy:.3f} busy over the pre-copy, relay frames included")
-        print(f"switch: {report.delta_bytes} bytes of new cache rows; steps held {report.stall_seconds * 1e3:.1f} ms "
-              f"= {report.stall_seconds / token_time:.2f} token times")
-        print(f"token time before the migration: median {token_time * 1e3:.1f} ms; during it: median "
-              f"{statistics.median(during) * 1e3:.1f} ms ({statistics.median(during) / token_time:.2f}x, target "
-              f"<= 1.3x), slowest {max(during) * 1e3:.1f} ms ({max(during) / token_time:.2f}x) over {len(during)} "
-              f"steps")
-        print(f"tokens identical to the in-process engine: {out == ref} ({len(out)} tokens)")
-        plot(steps, marks, report, args.rate_mbit, queue, Path(f"out/migration_netns-{queue}.png"))
-        rows.append((queue, rate / link, busy, statistics.median(during) / token_time, out == ref))
-    print("\n| queue | pre-copy / link | link busy | median step during / before | tokens identical |")
-    print("|---|---|---|---|---|")
-    for queue, fraction, busy, slowdown, same in rows:
-        print(f"| {queue} | {fraction:.3f} | {busy:.3f} | {slowdown:.2f}x | {same} |")
+        for run in range(args.repeat):
+            rows.append((queue, *report_run(args, parts, prompt_ids, queue, link, run)))
+    print("\n| queue | pre-copy / link rate | pre-copy / lone TCP flow | relay frames | link idle "
+          "| median step during / before | tokens identical |")
+    print("|---|---|---|---|---|---|---|")
+    for queue, fraction, of_lone, relay, idle, slowdown, same in rows:
+        print(f"| {queue} | {fraction:.3f} | {of_lone:.3f} | {relay:.3f} | {idle:.3f} | {slowdown:.2f}x | {same} |")
+    for queue in queues:
+        mine = [r for r in rows if r[0] == queue]
+        if len(mine) > 1:
+            print(f"{queue}: {len(mine)} runs; pre-copy / link rate median {statistics.median(r[1] for r in mine):.3f} "
+                  f"(>= 0.9 in {sum(r[1] >= 0.9 for r in mine)}), / lone flow median "
+                  f"{statistics.median(r[2] for r in mine):.3f} (>= 0.9 in {sum(r[2] >= 0.9 for r in mine)}); median "
+                  f"step during / before: median {statistics.median(r[5] for r in mine):.2f}x "
+                  f"(<= 1.3x in {sum(r[5] <= 1.3 for r in mine)})")
 
+
+def report_run(args, parts, prompt_ids, queue: str, link: float, run: int):
+    """One migration, printed; (pre-copy / link, / lone flow, relay share, idle share, median slowdown, same tokens)."""
+    lone, out, steps, marks, report = run_once(args, parts, prompt_ids, queue)
+    engine = BlockEngine(parts)
+    ref, token = [], prompt_ids
+    for _ in range(len(out)):
+        token = [int(torch.argmax(engine.forward("s", token)))]
+        ref += token
+    before = [s for t, s in steps if t < marks["start"]]
+    during = [s for t, s in steps if marks["start"] <= t < marks["end"]]
+    token_time = statistics.median(before)
+    rate = report.precopy_bytes / report.precopy_seconds
+    relay = marks["relay_bytes"] / report.precopy_seconds / link
+    idle = max(0.0, 1 - marks["wire_bytes"] / report.precopy_seconds / link)
+    print(f"\n[{queue}, run {run}] model {args.model}; {len(report.moves)} blocks moved a -> b "
+          f"({report.weights_skipped} without weights); link {args.rate_mbit} Mbit/s between two network "
+          f"namespaces; pre-copy paced at {PRECOPY_LINK_FRACTION[queue]:g} of the measured link (0: unpaced)")
+    print(f"one TCP flow alone over the link: {lone * 8 / 1e6:.1f} Mbit/s of payload, {lone / link:.3f} of the rate")
+    print(f"pre-copy: {report.precopy_bytes / 1e6:.1f} MB in {report.precopy_seconds:.2f} s = "
+          f"{rate * 8 / 1e6:.1f} Mbit/s: {rate / link:.3f} of the link rate, {rate / lone:.3f} of the lone flow "
+          f"(target >= 0.9); over it a's relay frames took {relay:.3f} of the link and {idle:.3f} of it idled "
+          "(tc's counters)")
+    print(f"switch: {report.delta_bytes} bytes of new cache rows; steps held {report.stall_seconds * 1e3:.1f} ms "
+          f"= {report.stall_seconds / token_time:.2f} token times")
+    print(f"token time before the migration: median {token_time * 1e3:.1f} ms; during it: median "
+          f"{statistics.median(during) * 1e3:.1f} ms ({statistics.median(during) / token_time:.2f}x, target "
+          f"<= 1.3x), slowest {max(during) * 1e3:.1f} ms ({max(during) / token_time:.2f}x) over {len(during)} "
+          f"steps")
+    print(f"tokens identical to the in-process engine: {out == ref} ({len(out)} tokens)")
+    suffix = f"-{run}" if args.repeat > 1 else ""
+    plot(steps, marks, report, args.rate_mbit, queue, Path(f"out/migration_netns-{queue}{suffix}.png"))
+    return rate / link, rate / lone, relay, idle, statistics.median(during) / token_time, out == ref
 
 def plot(steps, marks, report, rate_mbit: int, queue: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, (ax, link) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=(3, 2))
     ax.plot([t for t, _ in steps], [s * 1e3 for _, s in steps], ".-", lw=0.8, label="decode step")
-    ax.axvspan(marks["start"], marks["start"] + report.precopy_seconds, color="tab:orange", alpha=0.2,
-               label="pre-copy (decoding goes on)")
-    ax.axvline(marks["end"], color="tab:red", lw=1, label=f"switch (steps held {report.stall_seconds * 1e3:.0f} ms)")
-    ax.set_xlabel("time (s)")
+    for axis in (ax, link):
+        axis.axvspan(marks["start"], marks["start"] + report.precopy_seconds, color="tab:orange", alpha=0.2,
+                     label="pre-copy (decoding goes on)")
+        axis.axvline(marks["end"], color="tab:red", lw=1,
+                     label=f"switch (steps held {report.stall_seconds * 1e3:.0f} ms)")
     ax.set_ylabel("step time (ms)")
     ax.set_title(f"Decode step times while blocks migrate over a {rate_mbit} Mbit/s link ({queue} queue)")
     ax.legend(loc="upper right", fontsize=8)
+    series = np.array(marks["tc"], dtype=float)
+    dt = np.diff(series[:, 0])
+    mid = (series[1:, 0] + series[:-1, 0]) / 2
+    relay = np.diff(series[:, 2]) * 8 / 1e6 / dt
+    everything = np.diff(series[:, 1]) * 8 / 1e6 / dt
+    link.step(mid, everything, where="mid", color="tab:gray", label="all a sent")
+    if relay.any():
+        link.step(mid, relay, where="mid", color="tab:blue", label="relay frames")
+    link.axhline(rate_mbit, color="black", lw=0.8, ls="--", label="link rate")
+    link.set_xlabel("time (s)")
+    link.set_ylabel("a's link (Mbit/s, tc)")
+    link.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
-
 
 if __name__ == "__main__":
     main()
