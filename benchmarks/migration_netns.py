@@ -26,9 +26,13 @@ It prints, per queue discipline, against baselines from the same run:
   its relay frames took and the share left idle;
 - the decode slowdown: the median and slowest step during the migration against the median
   token time before it, and how long the epoch switch held steps back;
+- what this machine's CPUs did before and during the migration, the hypervisor's steal
+  included: on a shared virtual machine, decoding slows with the neighbours as well as with us;
 - whether every token matches the in-process engine.
-A plot of every step's time, with the pre-copy and the switch marked, goes to
-out/migration_netns-QUEUE.png.
+With --repeat N it runs N migrations per queue discipline, each on a fresh network, and says
+in how many the targets held.
+A plot of every step's time and of a's link (all it sent, and its relay frames), with the
+pre-copy and the switch marked, goes to out/migration_netns-QUEUE[-RUN].png.
 """
 
 from __future__ import annotations
@@ -161,6 +165,23 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as conn:
 """
 
 
+def cpu_times() -> tuple[float, np.ndarray]:
+    """(now, the machine's user, system, idle and steal seconds so far), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, _iowait, irq, softirq, steal = fields
+    return time.perf_counter(), np.array([user + nice, system + irq + softirq, idle, steal]) / os.sysconf("SC_CLK_TCK")
+
+
+def cores_between(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> np.ndarray:
+    """What this machine's CPUs did between two cpu_times(), in cores (user, system, idle, steal):
+    the hypervisor's steal is time the machine's virtual CPUs wanted and another tenant got."""
+    return (b[1] - a[1]) / (b[0] - a[0])
+
+
+def cores_text(cores: np.ndarray) -> str:
+    return ", ".join(f"{name} {v:.2f}" for name, v in zip(("user", "system", "idle", "steal"), cores))
+
+
 def lone_flow_rate() -> float:
     """Payload bytes/s of one TCP flow a -> b over the shaped link with nothing else on it:
     what the link carries (iperf's figure), the ceiling for a pre-copy."""
@@ -215,6 +236,7 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
     token = [int(torch.argmax(await executor.step("s", prompt_ids)))]
     out += token
     origin = time.perf_counter()
+    cpu = {"first": cpu_times()}
     sampler = TcSampler(origin)  # a's link, by tc's counters, until the switch is over
     sampler.start()
     task = None
@@ -223,6 +245,7 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
     while done_after is None or len(out) < done_after + tokens_after:
         if len(out) == tokens_before and task is None:
             marks["start"] = time.perf_counter() - origin
+            cpu["start"] = cpu_times()
             # weights from the source: this measures the worker-to-worker pull over the shaped link
             task = asyncio.create_task(migrate(executor, 2, new, addresses, timeout_seconds=600, weights_from="source"))
         t0 = time.perf_counter()
@@ -232,6 +255,7 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
         if task is not None and task.done() and done_after is None:
             done_after = len(out)
             marks["end"] = time.perf_counter() - origin
+            cpu["end"] = cpu_times()
     report = task.result()
     sampler.stopped.set()
     sampler.join()
@@ -240,6 +264,7 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
     marks["wire_bytes"] = between(sampler.series, *window, column=1)
     marks["relay_bytes"] = between(sampler.series, *window, column=2)
     marks["tc"] = sampler.series
+    marks["cpu"] = (cores_between(cpu["first"], cpu["start"]), cores_between(cpu["start"], cpu["end"]))
     return out, steps, marks, report
 
 
@@ -303,10 +328,11 @@ def main() -> None:
         for run in range(args.repeat):
             rows.append((queue, *report_run(args, parts, prompt_ids, queue, link, run)))
     print("\n| queue | pre-copy / link rate | pre-copy / lone TCP flow | relay frames | link idle "
-          "| median step during / before | tokens identical |")
-    print("|---|---|---|---|---|---|---|")
-    for queue, fraction, of_lone, relay, idle, slowdown, same in rows:
-        print(f"| {queue} | {fraction:.3f} | {of_lone:.3f} | {relay:.3f} | {idle:.3f} | {slowdown:.2f}x | {same} |")
+          "| median step during / before | steal during (cores) | tokens identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    for queue, fraction, of_lone, relay, idle, slowdown, steal, same in rows:
+        print(f"| {queue} | {fraction:.3f} | {of_lone:.3f} | {relay:.3f} | {idle:.3f} | {slowdown:.2f}x | {steal:.2f} "
+              f"| {same} |")
     for queue in queues:
         mine = [r for r in rows if r[0] == queue]
         if len(mine) > 1:
@@ -345,10 +371,13 @@ def report_run(args, parts, prompt_ids, queue: str, link: float, run: int):
           f"{statistics.median(during) * 1e3:.1f} ms ({statistics.median(during) / token_time:.2f}x, target "
           f"<= 1.3x), slowest {max(during) * 1e3:.1f} ms ({max(during) / token_time:.2f}x) over {len(during)} "
           f"steps")
+    print(f"this machine's {os.cpu_count()} CPUs, in cores: before the migration {cores_text(marks['cpu'][0])}; "
+          f"during it {cores_text(marks['cpu'][1])}")
     print(f"tokens identical to the in-process engine: {out == ref} ({len(out)} tokens)")
     suffix = f"-{run}" if args.repeat > 1 else ""
     plot(steps, marks, report, args.rate_mbit, queue, Path(f"out/migration_netns-{queue}{suffix}.png"))
-    return rate / link, rate / lone, relay, idle, statistics.median(during) / token_time, out == ref
+    return (rate / link, rate / lone, relay, idle, statistics.median(during) / token_time, marks["cpu"][1][3],
+            out == ref)
 
 def plot(steps, marks, report, rate_mbit: int, queue: str, path: Path) -> None:
     import matplotlib
