@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +13,8 @@ from edgeheads.controller import replan_gate
 from edgeheads.controller.calibration import (HEADNODE_MESSAGES, HOLD_SECONDS_PENDING, Calibration, calibrated_problem,
                                               messages_on_path, work_on_workers)
 from edgeheads.controller.config import DEFAULT_POLICY
+from edgeheads.controller.decode_rate import DecodeRate
+from edgeheads.controller.epochs import PlacementEpoch, PlanDecision, PlanInputs, solve_plan
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import (AlgorithmPolicy, LiveGate, LiveTelemetry, LiveWorker, live_problem,
                                        gained_workers, predicted_token_seconds, to_indices)
@@ -25,8 +26,6 @@ from edgeheads.common.spec import ModelShape
 log = logging.getLogger(__name__)
 
 MEMORY_RETURN_MARGIN = 64 << 10  # or 1 %: less than this much more memory is not worth a re-plan
-DECODE_RATE_WINDOW_SECONDS = 1.0  # progress is turned into a decode rate over windows this long
-DECODE_RATE_STALE_SECONDS = 10.0  # with no progress for this long the decode rate is unknown again
 RECENT_EPOCHS_KEPT = 8  # placements of the newest epochs kept, to know the one the head node still runs
 
 
@@ -49,50 +48,6 @@ class WorkerRecord:
     memory_limit_source: str = ""  # "cgroup", "config" or "host"
     kind_rates: dict[str, float] = field(default_factory=dict)  # block kind -> decode FLOP/s as timed
     cpu_available_fraction: float = 0.0  # share of its CPU allowance it can have now (0: not measured)
-
-
-@dataclass(frozen=True)
-class PlanDecision:
-    """One published epoch, for `edgeheads status` and the logs."""
-
-    epoch: int
-    unix_time: float
-    reason: str
-    policy: str
-    blocks_moved: int
-    blocks_per_worker: dict[str, int]
-    predicted_token_seconds: float | None  # the cost model's estimate (links assumed, see controller/live.py)
-    calibrated: bool = False  # the estimate used measured timings (controller/calibration.py)
-
-
-@dataclass(frozen=True)
-class PlanInputs:
-    """What one placement solve reads, copied from the cluster state (see ClusterState.plan_inputs)."""
-
-    policy: Callable[..., Placement]
-    shape: ModelShape
-    capacities: list[WorkerCapacity]
-    context_tokens: int
-    addresses: dict[str, str]  # worker name -> address when the snapshot was taken
-    extra: dict[str, Any]  # "previous" and "live" for the policies that use them
-
-
-def solve_plan(inputs: PlanInputs) -> Placement | InfeasiblePlacement:
-    """Run the policy on a snapshot; touches no shared state, so it may run in a worker thread."""
-    try:
-        return inputs.policy(inputs.shape, inputs.capacities, inputs.context_tokens, **inputs.extra)
-    except InfeasiblePlacement as err:
-        return err
-
-
-@dataclass
-class PlacementEpoch:
-    epoch: int
-    placement: Placement
-    addresses: dict[str, str]
-    policy: str
-    error: str = ""
-    members: tuple[str, ...] = ()  # the workers it was planned for (with an error: that did not fit)
 
 
 class ClusterState:
@@ -130,10 +85,8 @@ class ClusterState:
         self.replan_gate = replan_gate
         self.precopy_slowdown = precopy_slowdown
         self.telemetry = LiveTelemetry(smoothing_seconds)
-        self.tokens_per_second = 0.0
+        self.decoding = DecodeRate()
         self.calibration = Calibration(smoothing_seconds)  # the cost model's measured corrections
-        self._progress: tuple[float, int] | None = None  # (window start, tokens in it)
-        self._last_progress = 0.0
 
     def register(self, record: WorkerRecord) -> bool:
         """Add or refresh a worker; True when membership changed."""
@@ -178,17 +131,7 @@ class ClusterState:
             self.running_epoch = epoch
         if self.calibration.observe_step(epoch, tokens, dataflow_seconds, head_seconds, context_tokens):
             self._close_calibration_window(epoch)
-        if self._progress is None or now - self._last_progress > DECODE_RATE_STALE_SECONDS:
-            self._progress, self.tokens_per_second = (now, 0), 0.0
-        start, count = self._progress
-        count += tokens
-        self._last_progress = now
-        if now - start >= DECODE_RATE_WINDOW_SECONDS:
-            rate = count / (now - start)
-            self.tokens_per_second = replan_gate.ewma(self.tokens_per_second or None, rate, 0.5)
-            self._progress = (now, 0)
-        else:
-            self._progress = (start, count)
+        self.decoding.note(tokens, now)
 
     def _close_calibration_window(self, epoch: int) -> None:
         """The model's time (no message cost) and messages for the placement a window ran under."""
@@ -236,8 +179,7 @@ class ClusterState:
 
     def decode_rate(self, now: float | None = None) -> float:
         """Tokens/s lately, 0 when nothing was decoded for DECODE_RATE_STALE_SECONDS."""
-        now = time.monotonic() if now is None else now
-        return self.tokens_per_second if now - self._last_progress <= DECODE_RATE_STALE_SECONDS else 0.0
+        return self.decoding.rate(time.monotonic() if now is None else now)
 
     def live_workers(self, smoothed: bool = True) -> list[LiveWorker]:
         """What the placement engine needs, with links by peer name; smoothed when the gate is on."""

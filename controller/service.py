@@ -8,7 +8,8 @@ import time
 
 import grpc
 
-from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord, solve_plan
+from edgeheads.controller.epochs import PlacementEpoch, solve_plan
+from edgeheads.controller.membership import ClusterState, WorkerRecord
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
 from edgeheads.common.spec import BlockId, ModelShape
 

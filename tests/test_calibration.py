@@ -16,7 +16,8 @@ from edgeheads.controller import costmodel
 from edgeheads.controller.algorithms import make_algorithm
 from edgeheads.controller.costmodel import token_latency_seconds
 from edgeheads.controller.live import LiveWorker, live_problem, predicted_token_seconds, to_indices
-from edgeheads.controller.membership import ClusterState, PlacementEpoch, WorkerRecord
+from edgeheads.controller.epochs import PlacementEpoch
+from edgeheads.controller.membership import ClusterState, WorkerRecord
 from edgeheads.worker.telemetry import KindRates
 
 GiB = 1 << 30

@@ -10,7 +10,8 @@ import threading
 import grpc
 import pytest
 
-from edgeheads.controller.membership import ClusterState, WorkerRecord, solve_plan
+from edgeheads.controller.epochs import solve_plan
+from edgeheads.controller.membership import ClusterState, WorkerRecord
 from edgeheads.controller.service import ControllerService
 from edgeheads.v1 import controller_pb2, controller_pb2_grpc
 from edgeheads.controller.shuffle import Shuffle
