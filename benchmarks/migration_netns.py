@@ -44,12 +44,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgeheads.controller.spread import WorkerCapacity, spread
 from edgeheads.headnode.cluster import ClusterExecutor
@@ -57,12 +58,11 @@ from edgeheads.headnode.engine import BlockEngine
 from edgeheads.headnode.loading import load_model
 from edgeheads.headnode.migrate import migrate
 from edgeheads.common.spec import BlockKind
+from netns_measure import TcSampler, between, cores_between, cores_text, cpu_times, lone_flow_rate  # noqa: E402
 
 BRIDGE, SUBNET = "eh-br0", "10.77.0"
 NAMESPACES = {"a": f"{SUBNET}.2", "b": f"{SUBNET}.3"}
 RELAY_PORT = 50062
-LONE_FLOW_PORT = 50070  # not the relay port: a lone bulk flow goes in the class the pre-copy uses
-LONE_FLOW_BYTES = 12 << 20
 RELAY_FIRST = Path(__file__).resolve().parents[1] / "deploy" / "relay-first.sh"
 QUEUES = ("fifo", "relay-first")
 PRECOPY_LINK_FRACTION = {"fifo": 0.9, "relay-first": 0.0}  # the workers' worker.precopy_link_fraction
@@ -98,105 +98,6 @@ def shape(ns: str, dev: str, rate_mbit: int, queue: str) -> None:
            "burst", "64kb", "latency", "100ms")
     else:
         sh("ip", "netns", "exec", ns, "sh", str(RELAY_FIRST), dev, f"{rate_mbit}mbit", str(RELAY_PORT))
-
-
-def tc_sent(name: str) -> tuple[int, int]:
-    """(all bytes, relay frames' bytes) the shaper of namespace ``name`` has sent, by tc's own
-    counters: a frame's length on the wire, headers of every segment included (the veth's
-    rx_bytes counts a GSO packet's headers once, and reads 4-5% low). Relay bytes are 0 behind
-    ``fifo``, which has no class for them."""
-    def sent(kind: str) -> dict[str, int]:
-        """Sent bytes per qdisc or class, keyed by its first line ("qdisc htb 1: root ...")."""
-        out = subprocess.run(["ip", "netns", "exec", f"eh-{name}", "tc", "-s", kind, "show", "dev", f"eh-{name}-n"],
-                             capture_output=True, text=True, check=True).stdout
-        counts, head = {}, ""
-        for line in out.splitlines():
-            words = line.split()
-            if words[:1] == [kind]:
-                head = line
-            elif words[:1] == ["Sent"] and head:
-                counts[head] = int(words[1])
-        return counts
-    root = next(v for k, v in sent("qdisc").items() if " root " in k)
-    relay = sum(v for k, v in sent("class").items() if k.split()[:3] == ["class", "htb", "1:10"])
-    return root, relay
-
-
-class TcSampler(threading.Thread):
-    """tc_sent("a") every ``interval`` seconds while it runs, as (seconds since ``origin``, all, relay)."""
-
-    def __init__(self, origin: float, interval: float = 0.1):
-        super().__init__(daemon=True)
-        self.origin, self.interval = origin, interval
-        self.series: list[tuple[float, int, int]] = []
-        self.stopped = threading.Event()
-
-    def sample(self) -> None:
-        self.series.append((time.perf_counter() - self.origin, *tc_sent("a")))
-
-    def run(self) -> None:
-        self.sample()
-        while not self.stopped.wait(self.interval):
-            self.sample()
-        self.sample()
-
-
-def between(series: list[tuple[float, int, int]], start: float, end: float, column: int) -> float:
-    """Bytes counted from ``start`` to ``end`` (seconds), interpolated in a sampled counter."""
-    times, counts = [r[0] for r in series], [r[column] for r in series]
-    return float(np.interp(end, times, counts) - np.interp(start, times, counts))
-
-
-LONE_RECEIVER = """
-import socket, sys, time
-server = socket.create_server((sys.argv[1], int(sys.argv[2])))
-print("ready", flush=True)
-conn, _ = server.accept()
-got, first, last = 0, None, None
-while data := conn.recv(1 << 20):
-    now = time.perf_counter()
-    first, last, got = first or now, now, got + len(data)
-print(got, last - first, flush=True)
-"""
-LONE_SENDER = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as conn:
-    conn.sendall(bytes(int(sys.argv[3])))
-"""
-
-
-def cpu_times() -> tuple[float, np.ndarray]:
-    """(now, the machine's user, system, idle and steal seconds so far), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, idle, _iowait, irq, softirq, steal = fields
-    return time.perf_counter(), np.array([user + nice, system + irq + softirq, idle, steal]) / os.sysconf("SC_CLK_TCK")
-
-
-def cores_between(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> np.ndarray:
-    """What this machine's CPUs did between two cpu_times(), in cores (user, system, idle, steal):
-    the hypervisor's steal is time the machine's virtual CPUs wanted and another tenant got."""
-    return (b[1] - a[1]) / (b[0] - a[0])
-
-
-def cores_text(cores: np.ndarray) -> str:
-    return ", ".join(f"{name} {v:.2f}" for name, v in zip(("user", "system", "idle", "steal"), cores))
-
-
-def lone_flow_rate() -> float:
-    """Payload bytes/s of one TCP flow a -> b over the shaped link with nothing else on it:
-    what the link carries (iperf's figure), the ceiling for a pre-copy."""
-    receiver = subprocess.Popen(["ip", "netns", "exec", "eh-b", sys.executable, "-c", LONE_RECEIVER,
-                                 NAMESPACES["b"], str(LONE_FLOW_PORT)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert receiver.stdout.readline().strip() == "ready"
-        subprocess.run(["ip", "netns", "exec", "eh-a", sys.executable, "-c", LONE_SENDER, NAMESPACES["b"],
-                        str(LONE_FLOW_PORT), str(LONE_FLOW_BYTES)], check=True, timeout=60)
-        got, seconds = receiver.stdout.readline().split()
-        receiver.wait(10)
-    finally:
-        receiver.kill()
-    # the first recv ends the first packet's time, so one segment is not timed: count it out
-    return (int(got) - 1448) / float(seconds)
 
 
 def teardown_network() -> None:
@@ -237,7 +138,7 @@ async def decode_with_migration(parts, addresses, placement, moves, prompt_ids, 
     out += token
     origin = time.perf_counter()
     cpu = {"first": cpu_times()}
-    sampler = TcSampler(origin)  # a's link, by tc's counters, until the switch is over
+    sampler = TcSampler("a", origin)  # a's link, by tc's counters, until the switch is over
     sampler.start()
     task = None
     marks: dict[str, float] = {}
@@ -274,7 +175,7 @@ def run_once(args, parts, prompt_ids, queue: str):
     procs: list[subprocess.Popen] = []
     setup_network(args.rate_mbit, queue)
     try:
-        lone = lone_flow_rate()
+        lone = lone_flow_rate("eh-a", "eh-b", NAMESPACES["b"])
         controller = spawn(tmp, "controller", ["controller", "--listen", f"{SUBNET}.1:0"])
         procs.append(controller)
         controller_address = wait_ready(tmp, "controller", controller)
